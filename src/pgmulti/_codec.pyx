@@ -1,0 +1,479 @@
+# cython: language_level=3
+"""Framing codec: the hot path between one socket and its peer.
+
+A Relay owns the read buffer of one connection (uvloop BufferedProtocol: get_buffer /
+buffer_updated), finds PostgreSQL message boundaries in it, forwards runs of pass-through
+messages to the linked peer with one write, reads ReadyForQuery inline, and hands only the
+messages the proxy must act on to Python. It never imports asyncio and never raises through a
+uvloop callback: failures are reported to Python as error codes.
+"""
+
+cimport cython
+from cpython.bytearray cimport PyByteArray_AS_STRING
+from libc.stdint cimport uint32_t
+from libc.string cimport memcpy, memmove
+
+cdef extern from *:
+    """
+    #ifndef PGMULTI_DEBUG
+    #define PGMULTI_DEBUG 0
+    #endif
+    """
+    int PGMULTI_DEBUG
+
+# What the relay does with a message, chosen per message type.
+cdef enum:
+    ACT_PASS = 0      # forward to the peer unchanged (streamed if large)
+    ACT_INSPECT = 1   # deliver whole to Python: on_message(type, view)
+    ACT_REJECT = 2    # not allowed in this state: on_protocol_error(ERR_TYPE, type)
+
+PASS = ACT_PASS
+INSPECT = ACT_INSPECT
+REJECT = ACT_REJECT
+
+# Codes given to on_protocol_error(code, msg_type).
+ERR_LENGTH = 1      # length field smaller than the header or negative
+ERR_TOO_LONG = 2    # longer than max_packet, or than max_inspect for a message Python must see
+ERR_TYPE = 3        # message type rejected by the action table
+
+# PostgreSQL's own limit for untyped startup packets (MAX_STARTUP_PACKET_LENGTH).
+STARTUP_MAX = 10000
+DEF_BUFFER_SIZE = 16384
+# Reads smaller than this would waste a syscall; reclaim buffer space below it.
+cdef Py_ssize_t MIN_READ = 2048
+
+cdef bytes _TRACKED_REQUESTS = b"QSF"
+
+
+cdef inline uint32_t _be32(const unsigned char* p) noexcept nogil:
+    return ((<uint32_t>p[0]) << 24) | ((<uint32_t>p[1]) << 16) | ((<uint32_t>p[2]) << 8) | p[3]
+
+
+def action_table(default=ACT_PASS, **by_type):
+    """Build a 256-byte action table: `action_table(REJECT, Q=PASS, X=INSPECT)`."""
+    table = bytearray([default]) * 256
+    for name, action in by_type.items():
+        table[ord(name)] = action
+    return bytes(table)
+
+
+cdef class Relay:
+    """Frames the bytes of one connection and relays them to a linked peer.
+
+    Python subclasses (together with asyncio.BufferedProtocol) implement:
+      on_message(msg_type, view)   an INSPECT message, whole; view valid during the call only
+      on_unlinked(msg_type)        a PASS message arrived while no writer is linked: link,
+                                   hold(), or return to drop the message
+      on_ready(status)             after a read that contained ReadyForQuery
+      on_protocol_error(code, msg_type)
+    """
+
+    cdef bytearray _buf
+    cdef object _view
+    cdef unsigned char* _data
+    cdef Py_ssize_t _cap
+    cdef Py_ssize_t _start          # first unread byte
+    cdef Py_ssize_t _end            # end of bytes read
+    cdef Py_ssize_t _need           # size a whole message needs to fit (INSPECT, startup)
+    cdef Py_ssize_t _remain         # body bytes of a streamed message still to come
+    cdef bint _skipping             # the streamed message is dropped, not forwarded
+    cdef bint _processing
+    cdef unsigned char _actions[256]
+    cdef object _out                # peer transport the writer belongs to
+    cdef object _lent_to            # transport that may still hold views of _buf
+
+    cdef public object writer       # peer transport.write, or None when unlinked
+    cdef public bint startup_phase  # expect untyped startup packets (no type byte)
+    cdef readonly bint held
+    cdef public Py_ssize_t buffer_size
+    cdef public Py_ssize_t max_inspect
+    cdef public long long max_packet
+    cdef public int pending         # requests sent to this server not yet answered by 'Z'
+    cdef public int ready_status    # last ReadyForQuery status byte
+    cdef public Relay request_sink  # client side: the linked server's relay (counts requests)
+    cdef public unsigned long long rx_bytes
+    cdef public unsigned long long tx_bytes
+    cdef public unsigned long long ready_count
+    cdef public unsigned long long idle_ready_count
+
+    def __cinit__(self, *args, **kwargs):
+        self.buffer_size = DEF_BUFFER_SIZE
+        self.max_inspect = 1024 * 1024
+        self.max_packet = 0x7FFFFFFF
+        self.ready_status = ord("I")
+        for i in range(256):
+            self._actions[i] = ACT_PASS
+
+    # -- configuration -------------------------------------------------------------------
+
+    def set_actions(self, const unsigned char[:] table not None):
+        """Install a 256-entry action table (see action_table())."""
+        if table.shape[0] != 256:
+            raise ValueError("action table must have 256 entries")
+        for i in range(256):
+            self._actions[i] = table[i]
+
+    def link_output(self, transport):
+        """Forward pass-through messages to `transport` from now on."""
+        self._out = transport
+        self.writer = transport.write
+
+    def unlink_output(self):
+        self._out = None
+        self.writer = None
+        self.request_sink = None
+
+    def hold(self):
+        """Stop processing after the current message; the rest stays buffered."""
+        self.held = True
+
+    def resume(self):
+        """Continue processing buffered bytes (after hold())."""
+        self.held = False
+        if not self._processing:
+            self._process()
+
+    @property
+    def buffered(self):
+        """Bytes read but not yet processed."""
+        return self._end - self._start
+
+    def take_buffered(self):
+        """Remove and return the unprocessed bytes (used when a connection changes hands)."""
+        data = bytes(self._view[self._start:self._end]) if self._buf is not None else b""
+        self._start = self._end
+        return data
+
+    def release_buffer(self):
+        """Drop an empty buffer so an idle connection holds no read memory."""
+        if self._buf is not None and self._start == self._end and not self._processing:
+            self._buf = None
+            self._view = None
+            self._data = NULL
+            self._cap = self._start = self._end = 0
+            self._lent_to = None
+
+    # -- BufferedProtocol ----------------------------------------------------------------
+
+    def get_buffer(self, Py_ssize_t sizehint):
+        cdef Py_ssize_t want
+        if self._buf is None:
+            self._allocate(max(self.buffer_size, self._need), 0)
+        else:
+            want = max(self._need, MIN_READ + self._end - self._start)
+            if self._cap - self._start < want or self._cap - self._end < MIN_READ:
+                self._reclaim(want)
+        return self._view[self._end:self._cap]
+
+    def buffer_updated(self, Py_ssize_t nbytes):
+        self._end += nbytes
+        self.rx_bytes += nbytes
+        self._process()
+
+    # -- buffer management ---------------------------------------------------------------
+
+    cdef _allocate(self, Py_ssize_t size, Py_ssize_t keep):
+        """New buffer of `size` bytes holding the `keep` unread bytes of the old one."""
+        cdef bytearray buf = bytearray(size)
+        cdef unsigned char* data = <unsigned char*>PyByteArray_AS_STRING(buf)
+        if keep:
+            memcpy(data, self._data + self._start, keep)
+        self._buf = buf
+        self._view = memoryview(buf)
+        self._data = data
+        self._cap = size
+        self._start = 0
+        self._end = keep
+        self._lent_to = None
+
+    cdef _reclaim(self, Py_ssize_t want):
+        """Make room at the end: compact in place, or start a new buffer if views are lent."""
+        cdef Py_ssize_t keep = self._end - self._start
+        cdef Py_ssize_t size = max(self._cap, want, self.buffer_size)
+        lent = self._lent_to is not None and self._lent_to.get_write_buffer_size() > 0
+        if lent or size > self._cap:
+            self._allocate(size, keep)
+            return
+        if keep:
+            memmove(self._data, self._data + self._start, keep)
+        self._start = 0
+        self._end = keep
+        self._lent_to = None
+
+    cdef int _flush(self, Py_ssize_t a, Py_ssize_t b) except -1:
+        if b > a and self.writer is not None:
+            self._lent_to = self._out
+            self.tx_bytes += <unsigned long long>(b - a)
+            self.writer(self._view[a:b])
+        return 0
+
+    cdef int _fail(self, int code, int msg_type) except -1:
+        self.held = True
+        self.on_protocol_error(code, msg_type)
+        return 0
+
+    # -- framing -------------------------------------------------------------------------
+
+    cdef int _process(self) except -1:
+        if self._buf is None or self._processing:
+            return 0
+        self._processing = True
+        try:
+            self._scan()
+        finally:
+            self._processing = False
+        return 0
+
+    cdef int _scan(self) except -1:
+        cdef unsigned char* d = self._data
+        cdef Py_ssize_t start = self._start
+        cdef Py_ssize_t end = self._end
+        cdef Py_ssize_t run_start = start
+        cdef Py_ssize_t avail, total, n
+        cdef uint32_t length
+        cdef unsigned char t, act
+        cdef bint saw_ready = False
+
+        self._need = 0
+        while not self.held:
+            avail = end - start
+            if self._remain:
+                n = self._remain if self._remain < avail else avail
+                if n == 0:
+                    break
+                start += n
+                self._remain -= n
+                if self._skipping:
+                    run_start = start
+                    if not self._remain:
+                        self._skipping = False
+                continue
+
+            if self.startup_phase:
+                if avail < 4:
+                    break
+                length = _be32(d + start)
+                if length < 8 or length > STARTUP_MAX:
+                    self._start = start
+                    self._fail(ERR_LENGTH if length < 8 else ERR_TOO_LONG, 0)
+                    break
+                if avail < <Py_ssize_t>length:
+                    self._need = length
+                    break
+                self._flush(run_start, start)
+                self._start = start + length
+                self.on_message(0, self._view[start:start + length])
+                start = run_start = self._start
+                continue
+
+            if avail < 5:
+                break
+            t = d[start]
+            length = _be32(d + start + 1)
+            if length < 4 or length > 0x7FFFFFFF:
+                self._flush(run_start, start)
+                run_start = start
+                self._start = start
+                self._fail(ERR_LENGTH, t)
+                break
+            if <long long>length > self.max_packet:
+                self._flush(run_start, start)
+                run_start = start
+                self._start = start
+                self._fail(ERR_TOO_LONG, t)
+                break
+            total = <Py_ssize_t>length + 1
+            act = self._actions[t]
+
+            if act == ACT_PASS:
+                if self.writer is None:
+                    self._flush(run_start, start)
+                    self._start = start
+                    self.on_unlinked(t)
+                    start = run_start = self._start
+                    if self.held:
+                        break
+                    if self.writer is None:
+                        # Python chose to drop it: skip the whole message.
+                        if avail >= total:
+                            start += total
+                        else:
+                            self._remain = total - avail
+                            self._skipping = True
+                            start = end
+                        run_start = start
+                    continue
+                if t == 90:  # 'Z' ReadyForQuery: status read inline
+                    if length != 5:
+                        self._flush(run_start, start)
+                        self._start = start
+                        self._fail(ERR_LENGTH, t)
+                        break
+                    if avail < 6:
+                        break
+                    self.ready_status = d[start + 5]
+                    self.ready_count += 1
+                    if self.ready_status == 73:  # 'I'
+                        self.idle_ready_count += 1
+                    if self.pending > 0:
+                        self.pending -= 1
+                    saw_ready = True
+                elif self.request_sink is not None and (t == 81 or t == 83 or t == 70):
+                    # Query, Sync, FunctionCall: each is answered by one ReadyForQuery.
+                    self.request_sink.pending += 1
+                if avail >= total:
+                    start += total
+                else:
+                    self._remain = total - avail
+                    start = end
+                continue
+
+            if act == ACT_INSPECT:
+                if total > self.max_inspect:
+                    self._flush(run_start, start)
+                    self._start = start
+                    self._fail(ERR_TOO_LONG, t)
+                    break
+                if avail < total:
+                    self._need = total
+                    break
+                self._flush(run_start, start)
+                self._start = start + total
+                self.on_message(t, self._view[start:start + total])
+                start = run_start = self._start
+                continue
+
+            self._flush(run_start, start)
+            run_start = start
+            self._start = start
+            self._fail(ERR_TYPE, t)
+            break
+
+        self._flush(run_start, start)
+        self._start = start
+        if self._start == self._end and not self._remain:
+            if self._lent_to is None:
+                self._start = self._end = 0
+        if saw_ready:
+            self.on_ready(self.ready_status)
+        return 0
+
+    # Default callbacks: subclasses override.
+    def on_message(self, msg_type, view):
+        pass
+
+    def on_unlinked(self, msg_type):
+        pass
+
+    def on_ready(self, status):
+        pass
+
+    def on_protocol_error(self, code, msg_type):
+        pass
+
+
+# -- message builders (the messages the proxy itself sends) ----------------------------
+
+cdef inline bytes _int32(long long value):
+    return (value & 0xFFFFFFFF).to_bytes(4, "big")
+
+
+cpdef bytes message(unsigned char msg_type, bytes body):
+    """A typed message: type byte, length, body."""
+    return bytes((msg_type,)) + _int32(len(body) + 4) + body
+
+
+cdef bytes _cstr(value):
+    if isinstance(value, str):
+        value = (<str>value).encode()
+    return value + b"\0"
+
+
+def error_response(str severity, str sqlstate, str text, detail=None, hint=None, *, bint notice=False):
+    """ErrorResponse ('E') or NoticeResponse ('N') with PostgreSQL's standard fields."""
+    parts = [b"S", _cstr(severity), b"V", _cstr(severity), b"C", _cstr(sqlstate), b"M", _cstr(text)]
+    if detail:
+        parts += [b"D", _cstr(detail)]
+    if hint:
+        parts += [b"H", _cstr(hint)]
+    parts.append(b"\0")
+    return message(78 if notice else 69, b"".join(parts))
+
+
+def authentication(int code, bytes data=b""):
+    """Authentication* ('R'): 0 ok, 3 cleartext, 5 md5 (data = salt), 10/11/12 SASL."""
+    return message(82, _int32(code) + data)
+
+
+def auth_sasl(mechanisms):
+    return authentication(10, b"".join(_cstr(m) for m in mechanisms) + b"\0")
+
+
+def parameter_status(name, value):
+    return message(83, _cstr(name) + _cstr(value))
+
+
+def backend_key_data(long long pid, long long key):
+    return message(75, _int32(pid) + _int32(key))
+
+
+def ready_for_query(status):
+    if isinstance(status, str):
+        status = ord(status)
+    return message(90, bytes((status,)))
+
+
+def row_description(columns):
+    """RowDescription for text-format columns: [(name, type_oid), ...]."""
+    parts = [len(columns).to_bytes(2, "big")]
+    for name, type_oid in columns:
+        parts.append(_cstr(name))
+        parts.append(b"\0\0\0\0\0\0" + _int32(type_oid) + b"\xff\xff\xff\xff\xff\xff\0\0")
+    return message(84, b"".join(parts))
+
+
+def data_row(values):
+    """DataRow in text format; None is NULL."""
+    parts = [len(values).to_bytes(2, "big")]
+    for value in values:
+        if value is None:
+            parts.append(b"\xff\xff\xff\xff")
+            continue
+        if not isinstance(value, bytes):
+            value = str(value).encode()
+        parts.append(_int32(len(value)))
+        parts.append(value)
+    return message(68, b"".join(parts))
+
+
+def command_complete(tag):
+    return message(67, _cstr(tag))
+
+
+def empty_query_response():
+    return message(73, b"")
+
+
+def query(sql):
+    return message(81, _cstr(sql))
+
+
+def terminate():
+    return message(88, b"")
+
+
+def password_message(bytes data):
+    return message(112, data)
+
+
+def sasl_initial_response(mechanism, bytes data):
+    return message(112, _cstr(mechanism) + _int32(len(data)) + data)
+
+
+def startup_message(dict params, int version=196608):
+    body = _int32(version) + b"".join(_cstr(k) + _cstr(v) for k, v in params.items()) + b"\0"
+    return _int32(len(body) + 4) + body
+
+
+def cancel_request(long long pid, long long key):
+    return _int32(16) + _int32(80877102) + _int32(pid) + _int32(key)

@@ -1,0 +1,370 @@
+"""Admin console: the `pgbouncer` (or `pgmulti`) virtual database, one handler per command."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from . import admin_columns as ref
+from . import protocol
+from .__version__ import __version__
+from .errors import PgError
+
+if TYPE_CHECKING:
+    from .app import App
+    from .client import ClientConnection
+
+log = logging.getLogger("pgmulti.admin")
+
+ADMIN_ERROR = ref.ADMIN_ERROR_SQLSTATE
+
+
+def admin_error(key: str, *args) -> PgError:
+    text, sqlstate, _ = ref.ADMIN_ERRORS[key]
+    return PgError(sqlstate, text % args if args else text)
+
+
+def timestamp_text(epoch: float) -> str:
+    """PgBouncer's 'YYYY-MM-DD HH:MM:SS TZ' in local time; zero means now."""
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(epoch or time.time()))
+
+
+def config_value(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else str(value)
+    if isinstance(value, (list, tuple, frozenset, set)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+class AdminConsole:
+    """Parses console commands and answers them in PgBouncer's formats."""
+
+    def __init__(self, app: App):
+        self.app = app
+        self.show = {
+            "help": self.show_help, "pools": self.show_pools, "stats": self.show_stats,
+            "stats_totals": self.show_stats_totals, "stats_averages": self.show_stats_averages,
+            "totals": self.show_totals, "clients": self.show_clients, "servers": self.show_servers,
+            "databases": self.show_databases, "users": self.show_users, "config": self.show_config,
+            "lists": self.show_lists, "version": self.show_version, "state": self.show_state,
+        }
+        self.commands = {
+            "pause": self.cmd_pause, "resume": self.cmd_resume, "reload": self.cmd_reload,
+            "shutdown": self.cmd_shutdown, "kill": self.cmd_kill, "disable": self.cmd_disable,
+            "enable": self.cmd_enable, "reconnect": self.cmd_reconnect,
+        }
+
+    # -- entry ---------------------------------------------------------------------------
+
+    def handle_query(self, client: ClientConnection, body: bytes) -> None:
+        text = body.rstrip(b"\0").decode("utf-8", "replace").strip()
+        words = text.rstrip(";").split()
+        try:
+            if not words:
+                client.transport.write(protocol.empty_query_response() + protocol.ready_for_query("I"))
+                return
+            verb = words[0].lower()
+            if verb in ("show", "select") and len(words) == 2:
+                handler = self.show.get(words[1].lower())
+                if handler is None:
+                    if words[1].lower() not in ref.FAKE_PARAMETERS:
+                        self._raise_invalid(text)
+                    self._fake_parameter(client, words[1])
+                    return
+                columns, rows = handler()
+                self._send_rows(client, columns, rows)
+                return
+            command = self.commands.get(verb)
+            if command is None:
+                self._raise_invalid(text)
+            if client.user not in self.app.admin_users and self.app.config.pgbouncer.auth_type != "any":
+                raise admin_error("admin_access_needed")
+            log.info("%r admin command: %s", client, text)
+            command(client, words[1:])
+        except PgError as exc:
+            client.transport.write(protocol.error_response("ERROR", exc.sqlstate, exc.message)
+                                   + protocol.ready_for_query("I"))
+
+    def _raise_invalid(self, text: str):
+        raise admin_error("invalid_command", text)
+
+    def _fake_parameter(self, client: ClientConnection, name: str) -> None:
+        self._send_rows(client, ((name.lower(), "text"),), [[ref.FAKE_PARAMETERS[name.lower()]]])
+
+    def _send_rows(self, client: ClientConnection, columns, rows, tag: str = "SHOW") -> None:
+        out = [protocol.row_description([(name, ref.TYPE_OIDS[kind]) for name, kind in columns])]
+        out += [protocol.data_row(row) for row in rows]
+        out.append(protocol.command_complete(tag))
+        out.append(protocol.ready_for_query("I"))
+        client.transport.write(b"".join(out))
+
+    @staticmethod
+    def _done(client: ClientConnection, tag: str) -> None:
+        client.transport.write(protocol.command_complete(tag) + protocol.ready_for_query("I"))
+
+    # -- SHOW ----------------------------------------------------------------------------
+
+    def show_help(self):
+        return (("help", "text"),), [[line] for line in ref.HELP_LINES]
+
+    def show_version(self):
+        return ref.COLUMNS["version"], [[f"PgBouncer {ref.PGBOUNCER_VERSION} (pgmulti {__version__})"]]
+
+    def show_pools(self):
+        rows = []
+        now = time.monotonic()
+        for pool in self.app.pools.values():
+            wait = now - pool.waiting[0].wait_start if pool.waiting else 0.0
+            rows.append([pool.name, pool.user, pool.cl_active, len(pool.waiting), 0, 0,
+                         len(pool.active), 0, 0, len(pool.idle), len(pool.used), len(pool.tested),
+                         len(pool.login), int(wait), int((wait % 1) * 1_000_000),
+                         pool.settings.pool_mode, "disable"])
+        return ref.COLUMNS["pools"], rows
+
+    def _stats_by_db(self):
+        merged: dict[str, tuple] = {}
+        for pool in self.app.pools.values():
+            totals, avgs = merged.setdefault(pool.name, ([], []))
+            totals.append(pool.stats.totals)
+            avgs.append(pool.stats.averages)
+        return merged
+
+    _STAT_FIELDS = ("server_assignment_count", "xact_count", "query_count", "received", "sent",
+                    "xact_time", "query_time", "wait_time", "client_parse_count",
+                    "server_parse_count", "bind_count")
+
+    @staticmethod
+    def _sum(items, name):
+        return sum(getattr(item, name) for item in items)
+
+    def show_stats(self):
+        rows = []
+        for name, (totals, avgs) in sorted(self._stats_by_db().items()):
+            rows.append([name] + [self._sum(totals, f) for f in self._STAT_FIELDS]
+                        + [self._sum(avgs, f) for f in self._STAT_FIELDS])
+        return ref.COLUMNS["stats"], rows
+
+    def show_stats_totals(self):
+        rows = [[name] + [self._sum(totals, f) for f in self._STAT_FIELDS]
+                for name, (totals, _) in sorted(self._stats_by_db().items())]
+        return ref.COLUMNS["stats_totals"], rows
+
+    def show_stats_averages(self):
+        rows = [[name] + [self._sum(avgs, f) for f in self._STAT_FIELDS]
+                for name, (_, avgs) in sorted(self._stats_by_db().items())]
+        return ref.COLUMNS["stats_averages"], rows
+
+    def show_totals(self):
+        totals = [p.stats.totals for p in self.app.pools.values()]
+        avgs = [p.stats.averages for p in self.app.pools.values()]
+        values = ([self._sum(totals, f) for f in self._STAT_FIELDS]
+                  + [self._sum(avgs, f) for f in self._STAT_FIELDS])
+        return ref.COLUMNS["totals"], [[name, value] for name, value in zip(ref.TOTALS_ROWS, values)]
+
+    def show_clients(self):
+        rows = []
+        now = time.time()
+        for client in self.app.clients:
+            if client.state in ("login", "cancel"):
+                continue
+            if client.state == "waiting":
+                state = "waiting"
+            else:
+                state = "active" if client.server is not None else "idle"
+            wait = now - client.request_time if client.state == "waiting" else 0.0
+            server = client.server
+            rows.append(["C", client.user, client.database, "none", state,
+                         *self._addr(client.addr, client.listener_kind),
+                         *self._addr(client.local_addr, client.listener_kind),
+                         timestamp_text(client.connect_time), timestamp_text(client.request_time),
+                         int(wait), int((wait % 1) * 1_000_000), 0, f"0x{id(client):x}",
+                         f"0x{id(server):x}" if server is not None else "", 0, "",
+                         client.params.get("application_name", ""), 0, client.id])
+        return ref.COLUMNS["clients"], rows
+
+    def _addr(self, addr, kind: str):
+        if kind == "unix" or not isinstance(addr, tuple) or addr[0] == "unix":
+            return ["unix", self.app.config.pgbouncer.listen_port]
+        return [addr[0], addr[1]]
+
+    def show_servers(self):
+        rows = []
+        for pool in self.app.pools.values():
+            for server in pool.all_servers():
+                state = "new" if server.state == "login" else server.state
+                if pool.unix_path:
+                    addr, port = "unix", pool.port
+                else:
+                    addr, port = pool.host, pool.port
+                client = server.client
+                rows.append(["S", pool.server_user, pool.name, "none", state, addr, port,
+                             server.local_addr[0] or "unix", server.local_addr[1] or pool.port,
+                             timestamp_text(server.connect_time),
+                             timestamp_text(server.connect_time), 0, 0, 0,
+                             f"0x{id(server):x}", f"0x{id(client):x}" if client is not None else "",
+                             server.backend_pid, "", server.params.get("application_name", ""), 0,
+                             server.id])
+        return ref.COLUMNS["servers"], rows
+
+    def show_databases(self):
+        rows = []
+        cfg = self.app.config.pgbouncer
+        for name, db in self.app.config.databases.items():
+            pools = [p for p in self.app.pools.values() if p.name == name]
+            settings = self.app.pool_settings(db, db.user or "")
+            current = sum(p.server_count for p in pools)
+            clients = sum(len(p.clients) for p in pools)
+            rows.append([name, db.host, db.port or 5432, db.dbname or name, db.user or "",
+                         settings.pool_size, settings.min_pool_size, settings.reserve_pool_size,
+                         int(settings.server_lifetime), getattr(db, "pool_mode", None) or "",
+                         "disable", settings.max_db_connections, current,
+                         getattr(db, "max_db_client_connections", None) or 0, clients,
+                         int(any(p.paused for p in pools) or self.app.paused),
+                         int(any(p.disabled for p in pools))])
+        for admin_db in ("pgbouncer",):
+            rows.append([admin_db, "", cfg.listen_port, admin_db, "pgbouncer", 2, 0, 0, 0,
+                         "statement", "disable", 0, 0, 0, 0, 0, 0])
+        return ref.COLUMNS["databases"], rows
+
+    def show_users(self):
+        rows = []
+        for name, user in self.app.config.users.items():
+            current = sum(p.server_count for p in self.app.pools.values() if p.server_user == name)
+            clients = sum(len(p.clients) for p in self.app.pools.values() if p.user == name)
+            rows.append([name, getattr(user, "pool_size", None), getattr(user, "reserve_pool_size", None),
+                         getattr(user, "pool_mode", None) or "",
+                         getattr(user, "max_user_connections", None) or 0, current,
+                         getattr(user, "max_user_client_connections", None) or 0, clients])
+        return ref.COLUMNS["users"], rows
+
+    def show_config(self):
+        cfg = self.app.config.pgbouncer
+        rows = []
+        for key, default, changeable in ref.CONFIG_KEYS:
+            if not hasattr(cfg, key):
+                continue
+            rows.append([key, config_value(getattr(cfg, key)), default or "",
+                         "yes" if changeable else "no"])
+        return ref.COLUMNS["config"], rows
+
+    def show_lists(self):
+        app = self.app
+        logged_in = [c for c in app.clients if c.state not in ("login", "cancel")]
+        free_servers = sum(len(p.idle) for p in app.pools.values())
+        used_servers = sum(p.server_count for p in app.pools.values()) - free_servers
+        counts = {"databases": len(app.config.databases), "users": len(app.config.users),
+                  "peers": 0, "pools": len(app.pools), "peer_pools": 0, "free_clients": 0,
+                  "used_clients": len(logged_in), "login_clients": len(app.login_clients),
+                  "free_servers": free_servers, "used_servers": used_servers}
+        return ref.COLUMNS["lists"], [[name, counts.get(name, 0)] for name in ref.LISTS_ROWS]
+
+    def show_state(self):
+        paused = self.app.paused
+        return ref.COLUMNS["state"], [["active", "no" if paused else "yes"],
+                                      ["paused", "yes" if paused else "no"],
+                                      ["suspended", "no"]]
+
+    # -- commands ------------------------------------------------------------------------
+
+    def _database_arg(self, args, key: str) -> str | None:
+        if not args:
+            return None
+        name = args[0].strip('"')
+        if name in ("pgbouncer", "pgmulti"):
+            raise admin_error(key, name)
+        if name not in self.app.config.databases:
+            raise admin_error("no_such_database", name)
+        return name
+
+    def cmd_pause(self, client: ClientConnection, args) -> None:
+        name = self._database_arg(args, "cannot_pause_admin_db")
+        if name is None and self.app.paused:
+            raise admin_error("already_paused")
+        self.app.pause(name)
+        client.hold()
+        self.app.spawn(self._answer_when_idle(client, name, "PAUSE"))
+
+    async def _answer_when_idle(self, client: ClientConnection, name: str | None, tag: str) -> None:
+        """PAUSE answers once every server of the database(s) is back in the pool."""
+        while not client.closed:
+            busy = any(p.active or p.used for p in self.app.pools.values()
+                       if name is None or p.name == name)
+            if not busy:
+                break
+            await asyncio.sleep(0.05)
+        if not client.closed:
+            self._done(client, tag)
+            client.resume()
+
+    def cmd_resume(self, client: ClientConnection, args) -> None:
+        name = self._database_arg(args, "cannot_pause_admin_db")
+        if name is None and not self.app.paused:
+            raise admin_error("not_paused")
+        self.app.resume(name)
+        self._done(client, "RESUME")
+
+    def cmd_reload(self, client: ClientConnection, args) -> None:
+        try:
+            self.app.reload()
+        except PgError:
+            raise admin_error("reload_failed") from None
+        self._done(client, "RELOAD")
+
+    def cmd_shutdown(self, client: ClientConnection, args) -> None:
+        mode = args[0].lower() if args else ""
+        if mode == "wait_for_servers":
+            self._done(client, "SHUTDOWN")
+            self.app.shutdown("servers")
+        elif mode == "wait_for_clients":
+            self._done(client, "SHUTDOWN")
+            self.app.shutdown("clients")
+        elif not mode:
+            self.app.shutdown(None)
+        else:
+            raise admin_error("bad_arguments")
+
+    def cmd_kill(self, client: ClientConnection, args) -> None:
+        name = self._database_arg(args, "cannot_kill_admin_db")
+        for pool in list(self.app.pools.values()):
+            if name is None or pool.name == name:
+                pool.paused = True
+                for other in list(pool.clients):
+                    other.report(PgError("08P01", "database removed", fatal=True))
+                pool.close_all("database killed")
+        self._done(client, "KILL")
+
+    def cmd_disable(self, client: ClientConnection, args) -> None:
+        name = self._database_arg(args, "cannot_disable_admin_db")
+        if name is None:
+            raise admin_error("database_required")
+        for pool in self.app.pools.values():
+            if pool.name == name:
+                pool.disabled = True
+        self.app.disabled_databases.add(name)
+        self._done(client, "DISABLE")
+
+    def cmd_enable(self, client: ClientConnection, args) -> None:
+        name = self._database_arg(args, "cannot_disable_admin_db")
+        if name is None:
+            raise admin_error("database_required")
+        for pool in self.app.pools.values():
+            if pool.name == name:
+                pool.disabled = False
+        self.app.disabled_databases.discard(name)
+        self._done(client, "ENABLE")
+
+    def cmd_reconnect(self, client: ClientConnection, args) -> None:
+        name = self._database_arg(args, "cannot_reconnect_admin_db")
+        for pool in self.app.pools.values():
+            if name is None or pool.name == name:
+                pool.close_idle("reconnect requested")
+                pool.reconnect_generation += 1
+        self._done(client, "RECONNECT")
+

@@ -1,0 +1,284 @@
+"""The running proxy: configuration, pools, clients, cancel keys, reload and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from . import auth, errors, loader
+from .admin import AdminConsole
+from .errors import PgError
+from .janitor import Janitor
+from .listener import Listener
+from .pool import Credentials, Pool, PoolSettings
+
+log = logging.getLogger("pgmulti")
+
+
+def _names(value) -> set[str]:
+    """A comma-separated user list from the config (PgBouncer's admin_users/stats_users)."""
+    if not value:
+        return set()
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return {str(v).strip() for v in value if str(v).strip()}
+    return {part.strip() for part in str(value).split(",") if part.strip()}
+
+
+class App:
+    """Everything one pgmulti process serves."""
+
+    def __init__(self, config, config_path: str):
+        self.config = config
+        self.config_path = config_path
+        self.userlist: dict[str, str] = {}
+        self.pools: dict[tuple[str, str], Pool] = {}
+        self.clients: set = set()
+        self.login_clients: set = set()
+        self.cancel_keys: dict[tuple[int, int], object] = {}
+        self.paused = False
+        self.disabled_databases: set[str] = set()
+        self.shutting_down = False
+        self.shutdown_waits_for_clients = False
+        self.started = time.time()
+        self.errors_by_sqlstate: dict[str, int] = {}
+        self.listener = Listener(self)
+        self.janitor = Janitor(self)
+        self.admin = AdminConsole(self)
+        self._tasks: set[asyncio.Task] = set()
+        self.stopped = asyncio.get_running_loop().create_future()
+        self._apply_config(config)
+        self.load_userlist()
+
+    # -- configuration -------------------------------------------------------------------
+
+    def _apply_config(self, config) -> None:
+        self.config = config
+        cfg = config.pgbouncer
+        self.admin_users = _names(cfg.admin_users)
+        self.stats_users = _names(cfg.stats_users)
+        self.ignored_startup_parameters = {name.lower() for name in _names(cfg.ignore_startup_parameters)}
+
+    def load_userlist(self) -> None:
+        path = self.config.pgbouncer.auth_file
+        if not path:
+            self.userlist = {}
+            return
+        try:
+            self.userlist = auth.load_userlist(path)
+        except (OSError, auth.AuthFileError) as exc:
+            log.error("could not load auth_file: %s", exc)
+            if not self.userlist:
+                self.userlist = {}
+
+    def reload(self) -> None:
+        """SIGHUP / RELOAD: re-read the config and auth file; pools pick up new limits."""
+        try:
+            config = loader.load_config(self.config_path)
+        except (loader.ConfigError, OSError) as exc:
+            log.error("reload failed, keeping the old configuration: %s", exc)
+            raise PgError("F0000", f"RELOAD failed: {exc}") from None
+        self._apply_config(config)
+        self.load_userlist()
+        for (name, user), pool in list(self.pools.items()):
+            db = config.database_for(name)
+            if db is None:
+                pool.disabled = True
+                continue
+            if db != pool.db:
+                # New connection settings: old servers close as they come back.
+                pool.db = db
+                pool.close_idle("database configuration changed")
+            pool.settings = self.pool_settings(db, pool.user)
+        log.info("configuration reloaded from %s", self.config_path)
+
+    def pool_settings(self, db, user: str) -> PoolSettings:
+        cfg = self.config.pgbouncer
+        user_cfg = self.config.users.get(user)
+
+        def pick(user_key, db_key, default):
+            for source, key in ((user_cfg, user_key), (db, db_key)):
+                value = getattr(source, key, None) if source is not None and key else None
+                if value is not None:
+                    return value
+            return default
+
+        return PoolSettings(
+            pool_mode=str(pick("pool_mode", "pool_mode", cfg.pool_mode)),
+            pool_size=int(pick("pool_size", "pool_size", cfg.default_pool_size)),
+            min_pool_size=int(pick(None, "min_pool_size", cfg.min_pool_size)),
+            reserve_pool_size=int(pick("reserve_pool_size", "reserve_pool_size", cfg.reserve_pool_size)),
+            max_db_connections=int(pick(None, "max_db_connections", cfg.max_db_connections)),
+            max_user_connections=int(pick("max_user_connections", None, cfg.max_user_connections)),
+            server_lifetime=float(pick(None, "server_lifetime", cfg.server_lifetime)),
+        )
+
+    def admin_parameters(self) -> dict[str, str]:
+        return {"server_version": "1.25.0 (pgmulti)", "server_encoding": "UTF8",
+                "client_encoding": "UTF8", "DateStyle": "ISO", "TimeZone": "UTC",
+                "standard_conforming_strings": "on", "integer_datetimes": "on",
+                "application_name": "", "IntervalStyle": "postgres", "is_superuser": "off"}
+
+    # -- pools ---------------------------------------------------------------------------
+
+    def get_pool(self, name: str, db, user: str, secret: str | None,
+                 scram_keys: tuple[bytes, bytes] | None) -> Pool:
+        server_user = db.user or user
+        key = (name, server_user)
+        pool = self.pools.get(key)
+        if pool is None:
+            if db.user:
+                credentials = Credentials(password=db.password or self.userlist.get(db.user))
+            else:
+                credentials = Credentials(password=db.password or secret)
+            pool = Pool(self, name, db, server_user, server_user, credentials,
+                        self.pool_settings(db, server_user))
+            self.pools[key] = pool
+        if scram_keys is not None and not db.user and not db.password:
+            # Log in to the server with the keys the client proved (SCRAM pass-through).
+            pool.credentials.scram_keys = scram_keys
+        return pool
+
+    def below_db_limit(self, pool: Pool) -> bool:
+        limit = pool.settings.max_db_connections
+        if limit <= 0:
+            return True
+        count = sum(p.server_count for p in self.pools.values() if p.name == pool.name)
+        if count < limit:
+            return True
+        return self._evict_idle(lambda p: p.name == pool.name and p is not pool)
+
+    def below_user_limit(self, pool: Pool) -> bool:
+        limit = pool.settings.max_user_connections
+        if limit <= 0:
+            return True
+        count = sum(p.server_count for p in self.pools.values() if p.server_user == pool.server_user)
+        if count < limit:
+            return True
+        return self._evict_idle(lambda p: p.server_user == pool.server_user and p is not pool)
+
+    def _evict_idle(self, match) -> bool:
+        """Close an idle server of another pool sharing the limit, so this pool can grow later."""
+        for other in self.pools.values():
+            if match(other) and other.idle:
+                other.idle[0].close("evicted for another pool (connection limit)")
+                return False
+        return False
+
+    async def auth_query_secret(self, name: str, db, user: str) -> str | None:
+        """Fetch a user's secret from the server with auth_user + auth_query."""
+        cfg = self.config.pgbouncer
+        auth_user = db.auth_user or cfg.auth_user
+        if not auth_user:
+            return None
+        query = getattr(db, "auth_query", None) or cfg.auth_query
+        pool = self.get_pool(name, db, auth_user, self.userlist.get(auth_user), None)
+        server = await pool.borrow()
+        try:
+            rows = await server.run_query(query, [user])
+        finally:
+            pool.give_back(server)
+        if not rows or rows[0][1] is None:
+            return None
+        return rows[0][1].decode()
+
+    # -- clients -------------------------------------------------------------------------
+
+    def client_opened(self, client) -> None:
+        self.clients.add(client)
+        self.login_clients.add(client)
+
+    def admission_error(self, client) -> PgError | None:
+        if self.shutting_down:
+            return errors.shutting_down()
+        if len(self.clients) > self.config.pgbouncer.max_client_conn:
+            return errors.too_many_clients()
+        return None
+
+    def client_logged_in(self, client) -> None:
+        self.login_clients.discard(client)
+        self.cancel_keys[(client.cancel_pid, client.cancel_key)] = client
+
+    def client_closed(self, client) -> None:
+        self.clients.discard(client)
+        self.login_clients.discard(client)
+        self.cancel_keys.pop((client.cancel_pid, client.cancel_key), None)
+        if self.shutting_down:
+            self.janitor.check_shutdown()
+
+    def forward_cancel(self, pid: int, key: int) -> None:
+        client = self.cancel_keys.get((pid, key))
+        if client is None:
+            log.info("cancel request for an unknown key ignored")
+            return
+        server = client.server
+        if server is None:
+            return  # nothing runs for this client: a cancel has nothing to stop
+        self.spawn(server.send_cancel())
+
+    def count_error(self, sqlstate: str) -> None:
+        self.errors_by_sqlstate[sqlstate] = self.errors_by_sqlstate.get(sqlstate, 0) + 1
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- process lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.config.unsupported:
+            log.warning("settings not supported by pgmulti (ignored): %s",
+                        ", ".join(self.config.unsupported))
+        await self.listener.start()
+        self.janitor.start()
+
+    def pause(self, db_name: str | None = None) -> None:
+        if db_name is None:
+            self.paused = True
+        for pool in self.pools.values():
+            if db_name is None or pool.name == db_name:
+                pool.paused = True
+
+    def resume(self, db_name: str | None = None) -> None:
+        if db_name is None:
+            self.paused = False
+        for pool in self.pools.values():
+            if db_name is None or pool.name == db_name:
+                pool.paused = False
+                while pool.waiting and pool.idle:
+                    pool.server_ready(pool.idle.pop())
+                pool.launch_needed()
+
+    def shutdown(self, wait_for: str | None) -> None:
+        """Stop listening, then exit when nothing is left to wait for.
+
+        wait_for: None exits now (SIGQUIT, SHUTDOWN), "servers" once no server is in use by a
+        client (SIGINT, SHUTDOWN WAIT_FOR_SERVERS), "clients" once every client has left
+        (SIGTERM, SHUTDOWN WAIT_FOR_CLIENTS), as PgBouncer 1.23+ does.
+        """
+        if not self.shutting_down:
+            log.info("shutting down%s", f" (waiting for {wait_for})" if wait_for else "")
+        self.shutting_down = True
+        self.shutdown_waits_for_clients = wait_for == "clients"
+        self.listener.close()
+        for client in list(self.login_clients):
+            client.report(errors.shutting_down())
+        if wait_for is None:
+            self.finish()
+            return
+        if wait_for == "servers":
+            for pool in self.pools.values():
+                for client in list(pool.waiting):
+                    client.report(errors.shutting_down())
+        self.janitor.check_shutdown()
+
+    def finish(self) -> None:
+        for client in list(self.clients):
+            client.report(errors.shutting_down())
+        for pool in self.pools.values():
+            pool.close_all("pgmulti is shutting down")
+        self.listener.close()
+        if not self.stopped.done():
+            self.stopped.set_result(None)

@@ -1,0 +1,478 @@
+"""Client connection: startup, cancel, authentication, then the pooled (or admin) session."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import secrets
+import time
+from typing import TYPE_CHECKING
+
+from . import auth, errors, protocol, session
+from ._codec import Relay
+from .errors import PgError
+
+if TYPE_CHECKING:
+    from .app import App
+    from .pool import Pool
+    from .server import ServerConnection
+
+log = logging.getLogger("pgmulti.client")
+
+_client_ids = itertools.count(1)
+
+ADMIN_DATABASES = ("pgbouncer", "pgmulti")
+
+# During authentication only password messages and Terminate are acceptable.
+AUTH_ACTIONS = protocol.action_table(protocol.REJECT, p=protocol.INSPECT, X=protocol.INSPECT)
+# Pooled session: every frontend message flows to the server; Terminate ends the session.
+RELAY_ACTIONS = protocol.action_table(
+    protocol.REJECT, **{t: protocol.PASS for t in "BCdcfDEHFPQS"}, X=protocol.INSPECT)
+# Admin console: simple query protocol only, as in PgBouncer.
+ADMIN_ACTIONS = protocol.action_table(protocol.REJECT, Q=protocol.INSPECT, X=protocol.INSPECT)
+
+# Startup parameters PostgreSQL clients send that the pooler understands.
+KNOWN_STARTUP_PARAMETERS = {"user", "database", "options", "replication"} | set(session.TRACKED_BY_LOWER)
+
+_PROTOCOL_ERROR_TEXT = {
+    protocol.ERR_LENGTH: "invalid message length",
+    protocol.ERR_TOO_LONG: "message too long",
+}
+
+
+class ClientConnection(Relay, asyncio.BufferedProtocol):
+    """One client socket; the Relay forwards its bytes to the linked server."""
+
+    def __init__(self, app: App, listener_kind: str):
+        self.app = app
+        self.id = next(_client_ids)
+        self.listener_kind = listener_kind  # "tcp" or "unix"
+        self.transport = None
+        self.addr = ("unix", 0)
+        self.local_addr = ("unix", 0)
+        self.state = "login"
+        self.user = ""
+        self.database = ""
+        self.params: dict[str, str] = {}
+        self.startup_params: dict[str, str] = {}
+        self.pool: Pool | None = None
+        self.server: ServerConnection | None = None
+        self.admin = False
+        self.closed = False
+        self.connect_time = time.time()
+        self.created = time.monotonic()
+        self.request_time = self.connect_time
+        self.last_active = self.created
+        self.wait_start = 0.0
+        self.link_time = 0.0
+        self.stats_since = 0.0
+        self.stats_snapshot = (0, 0, 0, 0)
+        self.cancel_pid = secrets.randbits(31) or 1
+        self.cancel_key = secrets.randbits(32)
+        self.scram_keys: tuple[bytes, bytes] | None = None
+        self._password_waiter: asyncio.Future | None = None
+        self._reading_paused = False
+        cfg = app.config.pgbouncer
+        self.max_packet = cfg.max_packet_size
+        self.buffer_size = max(4096, cfg.pkt_buf * 4)
+        self.startup_phase = True
+
+    def __repr__(self) -> str:
+        return f"C-0x{self.id:x}: {self.database or '(nodb)'}/{self.user or '(nouser)'}@{self.addr_text}"
+
+    @property
+    def addr_text(self) -> str:
+        if self.listener_kind == "unix":
+            return "unix(%d):%s" % (os.getpid(), self.app.config.pgbouncer.listen_port)
+        return f"{self.addr[0]}:{self.addr[1]}"
+
+    @property
+    def pool_mode(self) -> str:
+        return self.pool.settings.pool_mode if self.pool is not None else session.SESSION
+
+    # -- connection ----------------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.addr = peer[:2]
+        local = transport.get_extra_info("sockname")
+        if isinstance(local, tuple):
+            self.local_addr = local[:2]
+        self.app.client_opened(self)
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        if self._password_waiter and not self._password_waiter.done():
+            self._password_waiter.cancel()
+        server = self.server
+        if server is not None and self.pool is not None:
+            reset = self.pool_mode == session.SESSION or self.app.config.pgbouncer.server_reset_query_always
+            self.pool.release(self, server, reset=reset)
+        if self.pool is not None:
+            self.pool.forget_client(self)
+        if self.state != "login" and self.app.config.pgbouncer.log_disconnections:
+            log.info("%r closing because: %s (age=%ds)", self, self._close_reason or "client close request",
+                     int(time.monotonic() - self.created))
+        self.app.client_closed(self)
+
+    _close_reason = ""
+
+    def close(self, reason: str) -> None:
+        if self.closed:
+            return
+        self._close_reason = reason
+        self.closed = True
+        self.hold()
+        if self.transport is not None:
+            self.transport.close()
+
+    def pause_writing(self) -> None:
+        if self.server is not None and self.server.transport is not None:
+            self.server.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.server is not None and self.server.transport is not None:
+            self.server.transport.resume_reading()
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and not self.closed:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused and not self.closed:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    # -- errors --------------------------------------------------------------------------
+
+    def report(self, exc: PgError) -> None:
+        """Send an ErrorResponse, log it once, and close the connection if it is fatal."""
+        if self.closed:
+            return
+        if self.app.config.pgbouncer.log_pooler_errors:
+            log.warning("%r pooler error: %s%s", self, exc.message,
+                        f" ({exc.detail})" if exc.detail else "")
+        self.app.count_error(exc.sqlstate)
+        self.transport.write(protocol.error_response(exc.severity, exc.sqlstate, exc.message,
+                                                     exc.detail, exc.hint))
+        if exc.fatal:
+            self.close(exc.message)
+        elif self.state != "login":
+            self.transport.write(protocol.ready_for_query("I"))
+
+    def on_protocol_error(self, code: int, msg_type: int) -> None:
+        if code == protocol.ERR_TYPE:
+            if self.admin:
+                text = "admin console supports only the simple query protocol"
+            else:
+                text = f"unsupported frontend message type {chr(msg_type)!r}"
+        else:
+            text = _PROTOCOL_ERROR_TEXT.get(code, "malformed packet")
+        self.report(errors.protocol_violation(text))
+
+    # -- startup -------------------------------------------------------------------------
+
+    def on_message(self, msg_type: int, view) -> None:
+        try:
+            if msg_type == 0:
+                self._startup_packet(view)
+            elif msg_type == protocol.TERMINATE:
+                self.close("client close request")
+            elif msg_type == protocol.PASSWORD_MESSAGE:
+                self._password_message(view)
+            elif msg_type == protocol.QUERY and self.admin:
+                self.app.admin.handle_query(self, bytes(view[5:]))
+        except PgError as exc:
+            self.report(exc)
+        except protocol.DecodeError as exc:
+            self.report(errors.protocol_violation(str(exc)))
+
+    def _startup_packet(self, view) -> None:
+        code, rest = protocol.parse_startup(view)
+        if code == protocol.SSL_REQUEST_CODE or code == protocol.GSSENC_REQUEST_CODE:
+            if self.buffered:
+                # Bytes sent before our answer could be mistaken for encrypted data later.
+                raise errors.protocol_violation("received unencrypted data after SSL request")
+            self.transport.write(b"N")  # TLS is not configured: the client continues in plain text
+            return
+        if code == protocol.CANCEL_REQUEST_CODE:
+            self._cancel_request(rest)
+            return
+        if code >> 16 != 3:
+            raise errors.protocol_violation(
+                f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: "
+                "server supports 3.0 to 3.0")
+        self.startup_phase = False
+        params = protocol.parse_startup_params(rest)
+        unsupported_options = [name for name in params if name.startswith("_pq_.")]
+        if code & 0xFFFF or unsupported_options:
+            # A newer minor version or protocol options: tell the client what we speak.
+            self.transport.write(protocol.negotiate_protocol_version(protocol.PROTOCOL_3_0,
+                                                                     unsupported_options))
+        self._accept_startup_params(params)
+        self.hold()
+        self.app.spawn(self._login())
+
+    def _accept_startup_params(self, params: dict[str, str]) -> None:
+        ignored = self.app.ignored_startup_parameters
+        for name, value in params.items():
+            lower = name.lower()
+            if name.startswith("_pq_.") or lower in ignored:
+                continue
+            if lower == "replication":
+                raise errors.fatal(errors.FEATURE_NOT_SUPPORTED,
+                                   "replication connections are not supported by pgmulti")
+            if lower == "options":
+                self._accept_options(value)
+                continue
+            if lower not in KNOWN_STARTUP_PARAMETERS:
+                raise errors.protocol_violation(f"unsupported startup parameter: {name}")
+            if lower in session.TRACKED_BY_LOWER:
+                self.startup_params[session.TRACKED_BY_LOWER[lower]] = value
+            else:
+                self.startup_params[lower] = value
+        self.user = self.startup_params.get("user", "")
+        if not self.user:
+            raise errors.fatal(errors.INVALID_AUTHORIZATION_SPECIFICATION,
+                               "no PostgreSQL user name specified in startup packet")
+        self.database = self.startup_params.get("database") or self.user
+
+    def _accept_options(self, value: str) -> None:
+        """options=-c name=value for tracked parameters; anything else is refused."""
+        words = value.split()
+        i = 0
+        while i < len(words):
+            word = words[i]
+            if word == "-c" and i + 1 < len(words):
+                setting = words[i + 1]
+                i += 2
+            elif word.startswith("--") or word.startswith("-c"):
+                setting = word[2:]
+                i += 1
+            else:
+                raise errors.protocol_violation(f"unsupported options startup parameter: {value}")
+            name, sep, val = setting.partition("=")
+            lower = name.replace("-", "_").lower()
+            if not sep or lower not in session.TRACKED_BY_LOWER:
+                raise errors.protocol_violation(
+                    "unsupported options startup parameter: only '-c' can be used to set "
+                    "tracked parameters (client_encoding, DateStyle, TimeZone, ...)")
+            self.startup_params[session.TRACKED_BY_LOWER[lower]] = val
+
+    def _cancel_request(self, rest: bytes) -> None:
+        if len(rest) != 8:
+            raise errors.protocol_violation("invalid cancel request length")
+        pid = int.from_bytes(rest[0:4], "big")
+        key = int.from_bytes(rest[4:8], "big")
+        self.app.forward_cancel(pid, key)
+        self.state = "cancel"
+        self.close("cancel request")
+
+    # -- authentication ------------------------------------------------------------------
+
+    async def _login(self) -> None:
+        try:
+            reject = self.app.admission_error(self)
+            if reject is not None:
+                raise reject
+            if self.database in ADMIN_DATABASES and self.database not in self.app.config.databases:
+                await self._login_admin()
+            else:
+                await self._login_pooled()
+        except PgError as exc:
+            self.report(exc)
+        except asyncio.CancelledError:
+            self.close("login cancelled")
+        except Exception:
+            log.exception("%r login failed unexpectedly", self)
+            self.report(errors.fatal(errors.INTERNAL_ERROR, "internal error during login"))
+
+    async def _login_admin(self) -> None:
+        cfg = self.app.config.pgbouncer
+        if self.user not in self.app.admin_users and self.user not in self.app.stats_users:
+            if cfg.auth_type != "any":
+                raise errors.fatal(errors.INSUFFICIENT_PRIVILEGE,
+                                   "not allowed", detail="user is not in admin_users or stats_users")
+        self.admin = True
+        await self._authenticate(self.app.userlist.get(self.user))
+        self._finish_login(self.app.admin_parameters())
+        self.set_actions(ADMIN_ACTIONS)
+        self.resume()
+
+    async def _login_pooled(self) -> None:
+        db = self.app.config.database_for(self.database)
+        if db is None:
+            raise errors.no_such_database(self.database)
+        if self.database in self.app.disabled_databases:
+            raise errors.fatal(errors.CANNOT_CONNECT_NOW, "database does not allow connections")
+        secret = self.app.userlist.get(self.user)
+        if secret is None and self.app.config.pgbouncer.auth_type != "any":
+            secret = await self.app.auth_query_secret(self.database, db, self.user)
+        await self._authenticate(secret)
+        self.pool = self.app.get_pool(self.database, db, self.user, secret, self.scram_keys)
+        if self.closed:
+            return
+        welcome = await self.pool.welcome()
+        if self.closed:
+            return
+        self._finish_login(welcome)
+        self.pool.clients.add(self)
+        self.set_actions(RELAY_ACTIONS)
+        self.resume()
+
+    async def _authenticate(self, secret: str | None) -> None:
+        method = self.app.config.pgbouncer.auth_type
+        if method == "any":
+            return
+        if secret is None:
+            if method == "trust":
+                raise errors.no_such_user(self.user)
+            raise errors.password_failed(self.user)
+        if method == "trust":
+            return
+        if method == "plain":
+            await self._auth_cleartext(secret)
+        elif method == "md5" and auth.secret_kind(secret) != "scram":
+            await self._auth_md5(secret)
+        elif method in ("md5", "scram-sha-256"):
+            if auth.secret_kind(secret) == "md5":
+                raise errors.password_failed(self.user)
+            await self._auth_scram(secret)
+        else:
+            raise errors.fatal(errors.FEATURE_NOT_SUPPORTED, f"auth_type {method} is not supported")
+
+    async def _auth_cleartext(self, secret: str) -> None:
+        self.transport.write(protocol.authentication(protocol.AUTH_CLEARTEXT))
+        data = await self._read_password()
+        password = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+        if not auth.check_plain(secret, self.user, password):
+            raise errors.password_failed(self.user)
+
+    async def _auth_md5(self, secret: str) -> None:
+        salt = secrets.token_bytes(4)
+        self.transport.write(protocol.authentication(protocol.AUTH_MD5, salt))
+        data = await self._read_password()
+        response = data.rstrip(b"\0").decode("ascii", "replace")
+        if not auth.check_md5_response(secret, self.user, salt, response):
+            raise errors.password_failed(self.user)
+
+    async def _auth_scram(self, secret: str) -> None:
+        try:
+            scram = auth.ScramServer(secret)
+        except auth.AuthError:
+            raise errors.password_failed(self.user) from None
+        self.transport.write(protocol.auth_sasl(scram.mechanisms()))
+        data = await self._read_password()
+        mechanism, pos = protocol.cstring(data, 0)
+        if mechanism != "SCRAM-SHA-256":
+            raise errors.fatal(errors.PROTOCOL_VIOLATION,
+                               "client selected an invalid SASL authentication mechanism")
+        length = int.from_bytes(data[pos:pos + 4], "big", signed=True)
+        client_first = data[pos + 4:pos + 4 + length] if length >= 0 else b""
+        try:
+            server_first = scram.first(client_first)
+            self.transport.write(protocol.authentication(protocol.AUTH_SASL_CONTINUE, server_first))
+            client_final = await self._read_password()
+            server_final = scram.final(client_final)
+        except auth.AuthError as exc:
+            log.info("%r SCRAM authentication failed: %s", self, exc)
+            raise errors.password_failed(self.user) from None
+        self.transport.write(protocol.authentication(protocol.AUTH_SASL_FINAL, server_final))
+        if auth.secret_kind(secret) == "scram":
+            self.scram_keys = (scram.client_key, scram.server_key)
+
+    async def _read_password(self) -> bytes:
+        self._password_waiter = asyncio.get_running_loop().create_future()
+        self.set_actions(AUTH_ACTIONS)
+        self.resume()
+        try:
+            return await self._password_waiter
+        finally:
+            self._password_waiter = None
+
+    def _password_message(self, view) -> None:
+        waiter = self._password_waiter
+        if waiter is None or waiter.done():
+            raise errors.protocol_violation("unexpected password message")
+        self.hold()
+        waiter.set_result(bytes(view[5:]))
+
+    def _finish_login(self, server_params: dict[str, str]) -> None:
+        """AuthenticationOk, the server's parameters as this client sees them, key, ready."""
+        params = dict(server_params)
+        params.update(self.startup_params)
+        params.pop("user", None)
+        params.pop("database", None)
+        self.params = {name: params[name] for name in session.TRACKED_PARAMETERS if name in params}
+        out = [protocol.authentication(protocol.AUTH_OK)]
+        out += [protocol.parameter_status(name, value) for name, value in params.items()]
+        out.append(protocol.backend_key_data(self.cancel_pid, self.cancel_key))
+        out.append(protocol.ready_for_query("I"))
+        self.transport.write(b"".join(out))
+        self.state = "active"
+        self.last_active = time.monotonic()
+        self.app.client_logged_in(self)
+        if self.app.config.pgbouncer.log_connections:
+            log.info("%r login attempt: db=%s user=%s tls=no", self, self.database, self.user)
+
+    # -- pooled session ------------------------------------------------------------------
+
+    def on_unlinked(self, msg_type: int) -> None:
+        """The first message of a transaction: get a server (now, or queue and wait)."""
+        self.request_time = time.time()
+        try:
+            if not self.pool.request(self):
+                self.hold()
+                self._pause_reading()
+        except PgError as exc:
+            self.hold()
+            self.report(exc)
+
+    def start_waiting(self) -> None:
+        self.state = "waiting"
+        self.wait_start = time.monotonic()
+
+    def stop_waiting(self) -> None:
+        self.state = "active"
+
+    def attached(self, server: ServerConnection) -> None:
+        """The server is linked and in step with our parameters: let the bytes flow."""
+        now = time.monotonic()
+        wait_us = int((now - self.wait_start) * 1_000_000) if self.state == "waiting" else 0
+        self.state = "active"
+        self.wait_start = 0.0
+        self.link_time = self.stats_since = self.last_active = now
+        self.stats_snapshot = (server.ready_count, server.idle_ready_count,
+                               self.rx_bytes - self.buffered, server.rx_bytes)
+        self.pool.stats.assigned(wait_us)
+        if self.held:
+            self._resume_reading()
+            self.resume()
+
+    def server_ready(self, server: ServerConnection, status: int) -> None:
+        """ReadyForQuery came from our server: account, and release it if the mode says so."""
+        now = time.monotonic()
+        self.last_active = now
+        self.pool.stats.account(self, server, now)
+        if server.pending:
+            return
+        mode = self.pool.settings.pool_mode
+        if mode == session.SESSION:
+            return
+        if status == session.READY_IDLE:
+            self.pool.release(self, server, reset=self.app.config.pgbouncer.server_reset_query_always)
+        elif mode == session.STATEMENT:
+            server.close("transaction blocks not allowed in statement pooling mode")
+            self.report(errors.fatal(errors.FEATURE_NOT_SUPPORTED,
+                                     "transaction blocks not allowed in statement pooling mode"))
+
+    def server_failed(self, server: ServerConnection, exc: PgError) -> None:
+        if self.server is server:
+            self.server = None
+            self.unlink_output()
+        self.report(exc if exc.fatal else errors.server_closed(exc.message))

@@ -1,0 +1,112 @@
+"""One periodic tick that sweeps every pool and client for timeouts, lifetimes and stats."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from . import errors
+
+if TYPE_CHECKING:
+    from .app import App
+
+log = logging.getLogger("pgmulti.janitor")
+
+TICK_SECONDS = 1 / 3   # PgBouncer's janitor also runs three times a second
+
+_IN_TRANSACTION = (ord("T"), ord("E"))
+
+
+class Janitor:
+    def __init__(self, app: App):
+        self.app = app
+        self._handle: asyncio.TimerHandle | None = None
+        self._last_stats = time.monotonic()
+
+    def start(self) -> None:
+        self._handle = asyncio.get_running_loop().call_later(TICK_SECONDS, self._tick)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+
+    def _tick(self) -> None:
+        try:
+            self.sweep(time.monotonic())
+        except Exception:
+            log.exception("janitor tick failed")
+        self.start()
+
+    def sweep(self, now: float) -> None:
+        app = self.app
+        cfg = app.config.pgbouncer
+        self._expire_logins(now, cfg.client_login_timeout)
+        for pool in list(app.pools.values()):
+            pool.tick(now)
+        self._expire_clients(now, cfg)
+        if cfg.stats_period > 0 and now - self._last_stats >= cfg.stats_period:
+            self._roll_stats(now - self._last_stats)
+            self._last_stats = now
+        if app.shutting_down:
+            self.check_shutdown()
+
+    def _expire_logins(self, now: float, timeout: float) -> None:
+        if timeout <= 0:
+            return
+        for client in list(self.app.login_clients):
+            if now - client.created > timeout:
+                client.report(errors.login_timeout())
+
+    def _expire_clients(self, now: float, cfg) -> None:
+        idle_timeout = cfg.client_idle_timeout
+        xact_timeout = cfg.idle_transaction_timeout
+        if idle_timeout <= 0 and xact_timeout <= 0:
+            return
+        for pool in self.app.pools.values():
+            for client in list(pool.clients):
+                server = client.server
+                waiting_on_client = server is None or server.pending == 0
+                if not waiting_on_client or client.state == "waiting":
+                    continue
+                idle_for = now - client.last_active
+                if (xact_timeout > 0 and server is not None
+                        and server.ready_status in _IN_TRANSACTION and idle_for > xact_timeout):
+                    client.report(errors.fatal(errors.IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
+                                               "idle transaction timeout"))
+                elif idle_timeout > 0 and idle_for > idle_timeout and (
+                        server is None or server.ready_status not in _IN_TRANSACTION):
+                    client.report(errors.fatal(errors.IDLE_SESSION_TIMEOUT, "client_idle_timeout"))
+
+    def _roll_stats(self, seconds: float) -> None:
+        app = self.app
+        by_db: dict[str, list] = {}
+        for pool in app.pools.values():
+            pool.stats.roll_period(seconds)
+            by_db.setdefault(pool.name, []).append(pool.stats.averages)
+        if not app.config.pgbouncer.log_stats:
+            return
+        for name, averages in sorted(by_db.items()):
+            xacts = sum(a.xact_count for a in averages)
+            queries = sum(a.query_count for a in averages)
+            recv = sum(a.received for a in averages)
+            sent = sum(a.sent for a in averages)
+            xact_us = max((a.xact_time for a in averages), default=0)
+            query_us = max((a.query_time for a in averages), default=0)
+            wait_us = max((a.wait_time for a in averages), default=0)
+            log.info("stats: %d xacts/s, %d queries/s, in %d B/s, out %d B/s, xact %d us, "
+                     "query %d us, wait %d us (%s)", xacts, queries, recv, sent, xact_us,
+                     query_us, wait_us, name)
+
+    def check_shutdown(self) -> None:
+        """During a safe shutdown, exit once no server is linked to a client."""
+        app = self.app
+        if not app.shutting_down or app.stopped.done():
+            return
+        if app.shutdown_waits_for_clients:
+            busy = bool(app.clients)
+        else:
+            busy = any(pool.active or pool.used for pool in app.pools.values())
+        if not busy:
+            app.finish()

@@ -1,0 +1,118 @@
+"""Listening sockets: TCP on listen_addr/listen_port and PostgreSQL's Unix socket name."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import stat
+from typing import TYPE_CHECKING
+
+from .client import ClientConnection
+
+if TYPE_CHECKING:
+    from .app import App
+
+log = logging.getLogger("pgmulti.listener")
+
+
+def listen_addresses(value: str | None) -> list[str]:
+    """`*` means every IPv4 and IPv6 address; otherwise a comma-separated list."""
+    if not value:
+        return []
+    result: list[str] = []
+    for part in value.split(","):
+        part = part.strip()
+        if part == "*":
+            result += ["0.0.0.0", "::"]
+        elif part:
+            result.append(part)
+    return result
+
+
+def tcp_socket(host: str, port: int, backlog: int, reuseport: bool) -> socket.socket:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            # "*" binds :: and 0.0.0.0 separately, as PgBouncer does.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def unix_socket(directory: str, port: int, backlog: int, mode: int) -> tuple[socket.socket, str]:
+    path = os.path.join(directory, f".s.PGSQL.{port}")
+    if os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode):
+        # A socket file left by a dead process; a live one would accept our probe.
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)
+        else:
+            raise OSError(f"{path} is in use by another process")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    os.chmod(path, mode)
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock, path
+
+
+class Listener:
+    """Owns the listening sockets and their asyncio servers."""
+
+    def __init__(self, app: App):
+        self.app = app
+        self.servers: list[asyncio.AbstractServer] = []
+        self.unix_path: str | None = None
+        self.addresses: list[str] = []
+
+    async def start(self) -> None:
+        cfg = self.app.config.pgbouncer
+        loop = asyncio.get_running_loop()
+        for host in listen_addresses(cfg.listen_addr):
+            sock = tcp_socket(host, cfg.listen_port, cfg.listen_backlog, bool(cfg.so_reuseport))
+            server = await loop.create_server(lambda: ClientConnection(self.app, "tcp"), sock=sock)
+            self.servers.append(server)
+            self.addresses.append(f"{host}:{cfg.listen_port}")
+            log.info("listening on %s:%d", host, cfg.listen_port)
+        if cfg.unix_socket_dir:
+            mode = _socket_mode(cfg.unix_socket_mode)
+            sock, path = unix_socket(cfg.unix_socket_dir, cfg.listen_port, cfg.listen_backlog, mode)
+            server = await loop.create_server(lambda: ClientConnection(self.app, "unix"), sock=sock)
+            self.servers.append(server)
+            self.unix_path = path
+            log.info("listening on unix:%s", path)
+        if not self.servers:
+            raise OSError("nothing to listen on: set listen_addr or unix_socket_dir")
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
+        self.servers = []
+        if self.unix_path:
+            try:
+                os.unlink(self.unix_path)
+            except OSError:
+                pass
+            self.unix_path = None
+
+
+def _socket_mode(value) -> int:
+    if isinstance(value, int):
+        return value
+    return int(str(value), 0) if str(value).startswith("0") else int(str(value), 8)

@@ -1,0 +1,413 @@
+"""Pool per (database, user): server connections by state, the FIFO of waiting clients, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from . import errors, session
+from .errors import PgError
+from .server import ServerConnection
+from .stats import PoolStats
+
+if TYPE_CHECKING:
+    from .app import App
+    from .client import ClientConnection
+
+log = logging.getLogger("pgmulti.pool")
+
+_server_ids = itertools.count(1)
+
+
+@dataclass
+class Credentials:
+    """How the pooler logs in to PostgreSQL for this pool."""
+    password: str | None = None                        # plain, md5 or SCRAM secret
+    scram_keys: tuple[bytes, bytes] | None = None      # ClientKey, ServerKey from a client login
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """Effective limits for one pool (user overrides database overrides global)."""
+    pool_mode: str
+    pool_size: int
+    min_pool_size: int
+    reserve_pool_size: int
+    max_db_connections: int
+    max_user_connections: int
+    server_lifetime: float
+
+
+class Pool:
+    """Servers of one (database, user) pair and the clients waiting for them.
+
+    A server's state is the collection it sits in (login, idle, active, used, tested), changed
+    only by _move(), so SHOW POOLS counts are lengths, never scans.
+    """
+
+    def __init__(self, app: App, name: str, db, client_user: str, server_user: str,
+                 credentials: Credentials, settings: PoolSettings):
+        self.app = app
+        self.name = name
+        self.db = db
+        self.user = client_user
+        self.server_user = server_user
+        self.credentials = credentials
+        self.settings = settings
+        self.hosts = _split_hosts(db.host)
+        self._next_host = 0
+        self.port = db.port or 5432
+        self.dbname = db.dbname or name
+        self.idle: collections.deque[ServerConnection] = collections.deque()
+        self.active: set[ServerConnection] = set()
+        self.used: set[ServerConnection] = set()
+        self.tested: set[ServerConnection] = set()
+        self.login: set[ServerConnection] = set()
+        self.waiting: collections.deque[ClientConnection] = collections.deque()
+        self.clients: set[ClientConnection] = set()
+        self.welcome_params: dict[str, str] | None = None
+        self.last_failure = 0.0
+        self.last_error: PgError | None = None
+        self.paused = False
+        self.disabled = False
+        self.reconnect_generation = 0   # RECONNECT: servers of older generations are closed
+        self.stats = PoolStats()
+
+    def __repr__(self) -> str:
+        return f"pool {self.name}/{self.user}"
+
+    # -- addressing ----------------------------------------------------------------------
+
+    @property
+    def host(self) -> str:
+        return self.hosts[self._next_host % len(self.hosts)]
+
+    @property
+    def unix_path(self) -> str | None:
+        host = self.host
+        if host.startswith("/"):
+            return f"{host}/.s.PGSQL.{self.port}"
+        return None
+
+    @property
+    def address_text(self) -> str:
+        return self.unix_path or f"{self.host}:{self.port}"
+
+    def startup_params(self) -> dict[str, str]:
+        params = {"user": self.server_user, "database": self.dbname}
+        for key, name in (("client_encoding", "client_encoding"), ("datestyle", "DateStyle"),
+                          ("timezone", "TimeZone"), ("application_name", "application_name")):
+            value = getattr(self.db, key, None)
+            if value:
+                params[name] = value
+        return params
+
+    # -- counts --------------------------------------------------------------------------
+
+    @property
+    def server_count(self) -> int:
+        return (len(self.idle) + len(self.active) + len(self.used) + len(self.tested)
+                + len(self.login))
+
+    @property
+    def cl_active(self) -> int:
+        return len(self.clients) - len(self.waiting)
+
+    def all_servers(self):
+        yield from self.login
+        yield from self.idle
+        yield from self.active
+        yield from self.used
+        yield from self.tested
+
+    def _move(self, server: ServerConnection, state: str) -> None:
+        """The one place a server changes state."""
+        self._remove(server)
+        server.state = state
+        if state == "idle":
+            self.idle.append(server)
+        elif state != "closed":
+            getattr(self, state).add(server)
+
+    def _remove(self, server: ServerConnection) -> None:
+        state = server.state
+        if state == "idle":
+            try:
+                self.idle.remove(server)
+            except ValueError:
+                pass
+        elif state in ("active", "used", "tested", "login"):
+            getattr(self, state).discard(server)
+
+    # -- clients asking for servers ------------------------------------------------------
+
+    def request(self, client: ClientConnection) -> bool:
+        """Give the client a server now (True), or queue it and return False."""
+        if self.app.shutting_down and not self.app.shutdown_waits_for_clients:
+            raise errors.shutting_down()
+        if not self.paused and not self.app.paused and not self.waiting:
+            while self.idle:
+                server = self.idle.pop()  # LIFO keeps few servers warm (server_round_robin=0)
+                if self._needs_check(server):
+                    self.waiting.appendleft(client)
+                    client.start_waiting()
+                    self._check(server)
+                    return False
+                self._link(client, server)
+                return True
+        if self.disabled:
+            raise errors.fatal(errors.CANNOT_CONNECT_NOW, "database is disabled")
+        if (self.server_count == 0 and self.last_error is not None
+                and time.monotonic() - self.last_failure < self.app.config.pgbouncer.server_login_retry):
+            raise errors.server_login_failing()
+        self.waiting.append(client)
+        client.start_waiting()
+        self.launch_needed()
+        return False
+
+    def forget_client(self, client: ClientConnection) -> None:
+        self.clients.discard(client)
+        if client.state == "waiting":
+            try:
+                self.waiting.remove(client)
+            except ValueError:
+                pass
+
+    def _link(self, client: ClientConnection, server: ServerConnection) -> None:
+        self._move(server, "active")
+        session.link(client, server)
+        sync = session.parameter_sync_sql(client, server)
+        if sync is None:
+            client.attached(server)
+            return
+        client.hold()  # the client's bytes wait until the server shows its parameters
+        done = server.run_query(sync)
+        done.add_done_callback(lambda fut: self._synced(client, server, fut))
+
+    def _synced(self, client: ClientConnection, server: ServerConnection, fut) -> None:
+        if client.server is not server:
+            return
+        exc = fut.exception()
+        if exc is not None:
+            client.report(exc if isinstance(exc, PgError) else errors.server_closed(str(exc)))
+            return
+        client.attached(server)
+
+    def _needs_check(self, server: ServerConnection) -> bool:
+        delay = self.app.config.pgbouncer.server_check_delay
+        query = self.app.config.pgbouncer.server_check_query
+        return bool(query) and time.monotonic() - server.last_used > delay
+
+    def _check(self, server: ServerConnection) -> None:
+        self._move(server, "tested")
+        query = self.app.config.pgbouncer.server_check_query
+        done = server.run_query("" if query == "<empty>" else query)
+        done.add_done_callback(lambda fut: self._after_internal(server, fut, "server check query"))
+
+    # -- servers coming back -------------------------------------------------------------
+
+    def release(self, client: ClientConnection, server: ServerConnection, *, reset: bool) -> None:
+        """The client is done with the server: reset it if asked, then reuse or close it."""
+        self.stats.transaction_done(client, server)
+        session.unlink(client, server)
+        if server.closed:
+            return
+        if not server.is_ready:
+            server.close("client disconnect while server was not ready")
+            return
+        reset_query = self.app.config.pgbouncer.server_reset_query
+        if reset and reset_query:
+            self._move(server, "used")
+            done = server.run_query(reset_query)
+            done.add_done_callback(lambda fut: self._after_internal(server, fut, "reset query"))
+            return
+        self.server_ready(server)
+
+    def _after_internal(self, server: ServerConnection, fut, what: str) -> None:
+        exc = fut.exception()
+        if server.closed:
+            return
+        if exc is not None:
+            server.close(f"{what} failed: {exc}")
+            return
+        server.last_used = time.monotonic()
+        self.server_ready(server)
+
+    def server_ready(self, server: ServerConnection) -> None:
+        """An idle, clean server: give it to the first waiting client or park it."""
+        if self._expired(server):
+            server.close("server lifetime over")
+            return
+        if server.generation != self.reconnect_generation:
+            server.close("reconnect requested")
+            return
+        if self.waiting and not self.paused and not self.app.paused:
+            client = self.waiting.popleft()
+            client.stop_waiting()
+            self._link(client, server)
+            return
+        self._move(server, "idle")
+
+    def _expired(self, server: ServerConnection) -> bool:
+        lifetime = self.settings.server_lifetime
+        return lifetime > 0 and time.monotonic() - server.created > lifetime
+
+    def server_lost(self, server: ServerConnection, reason: str) -> None:
+        self._remove(server)
+        server.state = "closed"
+        client = server.client
+        if client is not None:
+            client.server_failed(server, errors.server_closed(reason))
+        if self.waiting:
+            self.launch_needed()
+
+    # -- new servers ---------------------------------------------------------------------
+
+    def launch_needed(self) -> None:
+        """Open server connections for waiting clients, within the limits."""
+        wanted = len(self.waiting) - len(self.login) - len(self.tested)
+        while wanted > 0 and self._may_launch():
+            self.launch()
+            wanted -= 1
+
+    def _may_launch(self) -> bool:
+        if self.app.shutting_down or self.disabled:
+            return False
+        if time.monotonic() - self.last_failure < self.app.config.pgbouncer.server_login_retry:
+            return False
+        count = self.server_count
+        limit = self.settings.pool_size
+        if count >= limit:
+            reserve = self.settings.reserve_pool_size
+            timeout = self.app.config.pgbouncer.reserve_pool_timeout
+            if not (reserve and count < limit + reserve and self.waiting
+                    and time.monotonic() - self.waiting[0].wait_start >= timeout):
+                return False
+        if not self.app.below_db_limit(self) or not self.app.below_user_limit(self):
+            return False
+        return True
+
+    def launch(self) -> ServerConnection:
+        server = ServerConnection(self, next(_server_ids))
+        self._move(server, "login")
+        asyncio.get_running_loop().create_task(self._open(server))
+        return server
+
+    async def _open(self, server: ServerConnection) -> None:
+        self._next_host += 1
+        try:
+            await server.open()
+            if self.db.connect_query:
+                await server.run_query(self.db.connect_query)
+        except PgError as exc:
+            self._login_failed(server, exc)
+            return
+        self.last_error = None
+        self.last_failure = 0.0
+        log.info("%r new connection to server (from %s:%s)", server, *server.local_addr)
+        if self.welcome_params is None:
+            self.welcome_params = dict(server.params)
+        if not server.closed:
+            server.last_used = time.monotonic()
+            self.server_ready(server)
+
+    def _login_failed(self, server: ServerConnection, exc: PgError) -> None:
+        log.warning("%r login failed: %s", server, exc.message)
+        server.close(exc.message)
+        self._remove(server)
+        server.state = "closed"
+        self.last_failure = time.monotonic()
+        self.last_error = exc
+        if self.server_count == 0:
+            # Nobody will free a server soon: tell the waiting clients now, not at timeout.
+            while self.waiting:
+                self.waiting.popleft().report(exc)
+
+    async def borrow(self) -> ServerConnection:
+        """A server for the pooler's own query (auth_query); return it with give_back()."""
+        if self.idle:
+            server = self.idle.pop()
+        else:
+            server = ServerConnection(self, next(_server_ids))
+            self._move(server, "login")
+            try:
+                await server.open()
+            except PgError as exc:
+                self._login_failed(server, exc)
+                raise
+        self._move(server, "active")
+        return server
+
+    def give_back(self, server: ServerConnection) -> None:
+        if server.closed:
+            return
+        if not server.is_ready:
+            server.close("pooler query left the server busy")
+            return
+        self.server_ready(server)
+
+    async def welcome(self) -> dict[str, str]:
+        """Server parameters to show a client at login; connects once if none are known."""
+        if self.welcome_params is not None:
+            return self.welcome_params
+        if (self.last_error is not None and time.monotonic() - self.last_failure
+                < self.app.config.pgbouncer.server_login_retry):
+            raise errors.server_login_failing()
+        server = ServerConnection(self, next(_server_ids))
+        self._move(server, "login")
+        try:
+            await server.open()
+        except PgError as exc:
+            self._login_failed(server, exc)
+            raise
+        self.welcome_params = dict(server.params)
+        server.last_used = time.monotonic()
+        if not server.closed:
+            self.server_ready(server)
+        return self.welcome_params
+
+    # -- janitor -------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        cfg = self.app.config.pgbouncer
+        self._expire_waiting(now, cfg.query_wait_timeout)
+        if self.waiting:
+            self.launch_needed()
+        idle_timeout = cfg.server_idle_timeout
+        for server in list(self.idle):
+            if self._expired(server):
+                server.close("server lifetime over")
+            elif (idle_timeout > 0 and now - server.last_used > idle_timeout
+                  and self.server_count > self.settings.min_pool_size):
+                server.close("server idle timeout")
+        self._fill_min_pool()
+
+    def _expire_waiting(self, now: float, timeout: float) -> None:
+        if timeout <= 0:
+            return
+        while self.waiting and now - self.waiting[0].wait_start > timeout:
+            self.waiting.popleft().report(errors.query_wait_timeout())
+
+    def _fill_min_pool(self) -> None:
+        minimum = min(self.settings.min_pool_size, self.settings.pool_size)
+        while self.server_count < minimum and self._may_launch() and self.clients:
+            self.launch()
+
+    def close_idle(self, reason: str) -> None:
+        for server in list(self.idle):
+            server.close(reason)
+
+    def close_all(self, reason: str) -> None:
+        for server in list(self.all_servers()):
+            server.close(reason)
+
+
+def _split_hosts(host: str | None) -> list[str]:
+    if not host:
+        return ["/tmp"]
+    return [part.strip() for part in host.split(",") if part.strip()] or ["/tmp"]

@@ -1,0 +1,134 @@
+"""Message-type names and cold-path decoders of the PostgreSQL v3 protocol."""
+
+from ._codec import (  # noqa: F401  (builders live in the compiled codec)
+    action_table, authentication, auth_sasl, backend_key_data, cancel_request, command_complete,
+    data_row, empty_query_response, error_response, message, parameter_status, password_message,
+    query, ready_for_query, row_description, sasl_initial_response, startup_message, terminate,
+    PASS, INSPECT, REJECT, ERR_LENGTH, ERR_TOO_LONG, ERR_TYPE,
+)
+
+PROTOCOL_3_0 = 3 << 16
+CANCEL_REQUEST_CODE = 80877102
+SSL_REQUEST_CODE = 80877103
+GSSENC_REQUEST_CODE = 80877104
+
+# Frontend message types.
+BIND = ord("B")
+CLOSE = ord("C")
+COPY_DATA = ord("d")
+COPY_DONE = ord("c")
+COPY_FAIL = ord("f")
+DESCRIBE = ord("D")
+EXECUTE = ord("E")
+FLUSH = ord("H")
+FUNCTION_CALL = ord("F")
+PARSE = ord("P")
+PASSWORD_MESSAGE = ord("p")
+QUERY = ord("Q")
+SYNC = ord("S")
+TERMINATE = ord("X")
+FRONTEND_TYPES = "BCdcfDEHFPpQSX"
+
+# Backend message types.
+AUTHENTICATION = ord("R")
+BACKEND_KEY_DATA = ord("K")
+COMMAND_COMPLETE = ord("C")
+DATA_ROW = ord("D")
+ERROR_RESPONSE = ord("E")
+NEGOTIATE_PROTOCOL_VERSION = ord("v")
+NOTICE_RESPONSE = ord("N")
+NOTIFICATION_RESPONSE = ord("A")
+PARAMETER_STATUS = ord("S")
+READY_FOR_QUERY = ord("Z")
+ROW_DESCRIPTION = ord("T")
+
+AUTH_OK = 0
+AUTH_CLEARTEXT = 3
+AUTH_MD5 = 5
+AUTH_SASL = 10
+AUTH_SASL_CONTINUE = 11
+AUTH_SASL_FINAL = 12
+
+# Type OIDs used by the admin console.
+TEXT_OID = 25
+INT4_OID = 23
+INT8_OID = 20
+NUMERIC_OID = 1700
+
+
+class DecodeError(ValueError):
+    """Bytes that do not form the message they claim to be."""
+
+
+def cstring(buf, pos: int) -> tuple[str, int]:
+    """Read a NUL-terminated UTF-8 string at pos; return it and the position after the NUL."""
+    raw = bytes(buf)
+    end = raw.find(b"\0", pos)
+    if end < 0:
+        raise DecodeError("missing string terminator")
+    try:
+        return raw[pos:end].decode(), end + 1
+    except UnicodeDecodeError as exc:
+        raise DecodeError("invalid UTF-8 in string") from exc
+
+
+def parse_startup(packet) -> tuple[int, bytes]:
+    """Split an untyped startup packet into its request code and the rest."""
+    raw = bytes(packet)
+    return int.from_bytes(raw[4:8], "big"), raw[8:]
+
+
+def parse_startup_params(rest: bytes) -> dict[str, str]:
+    """StartupMessage parameters: name/value C strings ending with an empty name."""
+    params: dict[str, str] = {}
+    pos = 0
+    while True:
+        if pos >= len(rest):
+            raise DecodeError("startup packet has no terminator")
+        if rest[pos] == 0:
+            if pos != len(rest) - 1:
+                raise DecodeError("unexpected bytes after startup parameters")
+            return params
+        name, pos = cstring(rest, pos)
+        value, pos = cstring(rest, pos)
+        params[name] = value
+
+
+def parse_fields(body) -> dict[str, str]:
+    """ErrorResponse / NoticeResponse body (after the header) into {field code: text}."""
+    raw = bytes(body)
+    fields: dict[str, str] = {}
+    pos = 0
+    while pos < len(raw) and raw[pos] != 0:
+        code = chr(raw[pos])
+        text, pos = cstring(raw, pos + 1)
+        fields[code] = text
+    return fields
+
+
+def parse_parameter_status(body) -> tuple[str, str]:
+    name, pos = cstring(body, 0)
+    value, _ = cstring(body, pos)
+    return name, value
+
+
+def parse_data_row(body) -> list[bytes | None]:
+    raw = bytes(body)
+    count = int.from_bytes(raw[0:2], "big")
+    pos = 2
+    values: list[bytes | None] = []
+    for _ in range(count):
+        size = int.from_bytes(raw[pos:pos + 4], "big", signed=True)
+        pos += 4
+        if size < 0:
+            values.append(None)
+        else:
+            values.append(raw[pos:pos + size])
+            pos += size
+    return values
+
+
+def negotiate_protocol_version(newest_minor: int, unsupported: list[str]) -> bytes:
+    body = (newest_minor.to_bytes(4, "big") + len(unsupported).to_bytes(4, "big")
+            + b"".join(name.encode() + b"\0" for name in unsupported))
+    return message(NEGOTIATE_PROTOCOL_VERSION, body)

@@ -1,0 +1,349 @@
+"""Server connection: one socket to PostgreSQL, its login, and the queries the pooler runs itself."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from . import auth, errors, protocol
+from ._codec import Relay
+from .errors import PgError
+
+if TYPE_CHECKING:
+    from .pool import Pool
+
+log = logging.getLogger("pgmulti.server")
+
+# Login, idle and internal queries: the proxy reads every message itself.
+INSPECT_ALL = protocol.action_table(protocol.INSPECT)
+# Linked to a client: everything flows through except ParameterStatus, which the pooler tracks.
+RELAY_ACTIONS = protocol.action_table(protocol.PASS, S=protocol.INSPECT)
+
+
+class InternalQuery:
+    """A query the pooler runs on a server for itself (reset, check, SET, auth_query)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.done = loop.create_future()
+        self.rows: list[list[bytes | None]] = []
+        self.error: dict[str, str] | None = None
+
+
+class ServerConnection(Relay, asyncio.BufferedProtocol):
+    """One PostgreSQL connection owned by a pool."""
+
+    def __init__(self, pool: Pool, ident: int):
+        self.pool = pool
+        self.app = pool.app
+        self.id = ident
+        self.transport = None
+        self.client = None
+        self.state = "new"            # name of the pool collection holding it
+        self.params: dict[str, str] = {}
+        self.backend_pid = 0
+        self.backend_key = 0
+        self.connect_time = time.time()
+        self.created = time.monotonic()
+        self.last_used = self.created
+        self.link_time = 0.0
+        self.logged_in = False
+        self.generation = pool.reconnect_generation
+        self.closed = False
+        self.close_reason = ""
+        self.local_addr = ("", 0)
+        self._login_done = asyncio.get_running_loop().create_future()
+        self._internal: InternalQuery | None = None
+        self._scram: auth.ScramClient | None = None
+        self.max_packet = pool.app.config.pgbouncer.max_packet_size
+        self.buffer_size = max(4096, pool.app.config.pgbouncer.pkt_buf * 4)
+        self.set_actions(INSPECT_ALL)
+
+    def __repr__(self) -> str:
+        return f"S-0x{self.id:x}: {self.pool.name}/{self.pool.server_user}@{self.pool.address_text}"
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect and log in; raise PgError if PostgreSQL cannot be reached or refuses us."""
+        loop = asyncio.get_running_loop()
+        timeout = self.app.config.pgbouncer.server_connect_timeout or None
+        try:
+            if self.pool.unix_path:
+                connect = loop.create_unix_connection(lambda: self, self.pool.unix_path)
+            else:
+                connect = loop.create_connection(lambda: self, self.pool.host, self.pool.port)
+            await asyncio.wait_for(connect, timeout)
+            await asyncio.wait_for(asyncio.shield(self._login_done), timeout)
+        except PgError:
+            self.close("login failed")
+            raise
+        except (OSError, asyncio.TimeoutError) as exc:
+            reason = "connect timeout" if isinstance(exc, asyncio.TimeoutError) else str(exc)
+            self.close(reason)
+            raise errors.server_unreachable(f"{self.pool.address_text}: {reason}") from None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("sockname")
+        if isinstance(sock, tuple):
+            self.local_addr = sock[:2]
+        transport.write(protocol.startup_message(self.pool.startup_params()))
+
+    def connection_lost(self, exc) -> None:
+        was_closed = self.closed
+        self.closed = True
+        reason = self.close_reason or (str(exc) if exc else "server closed the connection")
+        if not self._login_done.done():
+            self._login_done.set_exception(errors.server_unreachable(reason))
+            self._login_done.exception()  # consumed by open(); avoid "never retrieved"
+        if self._internal and not self._internal.done.done():
+            self._internal.done.set_exception(errors.server_closed(reason))
+        if not was_closed:
+            log.info("%r closing because: %s", self, reason)
+        self.pool.server_lost(self, reason)
+
+    def close(self, reason: str) -> None:
+        """Close the connection (the pool forgets it in connection_lost)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = reason
+        log.info("%r closing because: %s", self, reason)
+        if self.transport is not None:
+            if self.logged_in:
+                self.transport.write(protocol.terminate())
+            self.transport.close()
+        else:
+            self.pool.server_lost(self, reason)
+
+    # -- flow control: a full socket on one side pauses reading on the other --------------
+
+    def pause_writing(self) -> None:
+        if self.client is not None and self.client.transport is not None:
+            self.client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.client is not None and self.client.transport is not None and not self.client.held:
+            self.client.transport.resume_reading()
+
+    # -- linking -------------------------------------------------------------------------
+
+    def link(self, client) -> None:
+        self.client = client
+        self.link_output(client.transport)
+        self.set_actions(RELAY_ACTIONS)
+
+    def unlink(self) -> None:
+        self.client = None
+        self.unlink_output()
+        self.set_actions(INSPECT_ALL)
+        self.last_used = time.monotonic()
+
+    @property
+    def is_ready(self) -> bool:
+        """Idle at a transaction boundary with no answers outstanding."""
+        return self.ready_status == 73 and self.pending == 0 and self.buffered == 0
+
+    # -- codec callbacks -----------------------------------------------------------------
+
+    def on_message(self, msg_type: int, view) -> None:
+        try:
+            if not self.logged_in:
+                self._login_message(msg_type, view)
+            elif self._internal is not None:
+                self._internal_message(msg_type, view)
+            elif msg_type == protocol.PARAMETER_STATUS:
+                self._parameter_status(view)
+            else:
+                self._idle_message(msg_type, view)
+        except PgError as exc:
+            self._fail(exc)
+        except (protocol.DecodeError, ValueError, IndexError) as exc:
+            self._fail(errors.protocol_violation(f"bad message from server: {exc}"))
+
+    def on_ready(self, status: int) -> None:
+        client = self.client
+        if client is not None:
+            client.server_ready(self, status)
+
+    def on_protocol_error(self, code: int, msg_type: int) -> None:
+        self._fail(errors.protocol_violation(f"malformed message from server (code {code})"))
+
+    def on_unlinked(self, msg_type: int) -> None:
+        # Only INSPECT_ALL is installed while unlinked; nothing reaches here.
+        pass
+
+    def _fail(self, exc: PgError) -> None:
+        if not self._login_done.done():
+            self._login_done.set_exception(exc)
+        if self._internal and not self._internal.done.done():
+            self._internal.done.set_exception(exc)
+        client = self.client
+        self.close(exc.message)
+        if client is not None:
+            client.server_failed(self, exc)
+
+    def _parameter_status(self, view) -> None:
+        name, value = protocol.parse_parameter_status(view[5:])
+        self.params[name] = value
+        client = self.client
+        if client is not None:
+            client.params[name] = value
+            if self._internal is None:
+                client.transport.write(bytes(view))
+
+    # -- login ---------------------------------------------------------------------------
+
+    def _login_message(self, msg_type: int, view) -> None:
+        body = view[5:]
+        if msg_type == protocol.AUTHENTICATION:
+            self._authenticate(int.from_bytes(body[:4], "big"), bytes(body[4:]))
+        elif msg_type == protocol.PARAMETER_STATUS:
+            name, value = protocol.parse_parameter_status(body)
+            self.params[name] = value
+        elif msg_type == protocol.BACKEND_KEY_DATA:
+            self.backend_pid = int.from_bytes(body[0:4], "big")
+            self.backend_key = int.from_bytes(body[4:8], "big")
+        elif msg_type == protocol.ERROR_RESPONSE:
+            fields = protocol.parse_fields(body)
+            raise PgError(fields.get("C", errors.CONNECTION_FAILURE),
+                          f"server login failed: {fields.get('M', 'unknown error')}", fatal=True)
+        elif msg_type == protocol.READY_FOR_QUERY:
+            self.logged_in = True
+            self.ready_status = body[0]
+            if not self._login_done.done():
+                self._login_done.set_result(None)
+        elif msg_type in (protocol.NOTICE_RESPONSE, protocol.NEGOTIATE_PROTOCOL_VERSION):
+            pass
+        else:
+            raise errors.protocol_violation(f"unexpected message {chr(msg_type)!r} during server login")
+
+    def _authenticate(self, code: int, data: bytes) -> None:
+        creds = self.pool.credentials
+        user = self.pool.server_user
+        if code == protocol.AUTH_OK:
+            return
+        if code == protocol.AUTH_CLEARTEXT:
+            if not creds.password or auth.secret_kind(creds.password) != "plain":
+                raise self._no_password("cleartext")
+            self.transport.write(protocol.password_message(creds.password.encode() + b"\0"))
+        elif code == protocol.AUTH_MD5:
+            if not creds.password or auth.secret_kind(creds.password) == "scram":
+                raise self._no_password("md5")
+            response = auth.md5_response(creds.password, user, data[:4])
+            self.transport.write(protocol.password_message(response.encode() + b"\0"))
+        elif code == protocol.AUTH_SASL:
+            mechanisms = data.split(b"\0")
+            if b"SCRAM-SHA-256" not in mechanisms:
+                raise errors.fatal(errors.FEATURE_NOT_SUPPORTED,
+                                   "server asks for an unsupported SASL mechanism")
+            if creds.password and auth.secret_kind(creds.password) == "plain":
+                self._scram = auth.ScramClient(creds.password)
+            elif creds.scram_keys is not None:
+                client_key, server_key = creds.scram_keys
+                self._scram = auth.ScramClient(client_key=client_key, server_key=server_key)
+            else:
+                raise self._no_password("SCRAM")
+            self.transport.write(protocol.sasl_initial_response("SCRAM-SHA-256", self._scram.first()))
+        elif code == protocol.AUTH_SASL_CONTINUE and self._scram is not None:
+            self.transport.write(protocol.password_message(self._scram.final(data)))
+        elif code == protocol.AUTH_SASL_FINAL and self._scram is not None:
+            try:
+                self._scram.verify(data)
+            except auth.AuthError as exc:
+                raise errors.fatal(errors.INVALID_AUTHORIZATION_SPECIFICATION,
+                                   f"server SCRAM verification failed: {exc}") from None
+        else:
+            raise errors.fatal(errors.FEATURE_NOT_SUPPORTED,
+                               f"server asks for unsupported authentication method {code}")
+
+    def _no_password(self, method: str) -> PgError:
+        return errors.fatal(errors.INVALID_PASSWORD,
+                            f"no password usable for {method} login to server "
+                            f"as user \"{self.pool.server_user}\"",
+                            hint="set password= in [databases] or a plain secret in auth_file")
+
+    # -- idle ----------------------------------------------------------------------------
+
+    def _idle_message(self, msg_type: int, view) -> None:
+        if msg_type in (protocol.NOTICE_RESPONSE, protocol.NOTIFICATION_RESPONSE):
+            return
+        if msg_type == protocol.ERROR_RESPONSE:
+            fields = protocol.parse_fields(view[5:])
+            self.close(f"server error while idle: {fields.get('M', '')}")
+            return
+        self.close(f"unexpected message {chr(msg_type)!r} from idle server")
+
+    # -- internal queries ----------------------------------------------------------------
+
+    def run_query(self, sql: str, params: list[str] | None = None) -> asyncio.Future:
+        """Run sql (with text parameters through the extended protocol); resolves to rows."""
+        if self._internal is not None or self.closed:
+            raise RuntimeError("server connection busy")
+        self._internal = InternalQuery(asyncio.get_running_loop())
+        self.set_actions(INSPECT_ALL)
+        if params is None:
+            self.transport.write(protocol.query(sql))
+        else:
+            self.transport.write(_extended_query(sql, params))
+        return self._internal.done
+
+    def _internal_message(self, msg_type: int, view) -> None:
+        job = self._internal
+        body = view[5:]
+        if msg_type == protocol.DATA_ROW:
+            job.rows.append(protocol.parse_data_row(body))
+        elif msg_type == protocol.ERROR_RESPONSE:
+            job.error = protocol.parse_fields(body)
+        elif msg_type == protocol.PARAMETER_STATUS:
+            self._parameter_status(view)
+        elif msg_type == protocol.READY_FOR_QUERY:
+            self.ready_status = body[0]
+            self._internal = None
+            if self.client is not None:
+                self.set_actions(RELAY_ACTIONS)
+            if job.done.done():
+                return
+            if job.error is not None:
+                job.done.set_exception(PgError(job.error.get("C", errors.INTERNAL_ERROR),
+                                               job.error.get("M", "query failed")))
+            else:
+                job.done.set_result(job.rows)
+
+    # -- cancel --------------------------------------------------------------------------
+
+    async def send_cancel(self) -> None:
+        """Forward a cancel for this backend over a new connection, as libpq does."""
+        loop = asyncio.get_running_loop()
+        packet = protocol.cancel_request(self.backend_pid, self.backend_key)
+        try:
+            if self.pool.unix_path:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_unix_connection(self.pool.unix_path), 5)
+            else:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(self.pool.host, self.pool.port), 5)
+            writer.write(packet)
+            await writer.drain()
+            await asyncio.wait_for(reader.read(1), 5)
+            writer.close()
+        except (OSError, asyncio.TimeoutError) as exc:
+            log.warning("%r cancel request failed: %s", self, exc)
+        del loop
+
+
+def _extended_query(sql: str, params: list[str]) -> bytes:
+    """Parse/Bind/Execute/Sync of an unnamed statement with text parameters."""
+    parse = sql.encode() + b"\0"
+    parse = b"\0" + parse + (0).to_bytes(2, "big")
+    bind = [b"\0\0", (0).to_bytes(2, "big"), len(params).to_bytes(2, "big")]
+    for value in params:
+        raw = value.encode()
+        bind.append(len(raw).to_bytes(4, "big") + raw)
+    bind.append((0).to_bytes(2, "big"))
+    return (protocol.message(protocol.PARSE, parse)
+            + protocol.message(protocol.BIND, b"".join(bind))
+            + protocol.message(protocol.EXECUTE, b"\0" + (0).to_bytes(4, "big"))
+            + protocol.message(protocol.SYNC, b""))

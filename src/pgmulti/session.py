@@ -1,0 +1,60 @@
+"""Pool-mode state machine between a client and a server: link, unlink, keep parameters in step."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .client import ClientConnection
+    from .server import ServerConnection
+
+SESSION = "session"
+TRANSACTION = "transaction"
+STATEMENT = "statement"
+
+# Parameters a client may change that every server it lands on must show the same way
+# (PgBouncer's varcache); keys are the names PostgreSQL reports in ParameterStatus.
+TRACKED_PARAMETERS = ("client_encoding", "DateStyle", "TimeZone", "standard_conforming_strings",
+                      "application_name", "IntervalStyle")
+TRACKED_BY_LOWER = {name.lower(): name for name in TRACKED_PARAMETERS}
+
+READY_IDLE = ord("I")
+
+
+def link(client: ClientConnection, server: ServerConnection) -> None:
+    """Connect the two relays so bytes flow directly between the sockets."""
+    client.server = server
+    server.link(client)
+    client.link_output(server.transport)
+    client.request_sink = server
+
+
+def unlink(client: ClientConnection, server: ServerConnection) -> None:
+    client.server = None
+    client.unlink_output()
+    server.unlink()
+
+
+def parameter_sync_sql(client: ClientConnection, server: ServerConnection) -> str | None:
+    """SET statements that make the server show the client's tracked parameters, or None."""
+    statements = []
+    for name in TRACKED_PARAMETERS:
+        wanted = client.params.get(name)
+        if wanted is not None and server.params.get(name) != wanted:
+            statements.append(f"SET {name} = {quote_literal(wanted)};")
+    return " ".join(statements) or None
+
+
+def quote_literal(value: str) -> str:
+    """A standard-conforming SQL string literal (E'' form when backslashes are present)."""
+    escaped = value.replace("'", "''")
+    if "\\" in value:
+        return "E'" + escaped.replace("\\", "\\\\") + "'"
+    return "'" + escaped + "'"
+
+
+def releases_after(mode: str, status: int) -> bool:
+    """Whether a server goes back to the pool when the client's last request is answered."""
+    if mode == TRANSACTION or mode == STATEMENT:
+        return status == READY_IDLE
+    return False
