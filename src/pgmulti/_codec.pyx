@@ -10,6 +10,7 @@ uvloop callback: failures are reported to Python as error codes.
 
 cimport cython
 from cpython.bytearray cimport PyByteArray_AS_STRING
+from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport uint32_t
 from libc.string cimport memcpy, memmove
 
@@ -41,6 +42,10 @@ STARTUP_MAX = 10000
 DEF_BUFFER_SIZE = 16384
 # Reads smaller than this would waste a syscall; reclaim buffer space below it.
 cdef Py_ssize_t MIN_READ = 2048
+# Runs up to this size are written as a bytes copy: one small allocation is cheaper than a
+# memoryview slice (which uvloop casts again) and the buffer is not lent. Larger runs are
+# written as views into the buffer, without copying.
+cdef Py_ssize_t COPY_WRITE_MAX = 2048
 
 cdef bytes _TRACKED_REQUESTS = b"QSF"
 
@@ -66,6 +71,7 @@ cdef class Relay:
                                    hold(), or return to drop the message
       on_ready(status)             after a read that contained ReadyForQuery
       on_protocol_error(code, msg_type)
+      on_backlog()                 held with more than buffer_size bytes waiting: stop reading
     """
 
     cdef bytearray _buf
@@ -82,6 +88,8 @@ cdef class Relay:
     cdef object _out                # peer transport the writer belongs to
     cdef object _lent_to            # transport that may still hold views of _buf
 
+    cdef public object transport    # this connection's own transport
+    cdef object _own_write          # transport.write, bound once
     cdef public object writer       # peer transport.write, or None when unlinked
     cdef public bint startup_phase  # expect untyped startup packets (no type byte)
     cdef readonly bint held
@@ -95,23 +103,29 @@ cdef class Relay:
     cdef public unsigned long long tx_bytes
     cdef public unsigned long long ready_count
     cdef public unsigned long long idle_ready_count
+    cdef public bint notify_ready   # call on_ready() after reads with ReadyForQuery
 
     def __cinit__(self, *args, **kwargs):
         self.buffer_size = DEF_BUFFER_SIZE
         self.max_inspect = 1024 * 1024
         self.max_packet = 0x7FFFFFFF
         self.ready_status = ord("I")
+        self.notify_ready = True
         for i in range(256):
             self._actions[i] = ACT_PASS
 
     # -- configuration -------------------------------------------------------------------
 
-    def set_actions(self, const unsigned char[:] table not None):
+    def set_actions(self, bytes table not None):
         """Install a 256-entry action table (see action_table())."""
-        if table.shape[0] != 256:
+        if len(table) != 256:
             raise ValueError("action table must have 256 entries")
-        for i in range(256):
-            self._actions[i] = table[i]
+        memcpy(self._actions, <const char*>table, 256)
+
+    def attach_transport(self, transport):
+        """Called from connection_made: remember our transport and its bound write."""
+        self.transport = transport
+        self._own_write = transport.write
 
     def link_output(self, transport):
         """Forward pass-through messages to `transport` from now on."""
@@ -168,6 +182,11 @@ cdef class Relay:
     def buffer_updated(self, Py_ssize_t nbytes):
         self._end += nbytes
         self.rx_bytes += nbytes
+        if self.held:
+            # Nothing is processed while held; past one buffer's worth, ask for a pause.
+            if self._end - self._start > self.buffer_size:
+                self.on_backlog()
+            return
         self._process()
 
     # -- buffer management ---------------------------------------------------------------
@@ -201,9 +220,13 @@ cdef class Relay:
         self._lent_to = None
 
     cdef int _flush(self, Py_ssize_t a, Py_ssize_t b) except -1:
-        if b > a and self.writer is not None:
+        if b <= a or self.writer is None:
+            return 0
+        self.tx_bytes += <unsigned long long>(b - a)
+        if b - a <= COPY_WRITE_MAX:
+            self.writer(PyBytes_FromStringAndSize(<char*>self._data + a, b - a))
+        else:
             self._lent_to = self._out
-            self.tx_bytes += <unsigned long long>(b - a)
             self.writer(self._view[a:b])
         return 0
 
@@ -354,7 +377,7 @@ cdef class Relay:
         if self._start == self._end and not self._remain:
             if self._lent_to is None:
                 self._start = self._end = 0
-        if saw_ready:
+        if saw_ready and self.notify_ready:
             self.on_ready(self.ready_status)
         return 0
 
@@ -370,6 +393,37 @@ cdef class Relay:
 
     def on_protocol_error(self, code, msg_type):
         pass
+
+    def on_backlog(self):
+        pass
+
+
+# -- pairing: the per-transaction hand-off in transaction pooling -----------------------
+
+def link_pair(Relay client not None, Relay server not None, bytes server_actions not None,
+              bint notify_ready):
+    """Make client and server forward to each other's transport (O(1), no allocation)."""
+    if len(server_actions) != 256:
+        raise ValueError("action table must have 256 entries")
+    server._out = client.transport
+    server.writer = client._own_write
+    memcpy(server._actions, <const char*>server_actions, 256)
+    server.notify_ready = notify_ready
+    client._out = server.transport
+    client.writer = server._own_write
+    client.request_sink = server
+
+
+def unlink_pair(Relay client not None, Relay server not None, bytes server_actions not None):
+    """Undo link_pair; the server gets the action table for an idle connection."""
+    if len(server_actions) != 256:
+        raise ValueError("action table must have 256 entries")
+    client._out = None
+    client.writer = None
+    client.request_sink = None
+    server._out = None
+    server.writer = None
+    memcpy(server._actions, <const char*>server_actions, 256)
 
 
 # -- message builders (the messages the proxy itself sends) ----------------------------

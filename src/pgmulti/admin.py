@@ -132,7 +132,7 @@ class AdminConsole:
         merged: dict[str, tuple] = {}
         for pool in self.app.pools.values():
             totals, avgs = merged.setdefault(pool.name, ([], []))
-            totals.append(pool.stats.totals)
+            totals.append(pool.stats.totals(pool))
             avgs.append(pool.stats.averages)
         return merged
 
@@ -162,7 +162,7 @@ class AdminConsole:
         return ref.COLUMNS["stats_averages"], rows
 
     def show_totals(self):
-        totals = [p.stats.totals for p in self.app.pools.values()]
+        totals = [p.stats.totals(p) for p in self.app.pools.values()]
         avgs = [p.stats.averages for p in self.app.pools.values()]
         values = ([self._sum(totals, f) for f in self._STAT_FIELDS]
                   + [self._sum(avgs, f) for f in self._STAT_FIELDS])

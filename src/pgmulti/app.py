@@ -90,6 +90,7 @@ class App:
                 pool.db = db
                 pool.close_idle("database configuration changed")
             pool.settings = self.pool_settings(db, pool.user)
+            pool.configure(config.pgbouncer)
         log.info("configuration reloaded from %s", self.config_path)
 
     def pool_settings(self, db, user: str) -> PoolSettings:

@@ -65,10 +65,9 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         self.created = time.monotonic()
         self.request_time = self.connect_time
         self.last_active = self.created
+        self.seen_activity = 0
         self.wait_start = 0.0
         self.link_time = 0.0
-        self.stats_since = 0.0
-        self.stats_snapshot = (0, 0, 0, 0)
         self.cancel_pid = secrets.randbits(31) or 1
         self.cancel_key = secrets.randbits(32)
         self.scram_keys: tuple[bytes, bytes] | None = None
@@ -95,7 +94,7 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
     # -- connection ----------------------------------------------------------------------
 
     def connection_made(self, transport) -> None:
-        self.transport = transport
+        self.attach_transport(transport)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.addr = peer[:2]
@@ -114,6 +113,7 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
             self.pool.release(self, server, reset=reset)
         if self.pool is not None:
             self.pool.forget_client(self)
+            self.pool.stats.client_closed(self)
         if self.state != "login" and self.app.config.pgbouncer.log_disconnections:
             log.info("%r closing because: %s (age=%ds)", self, self._close_reason or "client close request",
                      int(time.monotonic() - self.created))
@@ -142,6 +142,10 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         if not self._reading_paused and not self.closed:
             self._reading_paused = True
             self.transport.pause_reading()
+
+    def on_backlog(self) -> None:
+        """Held (waiting for a server) and still sending: stop reading until linked."""
+        self._pause_reading()
 
     def _resume_reading(self) -> None:
         if self._reading_paused and not self.closed:
@@ -428,7 +432,6 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         try:
             if not self.pool.request(self):
                 self.hold()
-                self._pause_reading()
         except PgError as exc:
             self.hold()
             self.report(exc)
@@ -443,29 +446,26 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
     def attached(self, server: ServerConnection) -> None:
         """The server is linked and in step with our parameters: let the bytes flow."""
         now = time.monotonic()
-        wait_us = int((now - self.wait_start) * 1_000_000) if self.state == "waiting" else 0
-        self.state = "active"
-        self.wait_start = 0.0
-        self.link_time = self.stats_since = self.last_active = now
-        self.stats_snapshot = (server.ready_count, server.idle_ready_count,
-                               self.rx_bytes - self.buffered, server.rx_bytes)
-        self.pool.stats.assigned(wait_us)
-        if self.held:
+        stats = self.pool.stats
+        stats.assignments += 1
+        if self.state == "waiting":
+            stats.wait_seconds += now - self.wait_start
+            self.state = "active"
+        self.link_time = now
+        if self._reading_paused:
             self._resume_reading()
+        if self.held:
             self.resume()
 
     def server_ready(self, server: ServerConnection, status: int) -> None:
-        """ReadyForQuery came from our server: account, and release it if the mode says so."""
-        now = time.monotonic()
-        self.last_active = now
-        self.pool.stats.account(self, server, now)
+        """ReadyForQuery came from our server: release it if the pool mode says so."""
         if server.pending:
             return
         mode = self.pool.settings.pool_mode
         if mode == session.SESSION:
             return
         if status == session.READY_IDLE:
-            self.pool.release(self, server, reset=self.app.config.pgbouncer.server_reset_query_always)
+            self.pool.release(self, server, reset=self.pool.reset_always)
         elif mode == session.STATEMENT:
             server.close("transaction blocks not allowed in statement pooling mode")
             self.report(errors.fatal(errors.FEATURE_NOT_SUPPORTED,
@@ -475,4 +475,5 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         if self.server is server:
             self.server = None
             self.unlink_output()
+            self.request_sink = None
         self.report(exc if exc.fatal else errors.server_closed(exc.message))

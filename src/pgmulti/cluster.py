@@ -297,7 +297,7 @@ class Cluster:
                 self._pg_ctl("stop", "-m", mode, "-w", "-t", "30")
             except ClusterError:
                 continue
-        pid = self._postmaster_pid()
+        pid = self.postmaster_pid()
         if pid is not None:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -310,7 +310,7 @@ class Cluster:
         shutil.rmtree(self.base_dir, ignore_errors=True)
 
     def is_running(self) -> bool:
-        pid = self._postmaster_pid()
+        pid = self.postmaster_pid()
         if pid is None:
             return False
         try:
@@ -320,6 +320,14 @@ class Cluster:
         except PermissionError:
             return True  # alive, owned by another user
         return True
+
+    def postmaster_pid(self) -> int | None:
+        """The server's main process id from postmaster.pid; None when there is none."""
+        try:
+            first_line = (self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0]
+            return int(first_line)
+        except (FileNotFoundError, ValueError):
+            return None
 
     def __enter__(self) -> Cluster:
         self.init()
@@ -456,13 +464,6 @@ class Cluster:
         if result.returncode != 0:
             output = (result.stdout + result.stderr).strip()
             raise ClusterError(f"{what} failed ({result.returncode}): {output}")
-
-    def _postmaster_pid(self) -> int | None:
-        try:
-            first_line = (self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0]
-            return int(first_line)
-        except (FileNotFoundError, ValueError):
-            return None
 
     def _log_size(self) -> int:
         return len(self.log_text())

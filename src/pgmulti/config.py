@@ -200,7 +200,7 @@ class Pgbouncer(_Struct):
     stats_period: int = 60
     """Seconds between statistics averaging and log_stats lines."""
     max_prepared_statements: int = 200
-    """Prepared statements tracked per server connection in transaction/statement mode; 0 disables."""
+    """Prepared statements cached per server connection in transaction/statement mode; 0 = off."""
     scram_iterations: int = 4096
     """PBKDF2 iterations when PgBouncer computes SCRAM-SHA-256 secrets."""
 
@@ -371,7 +371,7 @@ class Database(_Struct):
     dbname: str | None = None
     """Database name on the server; unset means the client-side name."""
     host: str | None = None
-    """Host name, address, comma-separated list, or Unix socket dir (``/`` or ``@`` prefix); unset means unix_socket_dir."""
+    """Host, address, comma-separated list, or socket dir (``/`` or ``@``); unset: unix socket."""
     port: int = 5432
     """Server port."""
     user: str | None = None
@@ -514,94 +514,76 @@ class Config(_Struct):
         return self.pgbouncer.pool_mode
 
     def effective_pool_size(self, db: Database | None, user: User | None = None) -> int:
-        """Pool size: user's pool_size, else database's, else default_pool_size (0 = unlimited)."""
-        return _first_set(
-            (_get(user, "pool_size"), _get(db, "pool_size")),
-            self.pgbouncer.default_pool_size,
-            positive=False,
-        )
+        """Pool size: user, else database, else default_pool_size (0 = unlimited)."""
+        candidates = (_get(user, "pool_size"), _get(db, "pool_size"))
+        return _first_set(candidates, self.pgbouncer.default_pool_size, positive=False)
 
     def effective_reserve_pool_size(self, db: Database | None, user: User | None = None) -> int:
         """reserve_pool_size: user, else database, else global."""
-        return _first_set(
-            (_get(user, "reserve_pool_size"), _get(db, "reserve_pool_size")),
-            self.pgbouncer.reserve_pool_size,
-            positive=False,
-        )
+        candidates = (_get(user, "reserve_pool_size"), _get(db, "reserve_pool_size"))
+        return _first_set(candidates, self.pgbouncer.reserve_pool_size, positive=False)
 
     def effective_min_pool_size(self, db: Database | None, user: User | None = None) -> int:
         """min_pool_size: database, else global (there is no per-user form)."""
-        return _first_set((_get(db, "min_pool_size"),), self.pgbouncer.min_pool_size, positive=False)
+        candidates = (_get(db, "min_pool_size"),)
+        return _first_set(candidates, self.pgbouncer.min_pool_size, positive=False)
 
     def effective_max_db_connections(self, db: Database | None, user: User | None = None) -> int:
         """max_db_connections: database if positive, else global (0 = unlimited)."""
-        return _first_set(
-            (_get(db, "max_db_connections"),), self.pgbouncer.max_db_connections, positive=True
-        )
+        candidates = (_get(db, "max_db_connections"),)
+        return _first_set(candidates, self.pgbouncer.max_db_connections, positive=True)
 
     def effective_max_db_client_connections(
         self, db: Database | None, user: User | None = None
     ) -> int:
         """max_db_client_connections: database if positive, else global (0 = unlimited)."""
-        return _first_set(
-            (_get(db, "max_db_client_connections"),),
-            self.pgbouncer.max_db_client_connections,
-            positive=True,
-        )
+        candidates = (_get(db, "max_db_client_connections"),)
+        return _first_set(candidates, self.pgbouncer.max_db_client_connections, positive=True)
 
-    def effective_max_user_connections(self, db: Database | None, user: User | None = None) -> int:
+    def effective_max_user_connections(
+        self, db: Database | None, user: User | None = None
+    ) -> int:
         """max_user_connections: user if positive, else global (0 = unlimited)."""
-        return _first_set(
-            (_get(user, "max_user_connections"),), self.pgbouncer.max_user_connections, positive=True
-        )
+        candidates = (_get(user, "max_user_connections"),)
+        return _first_set(candidates, self.pgbouncer.max_user_connections, positive=True)
 
     def effective_max_user_client_connections(
         self, db: Database | None, user: User | None = None
     ) -> int:
         """max_user_client_connections: user if positive, else global (0 = unlimited)."""
-        return _first_set(
-            (_get(user, "max_user_client_connections"),),
-            self.pgbouncer.max_user_client_connections,
-            positive=True,
-        )
+        candidates = (_get(user, "max_user_client_connections"),)
+        return _first_set(candidates, self.pgbouncer.max_user_client_connections, positive=True)
 
     def effective_server_lifetime(self, db: Database | None, user: User | None = None) -> float:
         """server_lifetime: database if positive, else global."""
-        return _first_set(
-            (_get(db, "server_lifetime"),), self.pgbouncer.server_lifetime, positive=True
-        )
+        candidates = (_get(db, "server_lifetime"),)
+        return _first_set(candidates, self.pgbouncer.server_lifetime, positive=True)
 
     def effective_query_timeout(self, db: Database | None, user: User | None = None) -> float:
         """query_timeout: user if positive, else global (0 = disabled)."""
-        return _first_set(
-            (_get(user, "query_timeout"),), self.pgbouncer.query_timeout, positive=True
-        )
+        candidates = (_get(user, "query_timeout"),)
+        return _first_set(candidates, self.pgbouncer.query_timeout, positive=True)
 
     def effective_idle_transaction_timeout(
         self, db: Database | None, user: User | None = None
     ) -> float:
         """idle_transaction_timeout: user if positive, else global (0 = disabled)."""
-        return _first_set(
-            (_get(user, "idle_transaction_timeout"),),
-            self.pgbouncer.idle_transaction_timeout,
-            positive=True,
-        )
+        candidates = (_get(user, "idle_transaction_timeout"),)
+        return _first_set(candidates, self.pgbouncer.idle_transaction_timeout, positive=True)
 
     def effective_transaction_timeout(
         self, db: Database | None, user: User | None = None
     ) -> float:
         """transaction_timeout: user if positive, else global (0 = disabled)."""
-        return _first_set(
-            (_get(user, "transaction_timeout"),), self.pgbouncer.transaction_timeout, positive=True
-        )
+        candidates = (_get(user, "transaction_timeout"),)
+        return _first_set(candidates, self.pgbouncer.transaction_timeout, positive=True)
 
     def effective_client_idle_timeout(
         self, db: Database | None, user: User | None = None
     ) -> float:
         """client_idle_timeout: user if positive, else global (0 = disabled)."""
-        return _first_set(
-            (_get(user, "client_idle_timeout"),), self.pgbouncer.client_idle_timeout, positive=True
-        )
+        candidates = (_get(user, "client_idle_timeout"),)
+        return _first_set(candidates, self.pgbouncer.client_idle_timeout, positive=True)
 
 
 def _get(entry: Database | User | None, field: str) -> Any:

@@ -60,30 +60,32 @@ class Janitor:
                 client.report(errors.login_timeout())
 
     def _expire_clients(self, now: float, cfg) -> None:
+        """Idle and idle-in-transaction timeouts; activity is seen as bytes moving."""
         idle_timeout = cfg.client_idle_timeout
         xact_timeout = cfg.idle_transaction_timeout
-        if idle_timeout <= 0 and xact_timeout <= 0:
-            return
         for pool in self.app.pools.values():
             for client in list(pool.clients):
                 server = client.server
-                waiting_on_client = server is None or server.pending == 0
-                if not waiting_on_client or client.state == "waiting":
+                activity = client.rx_bytes + (server.rx_bytes if server is not None else 0)
+                if activity != client.seen_activity:
+                    client.seen_activity = activity
+                    client.last_active = now
+                    continue
+                if client.state == "waiting" or (server is not None and server.pending):
                     continue
                 idle_for = now - client.last_active
-                if (xact_timeout > 0 and server is not None
-                        and server.ready_status in _IN_TRANSACTION and idle_for > xact_timeout):
+                in_transaction = server is not None and server.ready_status in _IN_TRANSACTION
+                if xact_timeout > 0 and in_transaction and idle_for > xact_timeout:
                     client.report(errors.fatal(errors.IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
                                                "idle transaction timeout"))
-                elif idle_timeout > 0 and idle_for > idle_timeout and (
-                        server is None or server.ready_status not in _IN_TRANSACTION):
+                elif idle_timeout > 0 and not in_transaction and idle_for > idle_timeout:
                     client.report(errors.fatal(errors.IDLE_SESSION_TIMEOUT, "client_idle_timeout"))
 
     def _roll_stats(self, seconds: float) -> None:
         app = self.app
         by_db: dict[str, list] = {}
         for pool in app.pools.values():
-            pool.stats.roll_period(seconds)
+            pool.stats.roll_period(pool, seconds)
             by_db.setdefault(pool.name, []).append(pool.stats.averages)
         if not app.config.pgbouncer.log_stats:
             return

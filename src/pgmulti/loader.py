@@ -113,7 +113,7 @@ class _Entry(NamedTuple):
     where: _Where
 
 
-class _ValueError(Exception):
+class _BadValue(Exception):
     """A value cannot be converted; the loader adds file, line and key."""
 
 
@@ -206,7 +206,8 @@ def _parse_entry(text: str, where: _Where) -> _Entry:
         key, rest = match.group(), text[match.end() :]
     rest = rest.lstrip(_BLANK)
     if not rest.startswith("="):
-        raise ConfigError(f"{where}: syntax error: expected 'name = value', got {text.rstrip(_WS)!r}")
+        got = text.rstrip(_WS)
+        raise ConfigError(f"{where}: syntax error: expected 'name = value', got {got!r}")
     if not key:
         raise ConfigError(f"{where}: syntax error: missing name before '='")
     return _Entry(key, rest[1:].strip(_WS), where)
@@ -238,7 +239,7 @@ def _split_connstr(text: str) -> list[tuple[str, str]]:
     """Split ``k1=v1 k2='v 2'`` into pairs like PgBouncer's ``cstr_get_pair``.
 
     Only spaces separate pairs; a quoted value ends at a single ``'`` (``''`` is a
-    literal quote).  Raises :class:`_ValueError` on syntax errors and empty values.
+    literal quote).  Raises :class:`_BadValue` on syntax errors and empty values.
     """
     pairs: list[tuple[str, str]] = []
     i, n = 0, len(text)
@@ -254,7 +255,9 @@ def _split_connstr(text: str) -> list[tuple[str, str]]:
         while i < n and text[i] == " ":
             i += 1
         if i >= n or text[i] != "=":
-            raise _ValueError(f"syntax error in connection string: expected '=' after {key!r}")
+            raise _BadValue(f"syntax error in connection string: expected '=' after {key!r}")
+        if not key:
+            raise _BadValue("syntax error in connection string: missing name before '='")
         i += 1
         while i < n and text[i] == " ":
             i += 1
@@ -266,7 +269,7 @@ def _split_connstr(text: str) -> list[tuple[str, str]]:
                 i += 1
             value = text[start:i]
         if not value:
-            raise _ValueError(f"syntax error in connection string: empty value for {key!r}")
+            raise _BadValue(f"syntax error in connection string: empty value for {key!r}")
         pairs.append((key, value))
 
 
@@ -276,7 +279,7 @@ def _unquote_value(text: str, i: int, key: str) -> tuple[str, int]:
     while True:
         end = text.find("'", i)
         if end < 0:
-            raise _ValueError(f"syntax error in connection string: unterminated quote in {key!r}")
+            raise _BadValue(f"syntax error in connection string: unterminated quote in {key!r}")
         chars.append(text[i:end])
         if text.startswith("''", end):
             chars.append("'")
@@ -284,7 +287,7 @@ def _unquote_value(text: str, i: int, key: str) -> tuple[str, int]:
             continue
         i = end + 1
         if i < len(text) and text[i] != " ":
-            raise _ValueError(
+            raise _BadValue(
                 f"syntax error in connection string: expected a space after the quoted {key!r}"
             )
         return "".join(chars), i
@@ -297,7 +300,7 @@ def _parse_c_int(text: str, bounds: tuple[int, int]) -> int:
     """An integer in C ``strtol(..., 0)`` syntax: decimal, ``0x`` hex or ``0`` octal."""
     body = text.lstrip(_WS)
     if not _C_INT.fullmatch(body):
-        raise _ValueError(f"invalid integer {text!r}")
+        raise _BadValue(f"invalid integer {text!r}")
     sign = -1 if body[0] == "-" else 1
     digits = body.lstrip("+-")
     if digits[:2].lower() == "0x":
@@ -312,14 +315,14 @@ def _parse_c_int(text: str, bounds: tuple[int, int]) -> int:
 def _parse_decimal_int(text: str, bounds: tuple[int, int] = _INT32) -> int:
     """A decimal integer (connection-string numbers)."""
     if not _DECIMAL_INT.fullmatch(text):
-        raise _ValueError(f"invalid integer {text!r}")
+        raise _BadValue(f"invalid integer {text!r}")
     return _check_bounds(int(text), bounds, text)
 
 
 def _check_bounds(value: int, bounds: tuple[int, int], text: str) -> int:
     low, high = bounds
     if not low <= value <= high:
-        raise _ValueError(f"integer {text!r} out of range {low}..{high}")
+        raise _BadValue(f"integer {text!r} out of range {low}..{high}")
     return value
 
 
@@ -332,18 +335,20 @@ def _parse_bool(text: str) -> bool:
         return False
     try:
         return _parse_c_int(text, (-(2**63), 2**63 - 1)) != 0
-    except _ValueError:
-        raise _ValueError(f"invalid boolean {text!r} (use 0/1, yes/no, on/off, true/false)") from None
+    except _BadValue:
+        raise _BadValue(
+            f"invalid boolean {text!r} (use 0/1, yes/no, on/off, true/false)"
+        ) from None
 
 
 def _parse_seconds(text: str) -> float:
     """A non-negative decimal number of seconds."""
     body = text.lstrip(_WS)
     if not _SECONDS.fullmatch(body):
-        raise _ValueError(f"invalid time {text!r} (expected seconds)")
+        raise _BadValue(f"invalid time {text!r} (expected seconds)")
     value = float(body)
     if value < 0:
-        raise _ValueError(f"invalid time {text!r} (must not be negative)")
+        raise _BadValue(f"invalid time {text!r} (must not be negative)")
     return value
 
 
@@ -354,7 +359,7 @@ def _lookup(choices: tuple[str, ...]) -> Callable[[str], str]:
         word = text.lower()
         if word in choices:
             return word
-        raise _ValueError(f"invalid value {text!r}, expected one of: {', '.join(choices)}")
+        raise _BadValue(f"invalid value {text!r}, expected one of: {', '.join(choices)}")
 
     return convert
 
@@ -387,10 +392,14 @@ def _converter(annotation: Any, *, c_syntax: bool, unsigned: bool = False) -> Ca
     raise TypeError(f"no converter for {annotation!r}")  # a new field type needs one
 
 
-def _converters(struct: type[msgspec.Struct], *, c_syntax: bool, skip: tuple[str, ...] = ()):
+def _converters(
+    struct: type[msgspec.Struct], *, c_syntax: bool, skip: tuple[str, ...] = ()
+) -> dict[str, Callable[[str], Any]]:
     """Field name -> converter for every field of ``struct`` except ``skip``."""
     return {
-        field.name: _converter(field.type, c_syntax=c_syntax, unsigned=field.name in _UNSIGNED_KEYS)
+        field.name: _converter(
+            field.type, c_syntax=c_syntax, unsigned=field.name in _UNSIGNED_KEYS
+        )
         for field in msgspec.structs.fields(struct)
         if field.name not in skip
     }
@@ -398,25 +407,28 @@ def _converters(struct: type[msgspec.Struct], *, c_syntax: bool, skip: tuple[str
 
 _GLOBAL_CONVERTERS = _converters(Pgbouncer, c_syntax=True)
 _DATABASE_CONVERTERS = _converters(Database, c_syntax=False, skip=("name",))
-_DATABASE_CONVERTERS["reserve_pool"] = _DATABASE_CONVERTERS["reserve_pool_size"]
-_DATABASE_ALIASES = {"reserve_pool": "reserve_pool_size"}
+_DATABASE_ALIASES = {"reserve_pool": "reserve_pool_size"}  # the pre-1.24 name
 _USER_CONVERTERS = _converters(User, c_syntax=False, skip=("name",))
 _PEER_CONVERTERS = _converters(Peer, c_syntax=False, skip=("peer_id",))
 
 
 def _convert_connstr(
-    connstr: str, converters: dict[str, Callable[[str], Any]], what: str
+    connstr: str,
+    converters: dict[str, Callable[[str], Any]],
+    what: str,
+    aliases: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Parse a connection string into converted values by parameter name."""
+    """Parse a connection string into converted values by (canonical) parameter name."""
     values: dict[str, Any] = {}
     for key, raw in _split_connstr(connstr):
-        convert = converters.get(key)
+        name = aliases.get(key, key) if aliases else key
+        convert = converters.get(name)
         if convert is None:
-            raise _ValueError(f"unknown {what} parameter {key!r}")
+            raise _BadValue(f"unknown {what} parameter {key!r}")
         try:
-            values[key] = convert(raw)
-        except _ValueError as e:
-            raise _ValueError(f"{key}: {e}") from None
+            values[name] = convert(raw)
+        except _BadValue as e:
+            raise _BadValue(f"{key}: {e}") from None
     return values
 
 
@@ -435,7 +447,7 @@ class _Builder:
         self.databases: dict[str, Database] = {}
         self.users: dict[str, User] = {}
         self.peers: dict[int, Peer] = {}
-        self.where: dict[tuple[str, Any], _Where] = {}
+        self.defined_at: dict[tuple[str, Any], _Where] = {}
         self.warnings: list[str] = []
 
     # --- dispatch ---
@@ -449,7 +461,7 @@ class _Builder:
         handler = getattr(self, f"_add_{self.section}")
         try:
             handler(item)
-        except _ValueError as e:
+        except _BadValue as e:
             raise ConfigError(f"{item.where}: {item.key}: {e}") from None
 
     def _start_section(self, section: _Section) -> None:
@@ -480,10 +492,10 @@ class _Builder:
     def _add_pgbouncer(self, entry: _Entry) -> None:
         convert = _GLOBAL_CONVERTERS.get(entry.key)
         if convert is None:
-            raise _ValueError("unknown parameter")
+            raise _BadValue("unknown parameter")
         value = convert(entry.value)
         if entry.key == "auth_dbname" and value == RESERVED_DATABASE:
-            raise _ValueError(f"the reserved database {RESERVED_DATABASE!r} cannot be used")
+            raise _BadValue(f"the reserved database {RESERVED_DATABASE!r} cannot be used")
         self.keys_used.add(entry.key)
         for key in _ALIASES.get(entry.key, (entry.key,)):
             self.settings[key] = (value, entry.where)
@@ -491,13 +503,12 @@ class _Builder:
     def _add_databases(self, entry: _Entry) -> None:
         name = entry.key
         if name == RESERVED_DATABASE:
-            raise _ValueError(f"database name {RESERVED_DATABASE!r} is reserved for the admin console")
-        values = _convert_connstr(entry.value, _DATABASE_CONVERTERS, "connection")
-        for alias, key in _DATABASE_ALIASES.items():
-            if alias in values:
-                values[key] = values.pop(alias)
+            raise _BadValue(f"database name {name!r} is reserved for the admin console")
+        values = _convert_connstr(
+            entry.value, _DATABASE_CONVERTERS, "connection", _DATABASE_ALIASES
+        )
         if values.get("port") == 0:
-            raise _ValueError("port: invalid port 0")
+            raise _BadValue("port: invalid port 0")
         self._store(self.databases, "database", name, entry.where, Database, name=name, **values)
 
     def _add_users(self, entry: _Entry) -> None:
@@ -507,13 +518,13 @@ class _Builder:
     def _add_peers(self, entry: _Entry) -> None:
         try:
             peer_id = _parse_decimal_int(entry.key, (1, 65535))
-        except _ValueError:
-            raise _ValueError("peer id must be a number from 1 to 65535") from None
+        except _BadValue:
+            raise _BadValue("peer id must be a number from 1 to 65535") from None
         values = _convert_connstr(entry.value, _PEER_CONVERTERS, "peer")
         if "host" not in values:
-            raise _ValueError("host is required")
+            raise _BadValue("host is required")
         if values.get("port") == 0:
-            raise _ValueError("port: invalid port 0")
+            raise _BadValue("port: invalid port 0")
         self._store(self.peers, "peer", peer_id, entry.where, Peer, peer_id=peer_id, **values)
 
     def _store(
@@ -525,17 +536,17 @@ class _Builder:
         struct: type[msgspec.Struct],
         **values: Any,
     ) -> None:
-        """Convert ``values`` into ``struct`` and store it; a later entry replaces an earlier one."""
+        """Convert ``values`` into ``struct`` and store it; a later entry replaces an earlier."""
         if key in table:
             self.warnings.append(
-                f"{where}: {key}: {what} already defined at {self.where[what, key]}; "
+                f"{where}: {key}: {what} already defined at {self.defined_at[what, key]}; "
                 "this definition replaces it"
             )
         try:
             table[key] = msgspec.convert(values, struct)
         except msgspec.ValidationError as e:
-            raise _ValueError(str(e)) from None
-        self.where[what, key] = where
+            raise _BadValue(str(e)) from None
+        self.defined_at[what, key] = where
 
     # --- result ---
 
@@ -546,10 +557,8 @@ class _Builder:
         values.setdefault("conffile", self.path)
         try:
             pgbouncer = msgspec.convert(values, Pgbouncer)
-        except msgspec.ValidationError as e:  # converters should have caught it already
-            key = re.search(r"\$\.(\w+)", str(e))
-            where = self.settings[key.group(1)][1] if key and key.group(1) in self.settings else self.path
-            raise ConfigError(f"{where}: {e}") from None
+        except msgspec.ValidationError as e:  # the converters should have caught it already
+            raise ConfigError(f"{self.path}: {e}") from None
         unsupported = self.keys_used & UNSUPPORTED_KEYS
         if self.peers:
             unsupported.add("[peers]")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from . import errors, session
 from .errors import PgError
-from .server import ServerConnection
+from .server import INSPECT_ALL, RELAY_ACTIONS, ServerConnection
 from .stats import PoolStats
 
 if TYPE_CHECKING:
@@ -77,9 +77,18 @@ class Pool:
         self.disabled = False
         self.reconnect_generation = 0   # RECONNECT: servers of older generations are closed
         self.stats = PoolStats()
+        self.configure(app.config.pgbouncer)
 
     def __repr__(self) -> str:
         return f"pool {self.name}/{self.user}"
+
+    def configure(self, cfg) -> None:
+        """Copy the [pgbouncer] settings the hot path reads (also on reload)."""
+        self.reset_always = bool(cfg.server_reset_query_always)
+        self.check_delay = cfg.server_check_delay
+        query = cfg.server_check_query
+        self.check_query = "" if query == "<empty>" else query
+        self.check_enabled = bool(query)
 
     # -- addressing ----------------------------------------------------------------------
 
@@ -148,18 +157,22 @@ class Pool:
 
     def request(self, client: ClientConnection) -> bool:
         """Give the client a server now (True), or queue it and return False."""
-        if self.app.shutting_down and not self.app.shutdown_waits_for_clients:
-            raise errors.shutting_down()
-        if not self.paused and not self.app.paused and not self.waiting:
-            while self.idle:
-                server = self.idle.pop()  # LIFO keeps few servers warm (server_round_robin=0)
-                if self._needs_check(server):
-                    self.waiting.appendleft(client)
-                    client.start_waiting()
-                    self._check(server)
-                    return False
+        idle = self.idle
+        if idle and not self.waiting and not self.paused and not self.app.paused:
+            # The hot path of transaction pooling: keep it short.
+            server = idle.pop()  # LIFO keeps few servers warm (server_round_robin=0)
+            if time.monotonic() - server.last_used <= self.check_delay or not self.check_enabled:
+                server.state = "active"
+                self.active.add(server)
                 self._link(client, server)
                 return True
+            server.state = "popped"
+            self.waiting.appendleft(client)
+            client.start_waiting()
+            self._check(server)
+            return False
+        if self.app.shutting_down and not self.app.shutdown_waits_for_clients:
+            raise errors.shutting_down()
         if self.disabled:
             raise errors.fatal(errors.CANNOT_CONNECT_NOW, "database is disabled")
         if (self.server_count == 0 and self.last_error is not None
@@ -179,8 +192,8 @@ class Pool:
                 pass
 
     def _link(self, client: ClientConnection, server: ServerConnection) -> None:
-        self._move(server, "active")
-        session.link(client, server)
+        """Link a server already in `active`; sync parameters first if they differ."""
+        session.link(client, server, RELAY_ACTIONS)
         sync = session.parameter_sync_sql(client, server)
         if sync is None:
             client.attached(server)
@@ -198,23 +211,19 @@ class Pool:
             return
         client.attached(server)
 
-    def _needs_check(self, server: ServerConnection) -> bool:
-        delay = self.app.config.pgbouncer.server_check_delay
-        query = self.app.config.pgbouncer.server_check_query
-        return bool(query) and time.monotonic() - server.last_used > delay
-
     def _check(self, server: ServerConnection) -> None:
         self._move(server, "tested")
-        query = self.app.config.pgbouncer.server_check_query
-        done = server.run_query("" if query == "<empty>" else query)
+        done = server.run_query(self.check_query)
         done.add_done_callback(lambda fut: self._after_internal(server, fut, "server check query"))
 
     # -- servers coming back -------------------------------------------------------------
 
     def release(self, client: ClientConnection, server: ServerConnection, *, reset: bool) -> None:
         """The client is done with the server: reset it if asked, then reuse or close it."""
-        self.stats.transaction_done(client, server)
-        session.unlink(client, server)
+        now = time.monotonic()
+        self.stats.linked_seconds += now - client.link_time
+        client.last_active = server.last_used = now
+        session.unlink(client, server, INSPECT_ALL)
         if server.closed:
             return
         if not server.is_ready:
@@ -248,7 +257,7 @@ class Pool:
             return
         if self.waiting and not self.paused and not self.app.paused:
             client = self.waiting.popleft()
-            client.stop_waiting()
+            self._move(server, "active")
             self._link(client, server)
             return
         self._move(server, "idle")
@@ -258,6 +267,8 @@ class Pool:
         return lifetime > 0 and time.monotonic() - server.created > lifetime
 
     def server_lost(self, server: ServerConnection, reason: str) -> None:
+        if server.state != "closed":
+            self.stats.server_closed(server)
         self._remove(server)
         server.state = "closed"
         client = server.client

@@ -7,7 +7,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from . import auth, errors, protocol
+from . import auth, errors, protocol, session
 from ._codec import Relay
 from .errors import PgError
 
@@ -85,7 +85,7 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
             raise errors.server_unreachable(f"{self.pool.address_text}: {reason}") from None
 
     def connection_made(self, transport) -> None:
-        self.transport = transport
+        self.attach_transport(transport)
         sock = transport.get_extra_info("sockname")
         if isinstance(sock, tuple):
             self.local_addr = sock[:2]
@@ -129,17 +129,6 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
             self.client.transport.resume_reading()
 
     # -- linking -------------------------------------------------------------------------
-
-    def link(self, client) -> None:
-        self.client = client
-        self.link_output(client.transport)
-        self.set_actions(RELAY_ACTIONS)
-
-    def unlink(self) -> None:
-        self.client = None
-        self.unlink_output()
-        self.set_actions(INSPECT_ALL)
-        self.last_used = time.monotonic()
 
     @property
     def is_ready(self) -> bool:
@@ -190,7 +179,8 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
         self.params[name] = value
         client = self.client
         if client is not None:
-            client.params[name] = value
+            if name in session.TRACKED_PARAMETERS:
+                client.params[name] = value
             if self._internal is None:
                 client.transport.write(bytes(view))
 

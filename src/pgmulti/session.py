@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ._codec import link_pair, unlink_pair
+
 if TYPE_CHECKING:
     from .client import ClientConnection
     from .server import ServerConnection
@@ -21,22 +23,24 @@ TRACKED_BY_LOWER = {name.lower(): name for name in TRACKED_PARAMETERS}
 READY_IDLE = ord("I")
 
 
-def link(client: ClientConnection, server: ServerConnection) -> None:
+def link(client: ClientConnection, server: ServerConnection, server_actions: bytes) -> None:
     """Connect the two relays so bytes flow directly between the sockets."""
     client.server = server
-    server.link(client)
-    client.link_output(server.transport)
-    client.request_sink = server
+    server.client = client
+    # Session mode never releases at ReadyForQuery: spare the Python call per transaction.
+    link_pair(client, server, server_actions, client.pool.settings.pool_mode != SESSION)
 
 
-def unlink(client: ClientConnection, server: ServerConnection) -> None:
+def unlink(client: ClientConnection, server: ServerConnection, server_actions: bytes) -> None:
     client.server = None
-    client.unlink_output()
-    server.unlink()
+    server.client = None
+    unlink_pair(client, server, server_actions)
 
 
 def parameter_sync_sql(client: ClientConnection, server: ServerConnection) -> str | None:
     """SET statements that make the server show the client's tracked parameters, or None."""
+    if client.params.items() <= server.params.items():
+        return None  # the common case, checked in C
     statements = []
     for name in TRACKED_PARAMETERS:
         wanted = client.params.get(name)

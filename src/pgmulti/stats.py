@@ -1,8 +1,13 @@
-"""Counters behind SHOW STATS: totals per pool, averages per stats_period."""
+"""Counters behind SHOW STATS: totals per pool, averages per stats_period.
+
+The relays count bytes and ReadyForQuery messages in the codec; a pool's totals are its live
+connections' counters plus what its closed connections had counted, summed when asked (SHOW
+STATS, the janitor's stats period), so nothing is accounted per transaction in Python except
+the assignment count and the linked time.
+"""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, fields
 
 US = 1_000_000
@@ -22,54 +27,52 @@ class Totals:
     server_parse_count: int = 0
     bind_count: int = 0
 
-    def add(self, other: Totals) -> None:
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
-
     def minus(self, other: Totals) -> Totals:
         return Totals(**{f.name: getattr(self, f.name) - getattr(other, f.name)
                          for f in fields(self)})
 
 
 class PoolStats:
-    """Totals of one pool, updated when a server reports ReadyForQuery to a linked client."""
+    """Pool-level counters that outlive connections."""
 
     def __init__(self):
-        self.totals = Totals()
-        self.previous = Totals()        # totals at the start of the last stats period
-        self.averages = Totals()        # per-second (counts, bytes) or per-event (times)
+        self.assignments = 0
+        self.linked_seconds = 0.0     # client-server linked time (transactions in flight)
+        self.wait_seconds = 0.0       # clients' time queued for a server
+        self.closed_queries = 0
+        self.closed_xacts = 0
+        self.closed_received = 0
+        self.closed_sent = 0
+        self.previous = Totals()      # totals at the start of the last stats period
+        self.averages = Totals()
 
-    def assigned(self, wait_us: int) -> None:
-        self.totals.server_assignment_count += 1
-        self.totals.wait_time += wait_us
+    def server_closed(self, server) -> None:
+        self.closed_queries += server.ready_count
+        self.closed_xacts += server.idle_ready_count
+        self.closed_sent += server.tx_bytes
 
-    def account(self, client, server, now: float) -> None:
-        """Fold what the linked pair did since the last call into the totals."""
-        snap = client.stats_snapshot
-        queries = server.ready_count - snap[0]
-        xacts = server.idle_ready_count - snap[1]
-        totals = self.totals
-        totals.query_count += queries
-        totals.xact_count += xacts
-        totals.received += client.rx_bytes - snap[2]
-        totals.sent += server.rx_bytes - snap[3]
-        elapsed_us = int((now - client.stats_since) * US)
-        if queries:
-            totals.query_time += elapsed_us
-        if xacts:
-            totals.xact_time += elapsed_us
-        client.stats_snapshot = (server.ready_count, server.idle_ready_count,
-                                 client.rx_bytes, server.rx_bytes)
-        client.stats_since = now
+    def client_closed(self, client) -> None:
+        self.closed_received += client.rx_bytes
 
-    def transaction_done(self, client, server) -> None:
-        self.account(client, server, time.monotonic())
+    def totals(self, pool) -> Totals:
+        queries = self.closed_queries
+        xacts = self.closed_xacts
+        sent = self.closed_sent
+        for server in pool.all_servers():
+            queries += server.ready_count
+            xacts += server.idle_ready_count
+            sent += server.tx_bytes
+        received = self.closed_received + sum(client.rx_bytes for client in pool.clients)
+        linked_us = int(self.linked_seconds * US)
+        return Totals(server_assignment_count=self.assignments, xact_count=xacts,
+                      query_count=queries, received=received, sent=sent, xact_time=linked_us,
+                      query_time=linked_us, wait_time=int(self.wait_seconds * US))
 
-    def roll_period(self, seconds: float) -> None:
-        """Compute averages over the period that just ended (PgBouncer's stats_period)."""
-        delta = self.totals.minus(self.previous)
-        self.previous = Totals(**{f.name: getattr(self.totals, f.name)
-                                  for f in fields(Totals)})
+    def roll_period(self, pool, seconds: float) -> None:
+        """Averages over the period that just ended (PgBouncer's stats_period)."""
+        now = self.totals(pool)
+        delta = now.minus(self.previous)
+        self.previous = now
         per_second = max(seconds, 1e-9)
         avg = Totals()
         for name in ("server_assignment_count", "xact_count", "query_count", "received", "sent",

@@ -199,11 +199,10 @@ class Peer:
 class RecordingRelay(Relay):
     """Relay logging its callbacks; optional hooks run after logging."""
 
-    def __init__(self, log, *, when_unlinked=None, when_message=None, when_error=None):
+    def __init__(self, log, *, when_unlinked=None, when_message=None):
         self.log = log
         self.when_unlinked = when_unlinked
         self.when_message = when_message
-        self.when_error = when_error
 
     def on_message(self, msg_type, view):
         self.log.append(("message", msg_type, bytes(view)))
@@ -220,8 +219,6 @@ class RecordingRelay(Relay):
 
     def on_protocol_error(self, code, msg_type):
         self.log.append(("error", code, msg_type))
-        if self.when_error is not None:
-            self.when_error(self, code, msg_type)
 
 
 class Socket:
@@ -280,29 +277,45 @@ def reads(log):
 def segments(log):
     """The log as ordered ("pass", bytes) and ("message", ...) segments, like Reference."""
     result = []
+    run = []
     for event in log:
         if event[0] == "write":
-            if result and result[-1][0] == "pass":
-                result[-1] = ("pass", result[-1][1] + event[1])
-            else:
-                result.append(("pass", event[1]))
+            run.append(event[1])
         elif event[0] == "message":
+            if run:
+                result.append(("pass", b"".join(run)))
+                run = []
             result.append(event)
+    if run:
+        result.append(("pass", b"".join(run)))
     return result
 
 
 # -- fragmentation ---------------------------------------------------------------------------
 
 
+class Chunks(list):
+    """The pieces a stream arrives in; failure reports show where it was cut."""
+
+    def __repr__(self):
+        cuts = []
+        offset = 0
+        for chunk in self[:-1]:
+            offset += len(chunk)
+            cuts.append(offset)
+        shown = cuts if len(cuts) <= 8 else [*cuts[:8], "..."]
+        return f"<{len(self)} chunks, cut at {shown}>"
+
+
 def chunks_at(data, cuts):
     """Split data at the given offsets (any order, duplicates allowed)."""
     data = memoryview(data)
     bounds = [0, *sorted(cuts), len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+    return Chunks(data[a:b] for a, b in zip(bounds, bounds[1:]) if b > a)
 
 
 def whole(data):
-    yield [memoryview(data)]
+    yield chunks_at(data, [])
 
 
 def every_two_chunk_split(data):
@@ -435,7 +448,12 @@ def relay_server_stream(chunks, peer_backlog, pending):
 
 
 def assert_relayed_like_reference(reference, log):
-    """Bytes, order and timing of writes and callbacks match the reference, read by read."""
+    """Bytes, order and timing of writes and callbacks match the reference, read by read.
+
+    In each read: the bytes forwarded so far are all a prompt relay can forward; the callbacks
+    are on_message for each INSPECT message completed by that read, in order, then one on_ready
+    with the status of the last ReadyForQuery completed by that read, after everything else.
+    """
     assert segments(log) == reference.segments
     offset = 0
     written = 0
@@ -444,16 +462,12 @@ def assert_relayed_like_reference(reference, log):
         written += sum(len(event[1]) for event in during if event[0] == "write")
         assert written == reference.forwarded_len_by(offset), f"read ending at {offset}"
         completed = reference.completed_between(low, offset)
-        assert events(during, "message") == [
-            ("message", t, msg) for t, msg in completed if not reference.is_pass(t)
-        ]
+        expected = [("message", t, msg) for t, msg in completed if not reference.is_pass(t)]
         ready = [msg for t, msg in completed if t == Z]
         if ready:
-            assert events(during, "ready") == [("ready", ready[-1][5])]
-            assert during[-1][0] == "ready", "on_ready comes after the read is processed"
-        else:
-            assert events(during, "ready") == []
-    assert events(log, "error") == events(log, "unlinked") == []
+            expected.append(("ready", ready[-1][5]))
+            assert during[-1] == expected[-1], "on_ready comes after the read is processed"
+        assert [event for event in during if event[0] != "write"] == expected
 
 
 def check_server_stream(chunks, peer_backlog):
@@ -486,6 +500,22 @@ def test_server_stream_relayed_at_any_fragmentation(fragment, peer_backlog):
 @given(cuts=random_cuts(len(SERVER_STREAM)))
 def test_server_stream_relayed_at_random_splits(peer_backlog, cuts):
     check_server_stream(chunks_at(SERVER_STREAM, cuts), peer_backlog)
+
+
+def test_hold_in_on_message_pauses_until_resume():
+    stream = command_complete("SET") + parameter_status("TimeZone", "UTC") + HELD_STREAM
+    relay, peer, socket, log = linked_relay(SERVER_ACTIONS, when_message=lambda r, t: r.hold())
+    socket.receive(stream)
+    assert segments(log) == [
+        ("pass", command_complete("SET")),
+        ("message", ord("S"), parameter_status("TimeZone", "UTC")),
+    ]
+    assert relay.buffered == len(HELD_STREAM)
+    assert events(log, "ready") == []
+
+    relay.resume()
+    assert peer.forwarded() == command_complete("SET") + HELD_STREAM
+    assert events(log, "ready") == [("ready", ord("I"))]
 
 
 def test_pending_never_goes_below_zero():
@@ -620,25 +650,38 @@ def startup_relay(**hooks):
 STARTUP_PACKETS = ssl_request() + gssenc_request() + STARTUP + cancel_request(4242, 0x7FFF0001)
 
 
+def check_startup_packets(chunks):
+    relay, peer, socket, log = startup_relay()
+    socket.receive_all(chunks)
+    assert segments(log) == [("message", 0, p) for _, p in frame(STARTUP_PACKETS, True)]
+    assert peer.snapshots == []
+    assert relay.buffered == 0
+
+
 @FRAGMENTATIONS
 def test_startup_packets_delivered_whole(fragment):
     for chunks in fragment(STARTUP_PACKETS):
-        relay, peer, socket, log = startup_relay()
-        socket.receive_all(chunks)
-        assert segments(log) == [("message", 0, p) for _, p in frame(STARTUP_PACKETS, True)]
-        assert peer.snapshots == []
-        assert relay.buffered == 0
+        check_startup_packets(chunks)
 
 
 @RANDOM_SPLITS
 @given(cuts=random_cuts(len(STARTUP_PACKETS)))
 def test_startup_packets_delivered_whole_at_random_splits(cuts):
-    relay, peer, socket, log = startup_relay()
-    socket.receive_all(chunks_at(STARTUP_PACKETS, cuts))
-    assert segments(log) == [("message", 0, p) for _, p in frame(STARTUP_PACKETS, True)]
+    check_startup_packets(chunks_at(STARTUP_PACKETS, cuts))
 
 
 TLS_CLIENT_HELLO_START = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(32))
+
+
+def check_leftover_stays_buffered(chunks, packet, leftover):
+    relay, peer, socket, log = startup_relay(when_message=lambda r, t: r.hold())
+    socket.receive_all(chunks)
+    assert events(log, "message") == [("message", 0, packet)]
+    assert events(log, "error") == []
+    assert relay.buffered == len(leftover)
+    assert relay.take_buffered() == leftover
+    assert relay.buffered == 0
+    assert peer.snapshots == []
 
 
 @FRAGMENTATIONS
@@ -652,14 +695,7 @@ TLS_CLIENT_HELLO_START = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes
 )
 def test_bytes_after_startup_packet_stay_buffered_when_held(fragment, packet, leftover):
     for chunks in fragment(packet + leftover):
-        relay, peer, socket, log = startup_relay(when_message=lambda r, t: r.hold())
-        socket.receive_all(chunks)
-        assert events(log, "message") == [("message", 0, packet)]
-        assert events(log, "error") == []
-        assert relay.buffered == len(leftover)
-        assert relay.take_buffered() == leftover
-        assert relay.buffered == 0
-        assert peer.snapshots == []
+        check_leftover_stays_buffered(chunks, packet, leftover)
 
 
 def test_startup_then_typed_messages_in_the_same_read():
@@ -677,6 +713,7 @@ def test_startup_then_typed_messages_in_the_same_read():
 
 
 def unlinked_relay(peer_backlog=0, **hooks):
+    """A relay whose output is unlinked; its former peer is returned for linking later."""
     relay, peer, socket, log = linked_relay(SERVER_ACTIONS, peer_backlog, **hooks)
     relay.unlink_output()
     return relay, peer, socket, log
@@ -685,23 +722,27 @@ def unlinked_relay(peer_backlog=0, **hooks):
 HELD_STREAM = data_row([b"r" * 3000]) + command_complete("SELECT 1") + ready_for_query("I")
 
 
+def check_held_then_resumed(chunks, peer_backlog):
+    relay, peer, socket, log = unlinked_relay(peer_backlog, when_unlinked=lambda r, t: r.hold())
+    socket.receive_all(chunks)
+    assert events(log, "unlinked") == [("unlinked", ord("D"))]
+    assert peer.snapshots == []
+    assert relay.buffered == len(HELD_STREAM)
+
+    relay.link_output(peer)
+    relay.resume()
+    assert peer.snapshots == [HELD_STREAM]
+    assert events(log, "ready") == [("ready", ord("I"))]
+    assert relay.buffered == 0
+    if peer_backlog:
+        peer.assert_lent_views_intact()
+
+
 @PEER_BACKLOGS
 @FRAGMENTATIONS
 def test_held_unlinked_message_forwarded_whole_after_link_and_resume(fragment, peer_backlog):
     for chunks in fragment(HELD_STREAM):
-        relay, peer, socket, log = unlinked_relay(
-            peer_backlog, when_unlinked=lambda r, t: r.hold()
-        )
-        socket.receive_all(chunks)
-        assert events(log, "unlinked") == [("unlinked", ord("D"))]
-        assert peer.snapshots == []
-        assert relay.buffered == len(HELD_STREAM)
-
-        relay.link_output(peer)
-        relay.resume()
-        assert peer.snapshots == [HELD_STREAM]
-        assert events(log, "ready") == [("ready", ord("I"))]
-        assert relay.buffered == 0
+        check_held_then_resumed(chunks, peer_backlog)
 
 
 def test_held_unlinked_message_resumed_mid_message_streams_the_rest():
@@ -714,6 +755,14 @@ def test_held_unlinked_message_resumed_mid_message_streams_the_rest():
     assert events(log, "unlinked") == [("unlinked", ord("D"))]
 
 
+def test_unlinked_callback_may_link_and_continue():
+    relay, peer, socket, log = unlinked_relay()
+    relay.when_unlinked = lambda r, t: r.link_output(peer)
+    socket.receive(HELD_STREAM)
+    assert events(log, "unlinked") == [("unlinked", ord("D"))]
+    assert peer.snapshots == [HELD_STREAM]
+
+
 def link_on_second_unlinked(peer):
     """on_unlinked hook: drop the first message (return without linking), link on the next."""
 
@@ -724,42 +773,34 @@ def link_on_second_unlinked(peer):
     return hook
 
 
-DROPPED = data_row([BIG_VALUE])
 AFTER_DROPPED = command_complete("SELECT 1") + ready_for_query("I")
 
 
+def check_dropped(chunks, peer_backlog, buffer_size):
+    """The first message (larger than the buffer) is dropped, the rest forwarded."""
+    relay, peer, socket, log = unlinked_relay(peer_backlog)
+    relay.buffer_size = buffer_size
+    relay.when_unlinked = link_on_second_unlinked(peer)
+    socket.receive_all(chunks)
+    assert events(log, "unlinked") == [("unlinked", ord("D")), ("unlinked", ord("C"))]
+    assert peer.forwarded() == AFTER_DROPPED
+    assert events(log, "ready") == [("ready", ord("I"))]
+    assert relay.tx_bytes == len(AFTER_DROPPED)
+    assert relay.buffered == 0
+
+
 @PEER_BACKLOGS
-@pytest.mark.parametrize(
-    "fragment", [whole, one_byte_at_a_time], ids=["whole", "one-byte-at-a-time"]
-)
-def test_unlinked_message_dropped_when_callback_does_not_link(fragment, peer_backlog):
-    for chunks in fragment(DROPPED + AFTER_DROPPED):
-        relay, peer, socket, log = unlinked_relay(peer_backlog)
-        relay.when_unlinked = link_on_second_unlinked(peer)
-        socket.receive_all(chunks)
-        assert events(log, "unlinked") == [("unlinked", ord("D")), ("unlinked", ord("C"))]
-        assert peer.forwarded() == AFTER_DROPPED
-        assert events(log, "ready") == [("ready", ord("I"))]
-        assert relay.tx_bytes == len(AFTER_DROPPED)
+@FRAGMENTATIONS
+def test_streamed_unlinked_message_dropped_when_callback_does_not_link(fragment, peer_backlog):
+    for chunks in fragment(data_row([b"x" * 6000]) + AFTER_DROPPED):
+        check_dropped(chunks, peer_backlog, buffer_size=4096)
 
 
 @PEER_BACKLOGS
 @RANDOM_SPLITS
-@given(cuts=random_cuts(len(DROPPED + AFTER_DROPPED)))
-def test_unlinked_message_dropped_at_random_splits(peer_backlog, cuts):
-    relay, peer, socket, log = unlinked_relay(peer_backlog)
-    relay.when_unlinked = link_on_second_unlinked(peer)
-    socket.receive_all(chunks_at(DROPPED + AFTER_DROPPED, cuts))
-    assert events(log, "unlinked") == [("unlinked", ord("D")), ("unlinked", ord("C"))]
-    assert peer.forwarded() == AFTER_DROPPED
-
-
-def test_unlinked_callback_may_link_and_continue():
-    relay, peer, socket, log = unlinked_relay()
-    relay.when_unlinked = lambda r, t: r.link_output(peer)
-    socket.receive(HELD_STREAM)
-    assert events(log, "unlinked") == [("unlinked", ord("D"))]
-    assert peer.snapshots == [HELD_STREAM]
+@given(cuts=random_cuts(len(data_row([BIG_VALUE]) + AFTER_DROPPED)))
+def test_large_unlinked_message_dropped_at_random_splits(peer_backlog, cuts):
+    check_dropped(chunks_at(data_row([BIG_VALUE]) + AFTER_DROPPED, cuts), peer_backlog, 16384)
 
 
 def test_take_buffered_inside_on_unlinked_leaves_relay_consistent():
@@ -775,16 +816,99 @@ def test_take_buffered_inside_on_unlinked_leaves_relay_consistent():
     assert peer.forwarded() == query("SELECT 2")
 
 
-def test_views_lent_to_a_previous_peer_survive_relinking():
+def relink_with_link_output(server, client, peer):
+    server.unlink_output()
+    server.link_output(peer)
+
+
+def relink_with_link_pair(server, client, peer):
+    codec.unlink_pair(client, server, SERVER_ACTIONS)
+    client.attach_transport(peer)
+    codec.link_pair(client, server, SERVER_ACTIONS, True)
+
+
+@pytest.mark.parametrize(
+    "relink", [relink_with_link_output, relink_with_link_pair], ids=["link_output", "link_pair"]
+)
+def test_views_lent_to_a_previous_peer_survive_relinking(relink):
     """A server relay moves from a slow client (views still queued) to a fast one."""
-    relay, slow_peer, socket, log = linked_relay(SERVER_ACTIONS, peer_backlog=1)
-    socket.receive(data_row([b"A" * 100]) + command_complete("SELECT 1") + ready_for_query("I"))
-    relay.unlink_output()
-    fast_peer = Peer(log, backlog=0)
-    relay.link_output(fast_peer)
-    for _ in range(40):
-        socket.receive(data_row([b"B" * 1000]))
+    log = []
+    server = RecordingRelay(log)
+    server.attach_transport(Peer([]))
+    slow_peer = Peer(log, backlog=1)
+    client = RecordingRelay([])
+    client.attach_transport(slow_peer)
+    codec.link_pair(client, server, SERVER_ACTIONS, True)
+    socket = Socket(server, log)
+    socket.receive(data_row([b"A" * 5000]) + command_complete("SELECT 1") + ready_for_query("I"))
+
+    relink(server, RecordingRelay([]), Peer(log, backlog=0))
+    for _ in range(10):
+        socket.receive(data_row([b"B" * 5000]))
     slow_peer.assert_lent_views_intact()
+
+
+# -- pairing and flow control ---------------------------------------------------------------
+
+
+def test_link_pair_forwards_both_ways_and_counts_requests():
+    client_log, server_log = [], []
+    client, server = RecordingRelay(client_log), RecordingRelay(server_log)
+    client_peer, server_peer = Peer(client_log), Peer(server_log)
+    client.attach_transport(client_peer)
+    server.attach_transport(server_peer)
+    codec.link_pair(client, server, SERVER_ACTIONS, True)
+
+    Socket(client, client_log).receive(query("SELECT 1"))
+    assert server_peer.forwarded() == query("SELECT 1")
+    assert server.pending == 1
+    Socket(server, server_log).receive(
+        parameter_status("a", "b") + command_complete("SELECT 1") + ready_for_query("I")
+    )
+    assert client_peer.forwarded() == command_complete("SELECT 1") + ready_for_query("I")
+    assert events(server_log, "message") == [("message", ord("S"), parameter_status("a", "b"))]
+    assert events(server_log, "ready") == [("ready", ord("I"))]
+    assert server.pending == 0
+
+
+def test_unlink_pair_unlinks_both_and_installs_idle_actions():
+    log = []
+    client, server = RecordingRelay([]), RecordingRelay(log)
+    client.attach_transport(Peer([]))
+    server.attach_transport(Peer([]))
+    codec.link_pair(client, server, SERVER_ACTIONS, True)
+    codec.unlink_pair(client, server, action_table(REJECT, S=INSPECT))
+    assert client.writer is None and server.writer is None
+    assert client.request_sink is None
+
+    Socket(server, log).receive(parameter_status("a", "b") + command_complete("X"))
+    assert [event for event in log if event[0] != "read"] == [
+        ("message", ord("S"), parameter_status("a", "b")),
+        ("error", ERR_TYPE, ord("C")),
+    ]
+
+
+def test_link_pair_without_ready_notification():
+    log = []
+    client, server = RecordingRelay([]), RecordingRelay(log)
+    client.attach_transport(Peer([]))
+    server.attach_transport(Peer([]))
+    codec.link_pair(client, server, SERVER_ACTIONS, False)
+    Socket(server, log).receive(command_complete("SELECT 1") + ready_for_query("T"))
+    assert events(log, "ready") == []
+    assert server.ready_status == ord("T")
+    assert server.ready_count == 1
+
+
+def test_backlog_reported_while_held_past_buffer_size():
+    relay, peer, socket, log = unlinked_relay(when_unlinked=lambda r, t: r.hold())
+    relay.buffer_size = 4096
+    relay.on_backlog = lambda: log.append(("backlog",))
+    socket.receive(data_row([b"x" * 4000]))
+    assert events(log, "backlog") == []
+    socket.receive(data_row([b"y" * 200]))
+    assert events(log, "backlog") != []
+    assert peer.snapshots == []
 
 
 # -- 7. malformed input ----------------------------------------------------------------------
@@ -822,6 +946,19 @@ TYPED_MALFORMED = [
 ]
 
 
+def check_malformed_typed(chunks, configure, code, msg_type):
+    """Everything before the bad message is forwarded once; one error; then nothing."""
+    relay, peer, socket, log = linked_relay(SERVER_ACTIONS)
+    if configure:
+        configure(relay)
+    socket.receive_all(chunks)
+    socket.receive(TYPED_TRAILER)
+    assert peer.forwarded() == TYPED_PREFIX
+    assert events(log, "error") == [("error", code, ord(msg_type))]
+    after_error = log[log.index(events(log, "error")[0]) + 1 :]
+    assert [event for event in after_error if event[0] != "read"] == []
+
+
 @FRAGMENTATIONS
 @pytest.mark.parametrize(
     "configure, bad, code, msg_type",
@@ -829,17 +966,8 @@ TYPED_MALFORMED = [
     ids=[case[0] for case in TYPED_MALFORMED],
 )
 def test_malformed_typed_message_reported_once(fragment, configure, bad, code, msg_type):
-    stream = TYPED_PREFIX + bad + TYPED_TRAILER
-    for chunks in fragment(stream):
-        relay, peer, socket, log = linked_relay(SERVER_ACTIONS)
-        if configure:
-            configure(relay)
-        socket.receive_all(chunks)
-        socket.receive(TYPED_TRAILER)
-        assert events(log, "error") == [("error", code, ord(msg_type))]
-        after_error = log[log.index(events(log, "error")[0]) + 1 :]
-        assert [event for event in after_error if event[0] != "read"] == []
-        assert peer.forwarded() == TYPED_PREFIX
+    for chunks in fragment(TYPED_PREFIX + bad + TYPED_TRAILER):
+        check_malformed_typed(chunks, configure, code, msg_type)
 
 
 def test_limits_are_inclusive():
@@ -861,21 +989,24 @@ STARTUP_MALFORMED = [
 ]
 
 
+def check_malformed_startup(chunks, code):
+    relay, peer, socket, log = startup_relay()
+    socket.receive_all(chunks)
+    socket.receive(STARTUP)
+    assert [event for event in log if event[0] != "read"] == [
+        ("message", 0, ssl_request()),
+        ("error", code, 0),
+    ]
+    assert peer.snapshots == []
+
+
 @FRAGMENTATIONS
 @pytest.mark.parametrize(
     "bad, code", [case[1:] for case in STARTUP_MALFORMED], ids=[c[0] for c in STARTUP_MALFORMED]
 )
 def test_malformed_startup_packet_reported_once(fragment, bad, code):
-    stream = ssl_request() + bad + STARTUP
-    for chunks in fragment(stream):
-        relay, peer, socket, log = startup_relay()
-        socket.receive_all(chunks)
-        socket.receive(STARTUP)
-        assert [event for event in log if event[0] != "read"] == [
-            ("message", 0, ssl_request()),
-            ("error", code, 0),
-        ]
-        assert peer.snapshots == []
+    for chunks in fragment(ssl_request() + bad + STARTUP):
+        check_malformed_startup(chunks, code)
 
 
 def test_startup_packet_at_startup_max_accepted():
@@ -958,7 +1089,8 @@ def test_startup_message_parameters():
     assert frame(msg, startup=True) == [(0, msg)]
     assert struct.unpack_from("!I", msg, 4)[0] == 196608
     pairs = split_cstrings(msg[8:])
-    assert dict(zip(pairs[::2], pairs[1::2])) == {k.encode(): v.encode() for k, v in params.items()}
+    expected = {name.encode(): value.encode() for name, value in params.items()}
+    assert dict(zip(pairs[::2], pairs[1::2])) == expected
     assert struct.unpack_from("!I", startup_message({}, 196610), 4)[0] == 196610
 
 

@@ -535,6 +535,8 @@ def test_recursive_include_is_stopped(tmp_path, monkeypatch) -> None:
         ("load_balance_hosts=Round-Robin", "load_balance_hosts", "round-robin"),
         ("server_lifetime=1.5", "server_lifetime", 1.5),
         ("pool_size=-1", "pool_size", -1),
+        ("reserve_pool_size=1 reserve_pool=2", "reserve_pool_size", 2),
+        ("reserve_pool=2 reserve_pool_size=1", "reserve_pool_size", 1),
         ("host=@abstract", "host", "@abstract"),
     ],
 )
@@ -549,11 +551,13 @@ def test_connection_string_values(connstr: str, field: str, expected: object) ->
         ("hostname=x", "unknown connection parameter 'hostname'"),
         ("name=x", "unknown connection parameter 'name'"),
         ("host", "expected '=' after 'host'"),
+        ("=x", "missing name before '='"),
         ("host=", "empty value for 'host'"),
         ("host=''", "empty value for 'host'"),
         ("password='open", "unterminated quote"),
         ("password='a'b", "expected a space after"),
         ("port=abc", "port: invalid integer 'abc'"),
+        ("reserve_pool=x", "reserve_pool: invalid integer 'x'"),
         ("port=0x10", "port: invalid integer '0x10'"),  # decimal only, as atoi
         ("port=0", "invalid port 0"),
         ("pool_mode=fast", "pool_mode: invalid value 'fast'"),
