@@ -94,24 +94,17 @@ class App:
         log.info("configuration reloaded from %s", self.config_path)
 
     def pool_settings(self, db, user: str) -> PoolSettings:
-        cfg = self.config.pgbouncer
-        user_cfg = self.config.users.get(user)
-
-        def pick(user_key, db_key, default):
-            for source, key in ((user_cfg, user_key), (db, db_key)):
-                value = getattr(source, key, None) if source is not None and key else None
-                if value is not None:
-                    return value
-            return default
-
+        """Effective limits with PgBouncer's precedence (user, then database, then global)."""
+        config = self.config
+        user_cfg = config.users.get(user)
         return PoolSettings(
-            pool_mode=str(pick("pool_mode", "pool_mode", cfg.pool_mode)),
-            pool_size=int(pick("pool_size", "pool_size", cfg.default_pool_size)),
-            min_pool_size=int(pick(None, "min_pool_size", cfg.min_pool_size)),
-            reserve_pool_size=int(pick("reserve_pool_size", "reserve_pool_size", cfg.reserve_pool_size)),
-            max_db_connections=int(pick(None, "max_db_connections", cfg.max_db_connections)),
-            max_user_connections=int(pick("max_user_connections", None, cfg.max_user_connections)),
-            server_lifetime=float(pick(None, "server_lifetime", cfg.server_lifetime)),
+            pool_mode=config.effective_pool_mode(db, user_cfg),
+            pool_size=config.effective_pool_size(db, user_cfg),
+            min_pool_size=config.effective_min_pool_size(db, user_cfg),
+            reserve_pool_size=config.effective_reserve_pool_size(db, user_cfg),
+            max_db_connections=config.effective_max_db_connections(db, user_cfg),
+            max_user_connections=config.effective_max_user_connections(db, user_cfg),
+            server_lifetime=config.effective_server_lifetime(db, user_cfg),
         )
 
     def admin_parameters(self) -> dict[str, str]:
@@ -229,6 +222,8 @@ class App:
     # -- process lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
+        for warning in self.config.warnings:
+            log.warning("%s", warning)
         if self.config.unsupported:
             log.warning("settings not supported by pgmulti (ignored): %s",
                         ", ".join(self.config.unsupported))

@@ -443,9 +443,8 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
     def stop_waiting(self) -> None:
         self.state = "active"
 
-    def attached(self, server: ServerConnection) -> None:
+    def attached(self, server: ServerConnection, now: float) -> None:
         """The server is linked and in step with our parameters: let the bytes flow."""
-        now = time.monotonic()
         stats = self.pool.stats
         stats.assignments += 1
         if self.state == "waiting":
@@ -457,16 +456,9 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         if self.held:
             self.resume()
 
-    def server_ready(self, server: ServerConnection, status: int) -> None:
-        """ReadyForQuery came from our server: release it if the pool mode says so."""
-        if server.pending:
-            return
-        mode = self.pool.settings.pool_mode
-        if mode == session.SESSION:
-            return
-        if status == session.READY_IDLE:
-            self.pool.release(self, server, reset=self.pool.reset_always)
-        elif mode == session.STATEMENT:
+    def refuse_transaction(self, server: ServerConnection) -> None:
+        """Statement pooling: a server left inside a transaction cannot be shared."""
+        if self.pool.settings.pool_mode == session.STATEMENT:
             server.close("transaction blocks not allowed in statement pooling mode")
             self.report(errors.fatal(errors.FEATURE_NOT_SUPPORTED,
                                      "transaction blocks not allowed in statement pooling mode"))

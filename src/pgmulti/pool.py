@@ -161,10 +161,11 @@ class Pool:
         if idle and not self.waiting and not self.paused and not self.app.paused:
             # The hot path of transaction pooling: keep it short.
             server = idle.pop()  # LIFO keeps few servers warm (server_round_robin=0)
-            if time.monotonic() - server.last_used <= self.check_delay or not self.check_enabled:
+            now = time.monotonic()
+            if now - server.last_used <= self.check_delay or not self.check_enabled:
                 server.state = "active"
                 self.active.add(server)
-                self._link(client, server)
+                self._link(client, server, now)
                 return True
             server.state = "popped"
             self.waiting.appendleft(client)
@@ -191,12 +192,12 @@ class Pool:
             except ValueError:
                 pass
 
-    def _link(self, client: ClientConnection, server: ServerConnection) -> None:
+    def _link(self, client: ClientConnection, server: ServerConnection, now: float = 0.0) -> None:
         """Link a server already in `active`; sync parameters first if they differ."""
         session.link(client, server, RELAY_ACTIONS)
         sync = session.parameter_sync_sql(client, server)
         if sync is None:
-            client.attached(server)
+            client.attached(server, now or time.monotonic())
             return
         client.hold()  # the client's bytes wait until the server shows its parameters
         done = server.run_query(sync)
@@ -209,7 +210,7 @@ class Pool:
         if exc is not None:
             client.report(exc if isinstance(exc, PgError) else errors.server_closed(str(exc)))
             return
-        client.attached(server)
+        client.attached(server, time.monotonic())
 
     def _check(self, server: ServerConnection) -> None:
         self._move(server, "tested")
@@ -235,7 +236,7 @@ class Pool:
             done = server.run_query(reset_query)
             done.add_done_callback(lambda fut: self._after_internal(server, fut, "reset query"))
             return
-        self.server_ready(server)
+        self.server_ready(server, now)
 
     def _after_internal(self, server: ServerConnection, fut, what: str) -> None:
         exc = fut.exception()
@@ -247,9 +248,10 @@ class Pool:
         server.last_used = time.monotonic()
         self.server_ready(server)
 
-    def server_ready(self, server: ServerConnection) -> None:
+    def server_ready(self, server: ServerConnection, now: float = 0.0) -> None:
         """An idle, clean server: give it to the first waiting client or park it."""
-        if self._expired(server):
+        now = now or time.monotonic()
+        if self._expired(server, now):
             server.close("server lifetime over")
             return
         if server.generation != self.reconnect_generation:
@@ -258,13 +260,13 @@ class Pool:
         if self.waiting and not self.paused and not self.app.paused:
             client = self.waiting.popleft()
             self._move(server, "active")
-            self._link(client, server)
+            self._link(client, server, now)
             return
         self._move(server, "idle")
 
-    def _expired(self, server: ServerConnection) -> bool:
+    def _expired(self, server: ServerConnection, now: float) -> bool:
         lifetime = self.settings.server_lifetime
-        return lifetime > 0 and time.monotonic() - server.created > lifetime
+        return lifetime > 0 and now - server.created > lifetime
 
     def server_lost(self, server: ServerConnection, reason: str) -> None:
         if server.state != "closed":
@@ -391,7 +393,7 @@ class Pool:
             self.launch_needed()
         idle_timeout = cfg.server_idle_timeout
         for server in list(self.idle):
-            if self._expired(server):
+            if self._expired(server, now):
                 server.close("server lifetime over")
             elif (idle_timeout > 0 and now - server.last_used > idle_timeout
                   and self.server_count > self.settings.min_pool_size):

@@ -153,9 +153,14 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
             self._fail(errors.protocol_violation(f"bad message from server: {exc}"))
 
     def on_ready(self, status: int) -> None:
+        """ReadyForQuery passed to our client (transaction and statement modes only)."""
         client = self.client
-        if client is not None:
-            client.server_ready(self, status)
+        if client is None or self.pending:
+            return  # more answers are on their way
+        if status == session.READY_IDLE:
+            self.pool.release(client, self, reset=self.pool.reset_always)
+        else:
+            client.refuse_transaction(self)
 
     def on_protocol_error(self, code: int, msg_type: int) -> None:
         self._fail(errors.protocol_violation(f"malformed message from server (code {code})"))

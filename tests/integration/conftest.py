@@ -27,7 +27,7 @@ from pgmulti.cluster import (
 SRC_DIR = Path(__file__).resolve().parents[2] / "src"
 START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 10.0
-PSQL_TIMEOUT_S = 30.0
+PSQL_TIMEOUT_S = 20.0  # below the 30 s test timeout, so the psql call is what reports it
 
 DEFAULT_DATABASES = {
     "testdb": "host=127.0.0.1 port={pg_port} dbname=testdb",

@@ -419,6 +419,10 @@ CLIENT_STREAM = b"".join(
 CLIENT_REFERENCE = Reference(CLIENT_STREAM, CLIENT_ACTIONS)
 
 
+# A response whose first message arrives while a relay is unlinked or held.
+HELD_STREAM = data_row([b"r" * 3000]) + command_complete("SELECT 1") + ready_for_query("I")
+
+
 def ssl_request():
     return be32(8) + be32(SSL_REQUEST_CODE)
 
@@ -430,14 +434,14 @@ def gssenc_request():
 STARTUP = startup_message({"user": "alice", "database": "app", "application_name": "psql"})
 
 
-# -- 9. the compiled module ------------------------------------------------------------------
+# -- the compiled module ---------------------------------------------------------------------
 
 
 def test_compiled_extension_is_loaded():
     assert codec.__file__.endswith(".so")
 
 
-# -- 2. server stream at every fragmentation -------------------------------------------------
+# -- server stream at any fragmentation ------------------------------------------------------
 
 
 def relay_server_stream(chunks, peer_backlog, pending):
@@ -536,7 +540,7 @@ def test_ready_status_reports_transaction_state_per_read():
     assert relay.idle_ready_count == 1
 
 
-# -- 3. client direction: request accounting -------------------------------------------------
+# -- client direction: request accounting ----------------------------------------------------
 
 
 def check_client_stream(chunks, peer_backlog):
@@ -582,7 +586,7 @@ def test_server_ready_answers_client_requests():
     assert server.pending == 0
 
 
-def test_requests_not_counted_without_sink_or_after_unlink():
+def test_unlink_output_detaches_request_sink():
     server = RecordingRelay([])
     client, _, socket, _ = linked_relay(CLIENT_ACTIONS)
     client.request_sink = server
@@ -593,7 +597,7 @@ def test_requests_not_counted_without_sink_or_after_unlink():
     assert server.pending == 0
 
 
-# -- 4. streaming a large message ------------------------------------------------------------
+# -- streaming a large message ---------------------------------------------------------------
 
 BUFFER_BOUND = 64 * 1024
 
@@ -637,7 +641,7 @@ def test_release_buffer_then_reuse():
     assert peer.forwarded() == command_complete("SELECT 1") + ready_for_query("I")
 
 
-# -- 5. startup phase ------------------------------------------------------------------------
+# -- startup phase ---------------------------------------------------------------------------
 
 
 def startup_relay(**hooks):
@@ -709,7 +713,7 @@ def test_startup_then_typed_messages_in_the_same_read():
     assert server.pending == 1
 
 
-# -- 6. unlinked -----------------------------------------------------------------------------
+# -- unlinked --------------------------------------------------------------------------------
 
 
 def unlinked_relay(peer_backlog=0, **hooks):
@@ -717,9 +721,6 @@ def unlinked_relay(peer_backlog=0, **hooks):
     relay, peer, socket, log = linked_relay(SERVER_ACTIONS, peer_backlog, **hooks)
     relay.unlink_output()
     return relay, peer, socket, log
-
-
-HELD_STREAM = data_row([b"r" * 3000]) + command_complete("SELECT 1") + ready_for_query("I")
 
 
 def check_held_then_resumed(chunks, peer_backlog):
@@ -848,7 +849,7 @@ def test_views_lent_to_a_previous_peer_survive_relinking(relink):
     slow_peer.assert_lent_views_intact()
 
 
-# -- pairing and flow control ---------------------------------------------------------------
+# -- pairing and flow control ----------------------------------------------------------------
 
 
 def test_link_pair_forwards_both_ways_and_counts_requests():
@@ -911,7 +912,7 @@ def test_backlog_reported_while_held_past_buffer_size():
     assert peer.snapshots == []
 
 
-# -- 7. malformed input ----------------------------------------------------------------------
+# -- malformed input -------------------------------------------------------------------------
 
 TYPED_PREFIX = command_complete("SELECT 1") + data_row([1, None])
 TYPED_TRAILER = command_complete("SELECT 2") + ready_for_query("I")
@@ -1025,7 +1026,7 @@ def test_startup_negative_length_rejected():
     assert events(log, "message") == []
 
 
-# -- 8. builders -----------------------------------------------------------------------------
+# -- builders --------------------------------------------------------------------------------
 
 
 def test_error_response_fields():

@@ -1,0 +1,438 @@
+"""Pool modes through a real pgmulti process: session, transaction and statement pooling.
+
+Every test talks to the session PostgreSQL cluster through the proxy; statements that must not
+go through the proxy (pg_terminate_backend, pgbench -i) go to PostgreSQL directly.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+import time
+
+import psycopg
+import pytest
+from psycopg import errors as pgerrors
+
+from pgmulti.cluster import clean_env
+
+MODES = ["session", "transaction", "statement"]
+CONNECT_TIMEOUT_S = 5
+BENCH_DB = "pgmulti_bench"
+
+
+# --- helpers ---
+
+
+def connect(proxy, *, db: str = "testdb", user: str = "postgres", autocommit: bool = True,
+            **kwargs) -> psycopg.Connection:
+    """A psycopg connection through the proxy; no prepared statements (transaction pooling)."""
+    return psycopg.connect(proxy.dsn(user=user, db=db), connect_timeout=CONNECT_TIMEOUT_S,
+                           autocommit=autocommit, prepare_threshold=None, **kwargs)
+
+
+def scalar(conn: psycopg.Connection, sql: str, params=None):
+    return conn.execute(sql, params).fetchone()[0]
+
+
+def backend_pid(conn: psycopg.Connection) -> int:
+    return scalar(conn, "SELECT pg_backend_pid()")
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
+    """Poll predicate() until it returns a truthy value; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} not reached within {timeout:g} s")
+        time.sleep(interval)
+
+
+def pg_direct(pg) -> psycopg.Connection:
+    """A direct (not proxied) superuser connection to PostgreSQL."""
+    return psycopg.connect(pg.dsn(), connect_timeout=CONNECT_TIMEOUT_S, autocommit=True)
+
+
+# --- simple queries in every mode ---
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_psql_simple_queries_work_in_every_mode(pgmulti, mode):
+    proxy = pgmulti({"pool_mode": mode})
+    result = proxy.psql("SELECT 1 + 1", db="testdb")
+    assert (result.returncode, result.stdout.strip()) == (0, "2"), result.stderr
+    result = proxy.psql("SELECT current_database(), current_user", db="testdb")
+    assert (result.returncode, result.stdout.strip()) == (0, "testdb|postgres"), result.stderr
+    # Several statements in one Query message: an implicit transaction, fine in every mode.
+    result = proxy.psql("SELECT 'a'; SELECT 'b'", db="testdb")
+    assert (result.returncode, result.stdout.split()) == (0, ["a", "b"]), result.stderr
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_psycopg_autocommit_queries_in_every_mode(pgmulti, mode):
+    proxy = pgmulti({"pool_mode": mode})
+    with connect(proxy) as conn:
+        for i in range(5):
+            assert scalar(conn, "SELECT %s::int * 2", [i]) == i * 2
+
+
+# --- server reuse and pinning ---
+
+
+def test_transaction_mode_shares_one_server_between_clients(pgmulti):
+    proxy = pgmulti({"pool_mode": "transaction", "default_pool_size": 1})
+    with connect(proxy) as first, connect(proxy) as second:
+        pids = [backend_pid(first), backend_pid(first), backend_pid(second), backend_pid(second),
+                backend_pid(first)]
+    assert len(set(pids)) == 1, pids
+
+
+def test_session_mode_pins_a_server_to_its_client(pgmulti):
+    proxy = pgmulti({"pool_mode": "session", "default_pool_size": 2})
+    with connect(proxy) as first, connect(proxy) as second:
+        first_pids = {backend_pid(first)}
+        second_pids = {backend_pid(second)}
+        for _ in range(3):
+            first_pids.add(backend_pid(first))
+            with first.transaction():
+                first_pids.add(backend_pid(first))
+            second_pids.add(backend_pid(second))
+    assert len(first_pids) == 1 and len(second_pids) == 1, (first_pids, second_pids)
+    assert first_pids != second_pids
+
+
+def test_transaction_mode_keeps_a_transaction_on_one_server(pgmulti):
+    proxy = pgmulti({"pool_mode": "transaction", "default_pool_size": 2})
+    with connect(proxy, autocommit=False) as holder, connect(proxy) as other:
+        seen = []
+        with holder.transaction():
+            holder.execute("CREATE TEMP TABLE xact_probe (n int) ON COMMIT DROP")
+            for n in range(5):
+                row = holder.execute(
+                    "INSERT INTO xact_probe VALUES (%s) "
+                    "RETURNING pg_backend_pid(), txid_current(), (SELECT count(*) FROM xact_probe)",
+                    [n]).fetchone()
+                seen.append(row)
+                # Another client's transactions run in between, on the other server.
+                assert backend_pid(other) != row[0]
+        holder.commit()
+    assert len({(pid, txid) for pid, txid, _ in seen}) == 1, seen
+    # Each round trip saw the rows of the earlier ones: the same transaction throughout.
+    assert [count for _, _, count in seen] == [0, 1, 2, 3, 4]
+
+
+def test_transaction_mode_rollback_over_several_round_trips(pgmulti):
+    proxy = pgmulti({"pool_mode": "transaction", "default_pool_size": 1})
+    with connect(proxy) as conn:
+        conn.execute("DROP TABLE IF EXISTS pool_modes_rollback")
+        conn.execute("CREATE TABLE pool_modes_rollback (n int)")
+        try:
+            conn.execute("BEGIN")
+            conn.execute("INSERT INTO pool_modes_rollback VALUES (1)")
+            assert scalar(conn, "SELECT count(*) FROM pool_modes_rollback") == 1
+            conn.execute("ROLLBACK")
+            assert scalar(conn, "SELECT count(*) FROM pool_modes_rollback") == 0
+        finally:
+            conn.execute("DROP TABLE pool_modes_rollback")
+
+
+def test_session_mode_keeps_session_state(pgmulti):
+    proxy = pgmulti({"pool_mode": "session", "default_pool_size": 2})
+    with connect(proxy) as conn, connect(proxy) as other:
+        conn.execute("SET search_path TO pg_catalog, public")
+        conn.execute("CREATE TEMP TABLE session_probe (n int)")
+        for _ in range(3):
+            other.execute("SELECT 1")
+            with conn.transaction():
+                assert scalar(conn, "SHOW search_path") == "pg_catalog, public"
+            assert scalar(conn, "SELECT count(*) FROM session_probe") == 0
+        assert scalar(other, "SHOW search_path") == '"$user", public'
+
+
+# --- statement mode ---
+
+
+def test_statement_mode_runs_autocommit_statements(pgmulti):
+    proxy = pgmulti({"pool_mode": "statement", "default_pool_size": 1})
+    with connect(proxy) as first, connect(proxy) as second:
+        pids = {backend_pid(first), backend_pid(second), backend_pid(first)}
+        assert scalar(first, "SELECT %s::text || %s::text", ["a", "b"]) == "ab"
+    assert len(pids) == 1
+
+
+def test_statement_mode_refuses_transaction_blocks(pgmulti):
+    proxy = pgmulti({"pool_mode": "statement"})
+    conn = connect(proxy)
+    try:
+        with pytest.raises(psycopg.Error) as excinfo:
+            conn.execute("BEGIN")
+            conn.execute("SELECT 1")  # the error may only surface on the next round trip
+        assert excinfo.value.sqlstate == "0A000", excinfo.value
+        assert "transaction blocks not allowed" in str(excinfo.value)
+        # The client connection is closed by the proxy.
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("SELECT 1")
+        assert conn.closed or conn.broken
+    finally:
+        conn.close()
+    # The proxy still serves new clients.
+    with connect(proxy) as conn:
+        assert scalar(conn, "SELECT 42") == 42
+
+
+def test_statement_mode_begin_error_is_the_answer_to_begin(pgmulti):
+    """The refusal is the reply to BEGIN itself, as in PgBouncer, not a later surprise."""
+    proxy = pgmulti({"pool_mode": "statement"})
+    conn = connect(proxy)
+    try:
+        with pytest.raises(psycopg.Error) as excinfo:
+            conn.execute("BEGIN")
+        assert excinfo.value.sqlstate == "0A000", excinfo.value
+    finally:
+        conn.close()
+
+
+def test_statement_mode_psql_begin_fails(pgmulti):
+    proxy = pgmulti({"pool_mode": "statement"})
+    result = proxy.psql("BEGIN", db="testdb")
+    assert "transaction blocks not allowed in statement pooling mode" in result.stderr, result
+    assert result.returncode != 0
+
+
+# --- ParameterStatus tracking ---
+
+
+def test_transaction_mode_keeps_each_clients_parameters(pgmulti):
+    proxy = pgmulti({"pool_mode": "transaction", "default_pool_size": 1})
+    alpha = connect(proxy, application_name="alpha", options="-c TimeZone=Asia/Tokyo")
+    beta = connect(proxy, application_name="beta", options="-c TimeZone=America/New_York")
+    try:
+        pids = set()
+        for _ in range(4):
+            for conn, name, zone in ((alpha, "alpha", "Asia/Tokyo"),
+                                     (beta, "beta", "America/New_York")):
+                row = conn.execute(
+                    "SELECT current_setting('application_name'), current_setting('TimeZone'), "
+                    "pg_backend_pid()").fetchone()
+                assert row[:2] == (name, zone)
+                assert scalar(conn, "SHOW application_name") == name
+                assert scalar(conn, "SHOW TimeZone") == zone
+                with conn.transaction():
+                    assert scalar(conn, "SHOW TimeZone") == zone
+                pids.add(row[2])
+                # What the client library saw in ParameterStatus agrees.
+                assert conn.info.parameter_status("application_name") == name
+                assert conn.info.parameter_status("TimeZone") == zone
+        assert len(pids) == 1, pids  # one server, switched between the two clients
+    finally:
+        alpha.close()
+        beta.close()
+
+
+def test_transaction_mode_follows_set_of_a_tracked_parameter(pgmulti):
+    proxy = pgmulti({"pool_mode": "transaction", "default_pool_size": 1})
+    with connect(proxy, application_name="first") as first, connect(proxy) as second:
+        first.execute("SET application_name = 'renamed'")
+        second.execute("SET TimeZone = 'Europe/Helsinki'")
+        for _ in range(3):
+            assert scalar(first, "SHOW application_name") == "renamed"
+            assert scalar(second, "SHOW TimeZone") == "Europe/Helsinki"
+            assert scalar(first, "SHOW TimeZone") != "Europe/Helsinki"
+            assert scalar(second, "SHOW application_name") != "renamed"
+
+
+# --- server_reset_query ---
+
+
+def test_session_mode_resets_the_server_between_clients(pgmulti, pg):
+    with pg_direct(pg) as direct:
+        default_work_mem = scalar(direct, "SHOW work_mem")
+    assert default_work_mem != "1234kB"
+    proxy = pgmulti({"pool_mode": "session", "default_pool_size": 1})
+    with connect(proxy) as first:
+        first.execute("SET work_mem = '1234kB'")
+        first.execute("PREPARE leftover AS SELECT 1")
+        assert scalar(first, "SHOW work_mem") == "1234kB"
+        first_pid = backend_pid(first)
+    with connect(proxy) as second:
+        assert backend_pid(second) == first_pid  # the same server, reused
+        assert scalar(second, "SHOW work_mem") == default_work_mem
+        assert scalar(second, "SELECT count(*) FROM pg_prepared_statements") == 0
+
+
+def test_session_mode_reset_query_is_configurable(pgmulti):
+    proxy = pgmulti({"pool_mode": "session", "default_pool_size": 1,
+                     "server_reset_query": "RESET work_mem"})
+    with connect(proxy) as first:
+        first.execute("SET work_mem = '1234kB'")
+        first.execute("SET maintenance_work_mem = '2345kB'")
+        first_pid = backend_pid(first)
+    with connect(proxy) as second:
+        assert backend_pid(second) == first_pid
+        assert scalar(second, "SHOW work_mem") != "1234kB"
+        # Only the configured reset ran: what it does not reset is still there.
+        assert scalar(second, "SHOW maintenance_work_mem") == "2345kB"
+
+
+# --- pgbench ---
+
+
+@pytest.fixture(scope="module")
+def bench_db(pg):
+    """A scratch database initialised by pgbench -i over a direct connection."""
+    pg.psql(f"DROP DATABASE IF EXISTS {BENCH_DB}")
+    pg.psql(f"CREATE DATABASE {BENCH_DB}")
+    result = subprocess.run(
+        [pg.bindir / "pgbench", "-i", "-q", "-s", "1", "-h", pg.host, "-p", str(pg.port),
+         "-U", "postgres", BENCH_DB],
+        env=clean_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+        check=False)
+    assert result.returncode == 0, result.stderr
+    yield BENCH_DB
+    pg.psql(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
+
+
+@pytest.mark.parametrize("mode", ["transaction", "session"])
+def test_pgbench_through_the_proxy(pgmulti, pg, bench_db, base_config, mode):
+    databases = {bench_db: f"host=127.0.0.1 port={{pg_port}} dbname={bench_db}"}
+    proxy = pgmulti(base_config(databases=databases, pool_mode=mode, default_pool_size=4))
+    result = subprocess.run(
+        [pg.bindir / "pgbench", "-n", "-M", "simple", "-t", "50", "-c", "4", "-j", "2",
+         "-h", proxy.host, "-p", str(proxy.port), "-U", "postgres", bench_db],
+        env=clean_env(PGCONNECT_TIMEOUT="10"), stdin=subprocess.DEVNULL, capture_output=True,
+        text=True, timeout=25, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "number of transactions actually processed: 200/200" in result.stdout, result.stdout
+    assert "number of failed transactions: 0 " in result.stdout, result.stdout
+
+
+# --- a server dying under its client ---
+
+
+@pytest.mark.parametrize("mode", ["transaction", "session"])
+def test_terminated_server_fails_its_client_not_hangs(pgmulti, pg, mode):
+    proxy = pgmulti({"pool_mode": mode, "default_pool_size": 1})
+    conn = connect(proxy)
+    try:
+        conn.execute("BEGIN")
+        pid = backend_pid(conn)
+        with pg_direct(pg) as direct:
+            assert scalar(direct, "SELECT pg_terminate_backend(%s)", [pid]) is True
+            wait_for(lambda: not scalar(direct, "SELECT count(*) FROM pg_stat_activity "
+                                                "WHERE pid = %s", [pid]),
+                     5, what="backend exit")
+        started = time.monotonic()
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("SELECT 1")
+        assert time.monotonic() - started < 5
+    finally:
+        conn.close()
+    # The pool recovers: a new client gets a new server.
+    with connect(proxy) as fresh:
+        assert backend_pid(fresh) != pid
+        assert scalar(fresh, "SELECT 1") == 1
+
+
+def test_terminated_idle_server_is_replaced(pgmulti, pg):
+    """A pooled server killed while idle in the pool is not handed to the next client."""
+    proxy = pgmulti({"pool_mode": "transaction", "default_pool_size": 1})
+    with connect(proxy) as conn:
+        pid = backend_pid(conn)
+        with pg_direct(pg) as direct:
+            assert scalar(direct, "SELECT pg_terminate_backend(%s)", [pid]) is True
+            wait_for(lambda: not scalar(direct, "SELECT count(*) FROM pg_stat_activity "
+                                                "WHERE pid = %s", [pid]),
+                     5, what="backend exit")
+        time.sleep(0.2)  # the proxy reads the server's FATAL message and the close
+        new_pid = backend_pid(conn)
+        assert new_pid != pid
+
+
+# --- cancel ---
+
+
+def _run_sleep_in_thread(conn: psycopg.Connection, seconds: float):
+    outcome: dict[str, object] = {}
+
+    def run():
+        started = time.monotonic()
+        try:
+            conn.execute("SELECT pg_sleep(%s)", [seconds])
+            outcome["result"] = "finished"
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            outcome["error"] = exc
+        outcome["elapsed"] = time.monotonic() - started
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def _wait_until_sleeping(pg, seconds: float) -> None:
+    with pg_direct(pg) as direct:
+        wait_for(lambda: scalar(direct, "SELECT count(*) FROM pg_stat_activity "
+                                        "WHERE query LIKE 'SELECT pg_sleep(%%' AND state = 'active'"),
+                 5, what="pg_sleep running on the server")
+
+
+@pytest.mark.parametrize("mode", ["transaction", "session"])
+@pytest.mark.parametrize("method", ["cancel", "cancel_safe"])
+def test_cancel_stops_a_running_query(pgmulti, pg, mode, method):
+    proxy = pgmulti({"pool_mode": mode})
+    with connect(proxy) as conn:
+        thread, outcome = _run_sleep_in_thread(conn, 10)
+        _wait_until_sleeping(pg, 10)
+        if method == "cancel":
+            conn.cancel()
+        else:
+            conn.cancel_safe(timeout=5)
+        thread.join(8)
+        assert not thread.is_alive(), "query still running after cancel"
+        assert isinstance(outcome.get("error"), pgerrors.QueryCanceled), outcome
+        assert outcome["error"].sqlstate == "57014"
+        assert outcome["elapsed"] < 5
+        # The connection stays usable.
+        assert scalar(conn, "SELECT 7") == 7
+
+
+def test_cancel_reaches_the_right_server(pgmulti, pg):
+    """Two clients sleeping on two servers: a cancel stops only the one it was sent for."""
+    proxy = pgmulti({"pool_mode": "transaction", "default_pool_size": 2})
+    with connect(proxy) as victim, connect(proxy) as bystander:
+        victim_thread, victim_outcome = _run_sleep_in_thread(victim, 10)
+        bystander_thread, bystander_outcome = _run_sleep_in_thread(bystander, 1.5)
+        with pg_direct(pg) as direct:
+            wait_for(lambda: scalar(direct, "SELECT count(*) FROM pg_stat_activity "
+                                            "WHERE query LIKE 'SELECT pg_sleep(%%' "
+                                            "AND state = 'active'") == 2,
+                     5, what="both sleeps running")
+        victim.cancel_safe(timeout=5)
+        victim_thread.join(8)
+        bystander_thread.join(8)
+        assert isinstance(victim_outcome.get("error"), pgerrors.QueryCanceled), victim_outcome
+        assert bystander_outcome.get("result") == "finished", bystander_outcome
+
+
+def test_psql_sigint_cancels_through_the_proxy(pgmulti, pg):
+    proxy = pgmulti({"pool_mode": "transaction"})
+    process = subprocess.Popen(
+        [pg.bindir / "psql", "-X", "-w", "-h", proxy.host, "-p", str(proxy.port), "-U", "postgres",
+         "-d", "testdb", "-c", "SELECT pg_sleep(10)"],
+        env=clean_env(PGCONNECT_TIMEOUT="10"), stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_until_sleeping(pg, 10)
+        started = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=8)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=5)
+    assert time.monotonic() - started < 5
+    assert "canceling statement due to user request" in stderr, (stdout, stderr)
+    assert process.returncode != 0
