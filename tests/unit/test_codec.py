@@ -954,7 +954,7 @@ def check_malformed_typed(chunks, configure, code, msg_type):
         configure(relay)
     socket.receive_all(chunks)
     socket.receive(TYPED_TRAILER)
-    assert peer.forwarded() == TYPED_PREFIX
+    assert frame(peer.forwarded()) == frame(TYPED_PREFIX)
     assert events(log, "error") == [("error", code, ord(msg_type))]
     after_error = log[log.index(events(log, "error")[0]) + 1 :]
     assert [event for event in after_error if event[0] != "read"] == []
