@@ -87,6 +87,7 @@ cdef class Relay:
     cdef unsigned char _actions[256]
     cdef object _out                # peer transport the writer belongs to
     cdef object _lent_to            # transport that may still hold views of _buf
+    cdef bint _lent_to_several      # views went to more than one transport: never reuse
 
     cdef public object transport    # this connection's own transport
     cdef object _own_write          # transport.write, bound once
@@ -166,6 +167,7 @@ cdef class Relay:
             self._data = NULL
             self._cap = self._start = self._end = 0
             self._lent_to = None
+            self._lent_to_several = False
 
     # -- BufferedProtocol ----------------------------------------------------------------
 
@@ -204,12 +206,14 @@ cdef class Relay:
         self._start = 0
         self._end = keep
         self._lent_to = None
+        self._lent_to_several = False
 
     cdef _reclaim(self, Py_ssize_t want):
         """Make room at the end: compact in place, or start a new buffer if views are lent."""
         cdef Py_ssize_t keep = self._end - self._start
         cdef Py_ssize_t size = max(self._cap, want, self.buffer_size)
-        lent = self._lent_to is not None and self._lent_to.get_write_buffer_size() > 0
+        lent = self._lent_to_several or (
+            self._lent_to is not None and self._lent_to.get_write_buffer_size() > 0)
         if lent or size > self._cap:
             self._allocate(size, keep)
             return
@@ -226,7 +230,10 @@ cdef class Relay:
         if b - a <= COPY_WRITE_MAX:
             self.writer(PyBytes_FromStringAndSize(<char*>self._data + a, b - a))
         else:
-            self._lent_to = self._out
+            if self._lent_to is None:
+                self._lent_to = self._out
+            elif self._lent_to is not self._out:
+                self._lent_to_several = True
             self.writer(self._view[a:b])
         return 0
 
@@ -278,7 +285,7 @@ cdef class Relay:
                 length = _be32(d + start)
                 if length < 8 or length > STARTUP_MAX:
                     self._start = start
-                    self._fail(ERR_LENGTH if length < 8 else ERR_TOO_LONG, 0)
+                    self._fail(ERR_LENGTH if length < 8 or length > 0x7FFFFFFF else ERR_TOO_LONG, 0)
                     break
                 if avail < <Py_ssize_t>length:
                     self._need = length
@@ -313,9 +320,12 @@ cdef class Relay:
                     self._flush(run_start, start)
                     self._start = start
                     self.on_unlinked(t)
-                    start = run_start = self._start
-                    if self.held:
-                        break
+                    if self.held or self._start != start:
+                        # Held, or the callback took the bytes itself (take_buffered).
+                        start = run_start = self._start
+                        if self.held:
+                            break
+                        continue
                     if self.writer is None:
                         # Python chose to drop it: skip the whole message.
                         if avail >= total:
@@ -329,6 +339,7 @@ cdef class Relay:
                 if t == 90:  # 'Z' ReadyForQuery: status read inline
                     if length != 5:
                         self._flush(run_start, start)
+                        run_start = start
                         self._start = start
                         self._fail(ERR_LENGTH, t)
                         break
@@ -354,6 +365,7 @@ cdef class Relay:
             if act == ACT_INSPECT:
                 if total > self.max_inspect:
                     self._flush(run_start, start)
+                    run_start = start
                     self._start = start
                     self._fail(ERR_TOO_LONG, t)
                     break

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from . import errors, session
 from .errors import PgError
-from .server import INSPECT_ALL, RELAY_ACTIONS, ServerConnection
+from .server import INSPECT_ALL, RELAY_ACTIONS, STATEMENT_RELAY_ACTIONS, ServerConnection
 from .stats import PoolStats
 
 if TYPE_CHECKING:
@@ -89,6 +89,8 @@ class Pool:
         query = cfg.server_check_query
         self.check_query = "" if query == "<empty>" else query
         self.check_enabled = bool(query)
+        statement = self.settings.pool_mode == session.STATEMENT
+        self.relay_actions = STATEMENT_RELAY_ACTIONS if statement else RELAY_ACTIONS
 
     # -- addressing ----------------------------------------------------------------------
 
@@ -194,7 +196,7 @@ class Pool:
 
     def _link(self, client: ClientConnection, server: ServerConnection, now: float = 0.0) -> None:
         """Link a server already in `active`; sync parameters first if they differ."""
-        session.link(client, server, RELAY_ACTIONS)
+        session.link(client, server, self.relay_actions)
         sync = session.parameter_sync_sql(client, server)
         if sync is None:
             client.attached(server, now or time.monotonic())

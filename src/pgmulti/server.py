@@ -20,6 +20,10 @@ log = logging.getLogger("pgmulti.server")
 INSPECT_ALL = protocol.action_table(protocol.INSPECT)
 # Linked to a client: everything flows through except ParameterStatus, which the pooler tracks.
 RELAY_ACTIONS = protocol.action_table(protocol.PASS, S=protocol.INSPECT)
+# Statement pooling also looks at ReadyForQuery before the client does: a transaction left
+# open must be refused instead of reported as begun.
+STATEMENT_RELAY_ACTIONS = protocol.action_table(protocol.PASS, S=protocol.INSPECT,
+                                                Z=protocol.INSPECT)
 
 
 class InternalQuery:
@@ -145,6 +149,8 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
                 self._internal_message(msg_type, view)
             elif msg_type == protocol.PARAMETER_STATUS:
                 self._parameter_status(view)
+            elif msg_type == protocol.READY_FOR_QUERY and self.client is not None:
+                self._statement_ready(view)
             else:
                 self._idle_message(msg_type, view)
         except PgError as exc:
@@ -168,6 +174,22 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
     def on_unlinked(self, msg_type: int) -> None:
         # Only INSPECT_ALL is installed while unlinked; nothing reaches here.
         pass
+
+    def _statement_ready(self, view) -> None:
+        """Statement pooling: forward ReadyForQuery only if the server is idle again."""
+        status = view[5]
+        self.ready_status = status
+        self.ready_count += 1
+        if self.pending > 0:
+            self.pending -= 1
+        client = self.client
+        if status == session.READY_IDLE:
+            self.idle_ready_count += 1
+            client.transport.write(bytes(view))
+            if not self.pending:
+                self.pool.release(client, self, reset=self.pool.reset_always)
+            return
+        client.refuse_transaction(self)
 
     def _fail(self, exc: PgError) -> None:
         if not self._login_done.done():
