@@ -15,6 +15,8 @@ from .pool import Credentials, Pool, PoolSettings
 
 log = logging.getLogger("pgmulti")
 
+SUPPORTED_AUTH_TYPES = ("any", "trust", "plain", "md5", "scram-sha-256")
+
 
 def _names(value) -> set[str]:
     """A comma-separated user list from the config (PgBouncer's admin_users/stats_users)."""
@@ -222,6 +224,11 @@ class App:
     # -- process lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
+        method = self.config.pgbouncer.auth_type
+        if method not in SUPPORTED_AUTH_TYPES:
+            # Every login would fail: refuse to start rather than run a pooler nobody can use.
+            raise OSError(f"auth_type = {method} is not supported by pgmulti yet "
+                          f"(supported: {', '.join(SUPPORTED_AUTH_TYPES)})")
         for warning in self.config.warnings:
             log.warning("%s", warning)
         if self.config.unsupported:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -22,7 +23,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description="Start local PostgreSQL clusters (from this machine's PostgreSQL binaries) "
                     "behind pgmulti and print how to connect.")
     parser.add_argument("--port", type=int, default=6432,
-                        help="pgmulti's port (default 6432; a free one if that is taken)")
+                        help="pgmulti's port (default 6432; a free one if that is taken or 0)")
     parser.add_argument("--nodes", type=int, default=3, choices=(1, 2, 3),
                         help="number of PostgreSQL clusters (default 3)")
     parser.add_argument("--pool-mode", default="transaction",
@@ -47,7 +48,9 @@ def demo_config(base: Path, port: int, clusters: list[Cluster], pool_mode: str) 
 
 
 def pick_port(wanted: int) -> int:
-    import socket
+    """The wanted port if free, else (or for 0) a free one."""
+    if wanted == 0:
+        return find_free_port()
     with socket.socket() as probe:
         try:
             probe.bind(("127.0.0.1", wanted))

@@ -183,7 +183,8 @@ class Pool:
             raise errors.server_login_failing()
         self.waiting.append(client)
         client.start_waiting()
-        self.launch_needed()
+        if self.server_count < self.settings.pool_size:
+            self.launch_needed()  # a full pool waits; the janitor opens reserve connections
         return False
 
     def forget_client(self, client: ClientConnection) -> None:
@@ -229,7 +230,7 @@ class Pool:
         session.unlink(client, server, INSPECT_ALL)
         if server.closed:
             return
-        if not server.is_ready:
+        if server.pending or server.ready_status != session.READY_IDLE or server.buffered:
             server.close("client disconnect while server was not ready")
             return
         reset_query = self.app.config.pgbouncer.server_reset_query
@@ -263,6 +264,11 @@ class Pool:
             client = self.waiting.popleft()
             self._move(server, "active")
             self._link(client, server, now)
+            return
+        if server.state == "active":  # the common case, without _move's generality
+            self.active.discard(server)
+            server.state = "idle"
+            self.idle.append(server)
             return
         self._move(server, "idle")
 
