@@ -316,10 +316,19 @@ class Pool:
     def launch(self) -> ServerConnection:
         server = ServerConnection(self, next(_server_ids))
         self._move(server, "login")
-        asyncio.get_running_loop().create_task(self._open(server))
+        asyncio.get_running_loop().create_task(self._launched(server))
         return server
 
-    async def _open(self, server: ServerConnection) -> None:
+    async def _launched(self, server: ServerConnection) -> None:
+        try:
+            await self._log_in(server)
+        except PgError:
+            return
+        if not server.closed:
+            self.server_ready(server)
+
+    async def _log_in(self, server: ServerConnection) -> None:
+        """Connect a server in `login` state and run connect_query; record success or failure."""
         self._next_host += 1
         try:
             await server.open()
@@ -327,15 +336,13 @@ class Pool:
                 await server.run_query(self.db.connect_query)
         except PgError as exc:
             self._login_failed(server, exc)
-            return
+            raise
         self.last_error = None
         self.last_failure = 0.0
+        server.last_used = time.monotonic()
         log.info("%r new connection to server (from %s:%s)", server, *server.local_addr)
         if self.welcome_params is None:
             self.welcome_params = dict(server.params)
-        if not server.closed:
-            server.last_used = time.monotonic()
-            self.server_ready(server)
 
     def _login_failed(self, server: ServerConnection, exc: PgError) -> None:
         log.warning("%r login failed: %s", server, exc.message)
@@ -353,14 +360,11 @@ class Pool:
         """A server for the pooler's own query (auth_query); return it with give_back()."""
         if self.idle:
             server = self.idle.pop()
+            server.state = "popped"
         else:
             server = ServerConnection(self, next(_server_ids))
             self._move(server, "login")
-            try:
-                await server.open()
-            except PgError as exc:
-                self._login_failed(server, exc)
-                raise
+            await self._log_in(server)
         self._move(server, "active")
         return server
 
@@ -381,16 +385,10 @@ class Pool:
             raise errors.server_login_failing()
         server = ServerConnection(self, next(_server_ids))
         self._move(server, "login")
-        try:
-            await server.open()
-        except PgError as exc:
-            self._login_failed(server, exc)
-            raise
-        self.welcome_params = dict(server.params)
-        server.last_used = time.monotonic()
+        await self._log_in(server)
         if not server.closed:
             self.server_ready(server)
-        return self.welcome_params
+        return server.params if self.welcome_params is None else self.welcome_params
 
     # -- janitor -------------------------------------------------------------------------
 
