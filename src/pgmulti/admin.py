@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgmulti.admin")
 
 ADMIN_ERROR = ref.ADMIN_ERROR_SQLSTATE
+SHUTDOWN_MODES = {"wait_for_servers": "servers", "wait_for_clients": "clients"}
 
 
 def admin_error(key: str, *args) -> PgError:
@@ -49,16 +50,18 @@ class AdminConsole:
     def __init__(self, app: App):
         self.app = app
         self.show = {
-            "help": self.show_help, "pools": self.show_pools, "stats": self.show_stats,
+            "pools": self.show_pools, "stats": self.show_stats,
             "stats_totals": self.show_stats_totals, "stats_averages": self.show_stats_averages,
             "totals": self.show_totals, "clients": self.show_clients, "servers": self.show_servers,
             "databases": self.show_databases, "users": self.show_users, "config": self.show_config,
             "lists": self.show_lists, "version": self.show_version, "state": self.show_state,
         }
+        # word -> (handler, fewest arguments, most arguments), as PgBouncer's parser allows.
         self.commands = {
-            "pause": self.cmd_pause, "resume": self.cmd_resume, "reload": self.cmd_reload,
-            "shutdown": self.cmd_shutdown, "kill": self.cmd_kill, "disable": self.cmd_disable,
-            "enable": self.cmd_enable, "reconnect": self.cmd_reconnect,
+            "pause": (self.cmd_pause, 0, 1), "resume": (self.cmd_resume, 0, 1),
+            "reload": (self.cmd_reload, 0, 0), "shutdown": (self.cmd_shutdown, 0, 1),
+            "kill": (self.cmd_kill, 0, 1), "disable": (self.cmd_disable, 0, 1),
+            "enable": (self.cmd_enable, 0, 1), "reconnect": (self.cmd_reconnect, 0, 1),
         }
 
     # -- entry ---------------------------------------------------------------------------
@@ -68,9 +71,11 @@ class AdminConsole:
         words = text.rstrip(";").split()
         try:
             if not words:
-                client.transport.write(protocol.empty_query_response() + protocol.ready_for_query("I"))
-                return
+                self._raise_invalid(text)
             verb = words[0].lower()
+            if verb in ("show", "select") and len(words) == 2 and words[1].lower() == "help":
+                self._send_help(client)
+                return
             if verb in ("show", "select") and len(words) == 2:
                 handler = self.show.get(words[1].lower())
                 if handler is None:
@@ -81,16 +86,29 @@ class AdminConsole:
                 columns, rows = handler()
                 self._send_rows(client, columns, rows)
                 return
-            command = self.commands.get(verb)
-            if command is None:
+            entry = self.commands.get(verb)
+            if entry is None:
                 self._raise_invalid(text)
-            if client.user not in self.app.admin_users and self.app.config.pgbouncer.auth_type != "any":
+            command, fewest, most = entry
+            args = words[1:]
+            if not fewest <= len(args) <= most:
+                self._raise_invalid(text)
+            if verb == "shutdown" and args and args[0].lower() not in SHUTDOWN_MODES:
+                self._raise_invalid(text)
+            if client.user not in self.app.admin_users:
                 raise admin_error("admin_access_needed")
             log.info("%r admin command: %s", client, text)
-            command(client, words[1:])
+            command(client, args)
         except PgError as exc:
             client.transport.write(protocol.error_response("ERROR", exc.sqlstate, exc.message)
                                    + protocol.ready_for_query("I"))
+
+    def _send_help(self, client: ClientConnection) -> None:
+        """SHOW HELP is one NOTICE with the command list, as in PgBouncer."""
+        notice = protocol.error_response(ref.HELP_NOTICE_SEVERITY, ref.HELP_NOTICE_SQLSTATE,
+                                         ref.HELP_NOTICE_MESSAGE, ref.HELP_DETAIL, notice=True)
+        client.transport.write(notice + protocol.command_complete("SHOW")
+                               + protocol.ready_for_query("I"))
 
     def _raise_invalid(self, text: str):
         raise admin_error("invalid_command", text)
@@ -111,14 +129,14 @@ class AdminConsole:
 
     # -- SHOW ----------------------------------------------------------------------------
 
-    def show_help(self):
-        return (("help", "text"),), [[line] for line in ref.HELP_LINES]
 
     def show_version(self):
         return ref.COLUMNS["version"], [[f"PgBouncer {ref.PGBOUNCER_VERSION} (pgmulti {__version__})"]]
 
     def show_pools(self):
-        rows = []
+        admin_clients = sum(1 for c in self.app.clients if c.admin)
+        rows = [["pgbouncer", "pgbouncer", admin_clients, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                 "statement", "disable"]]
         now = time.monotonic()
         for pool in self.app.pools.values():
             wait = now - pool.waiting[0].wait_start if pool.waiting else 0.0
@@ -185,7 +203,7 @@ class AdminConsole:
                          *self._addr(client.local_addr, client.listener_kind),
                          timestamp_text(client.connect_time), timestamp_text(client.request_time),
                          int(wait), int((wait % 1) * 1_000_000), 0, f"0x{id(client):x}",
-                         f"0x{id(server):x}" if server is not None else "", 0, "",
+                         f"0x{id(server):x}" if server is not None else "", 0, client.tls,
                          client.params.get("application_name", ""), 0, client.id])
         return ref.COLUMNS["clients"], rows
 
@@ -209,7 +227,7 @@ class AdminConsole:
                              timestamp_text(server.connect_time),
                              timestamp_text(server.connect_time), 0, 0, 0,
                              f"0x{id(server):x}", f"0x{id(client):x}" if client is not None else "",
-                             server.backend_pid, "", server.params.get("application_name", ""), 0,
+                             server.backend_pid, server.tls, server.params.get("application_name", ""), 0,
                              server.id])
         return ref.COLUMNS["servers"], rows
 
@@ -221,15 +239,15 @@ class AdminConsole:
             settings = self.app.pool_settings(db, db.user or "")
             current = sum(p.server_count for p in pools)
             clients = sum(len(p.clients) for p in pools)
-            rows.append([name, db.host, db.port or 5432, db.dbname or name, db.user or "",
+            rows.append([name, db.host, db.port or 5432, db.dbname or name, db.user,
                          settings.pool_size, settings.min_pool_size, settings.reserve_pool_size,
-                         int(settings.server_lifetime), getattr(db, "pool_mode", None) or "",
+                         int(settings.server_lifetime), db.pool_mode,
                          "disable", settings.max_db_connections, current,
                          getattr(db, "max_db_client_connections", None) or 0, clients,
                          int(any(p.paused for p in pools) or self.app.paused),
                          int(any(p.disabled for p in pools))])
         for admin_db in ("pgbouncer",):
-            rows.append([admin_db, "", cfg.listen_port, admin_db, "pgbouncer", 2, 0, 0, 0,
+            rows.append([admin_db, None, cfg.listen_port, admin_db, "pgbouncer", 2, 0, 0, 0,
                          "statement", "disable", 0, 0, 0, 0, 0, 0])
         return ref.COLUMNS["databases"], rows
 
@@ -307,6 +325,8 @@ class AdminConsole:
         name = self._database_arg(args, "cannot_pause_admin_db")
         if name is None and not self.app.paused:
             raise admin_error("not_paused")
+        if name is not None and not self.app.database_paused(name):
+            raise admin_error("database_not_paused", name)
         self.app.resume(name)
         self._done(client, "RESUME")
 
@@ -318,17 +338,11 @@ class AdminConsole:
         self._done(client, "RELOAD")
 
     def cmd_shutdown(self, client: ClientConnection, args) -> None:
-        mode = args[0].lower() if args else ""
-        if mode == "wait_for_servers":
-            self._done(client, "SHUTDOWN")
-            self.app.shutdown("servers")
-        elif mode == "wait_for_clients":
-            self._done(client, "SHUTDOWN")
-            self.app.shutdown("clients")
-        elif not mode:
-            self.app.shutdown(None)
-        else:
-            raise admin_error("bad_arguments")
+        if not args:
+            self.app.shutdown(None)  # plain SHUTDOWN sends no reply: the process exits
+            return
+        self._done(client, "SHUTDOWN")
+        self.app.shutdown(SHUTDOWN_MODES[args[0].lower()])
 
     def cmd_kill(self, client: ClientConnection, args) -> None:
         name = self._database_arg(args, "cannot_kill_admin_db")

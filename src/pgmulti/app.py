@@ -12,6 +12,7 @@ from .errors import PgError
 from .janitor import Janitor
 from .listener import Listener
 from .pool import Credentials, Pool, PoolSettings
+from .tls import TlsConfigError, TlsContexts
 
 log = logging.getLogger("pgmulti")
 
@@ -54,7 +55,8 @@ class App:
 
     # -- configuration -------------------------------------------------------------------
 
-    def _apply_config(self, config) -> None:
+    def _apply_config(self, config, tls: TlsContexts | None = None) -> None:
+        self.tls = tls or TlsContexts(config.pgbouncer)
         self.config = config
         cfg = config.pgbouncer
         self.admin_users = _names(cfg.admin_users)
@@ -77,10 +79,11 @@ class App:
         """SIGHUP / RELOAD: re-read the config and auth file; pools pick up new limits."""
         try:
             config = loader.load_config(self.config_path)
-        except (loader.ConfigError, OSError) as exc:
+            tls = TlsContexts(config.pgbouncer)  # new certificates apply to new connections
+        except (loader.ConfigError, TlsConfigError, OSError) as exc:
             log.error("reload failed, keeping the old configuration: %s", exc)
             raise PgError("F0000", f"RELOAD failed: {exc}") from None
-        self._apply_config(config)
+        self._apply_config(config, tls)
         self.load_userlist()
         for (name, user), pool in list(self.pools.items()):
             db = config.database_for(name)
@@ -237,12 +240,17 @@ class App:
         await self.listener.start()
         self.janitor.start()
 
+    def database_paused(self, name: str) -> bool:
+        return self.paused or any(p.paused for p in self.pools.values() if p.name == name)
+
     def pause(self, db_name: str | None = None) -> None:
+        """PAUSE: no new server work; idle servers close now, busy ones when released."""
         if db_name is None:
             self.paused = True
         for pool in self.pools.values():
             if db_name is None or pool.name == db_name:
                 pool.paused = True
+                pool.close_idle("database paused")
 
     def resume(self, db_name: str | None = None) -> None:
         if db_name is None:

@@ -15,7 +15,7 @@ from .__version__ import __version__
 
 log = logging.getLogger("pgmulti")
 
-SUBCOMMANDS = ("demo",)
+SUBCOMMANDS = ("demo", "analyze")
 
 
 class PgBouncerFormatter(logging.Formatter):
@@ -54,7 +54,8 @@ def pooler_arguments(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="pgmulti",
         description="PostgreSQL connection pooler (PgBouncer-compatible). "
-                    "Sub-commands: demo (local clusters behind pgmulti).")
+                    "Sub-commands: demo (local clusters behind pgmulti), "
+                    "analyze (relay and decode a session).")
     parser.add_argument("-d", "--daemon", action="store_true", help="run in the background")
     parser.add_argument("-R", "--reboot", action="store_true",
                         help="online restart (not supported: use so_reuseport rolling restarts)")
@@ -68,9 +69,12 @@ def pooler_arguments(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in SUBCOMMANDS:
+    if argv and argv[0] == "demo":
         from . import demo
         return demo.main(argv[1:])
+    if argv and argv[0] == "analyze":
+        from . import analyze
+        return analyze.main(argv[1:])
     args = pooler_arguments(argv)
     if args.version:
         print(f"pgmulti {__version__} (PgBouncer-compatible)")
@@ -103,7 +107,7 @@ def run_pooler(args: argparse.Namespace) -> int:
     try:
         import uvloop
         return uvloop.run(serve(config, os.path.abspath(args.config), args.user))
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: TlsConfigError and friends
         log.error("could not start: %s", exc)
         return 1
 
@@ -155,6 +159,8 @@ async def serve(config, config_path: str, run_as: str | None) -> int:
 
 def install_signal_handlers(app) -> None:
     """PgBouncer 1.23+ signals: HUP reload, INT safe, TERM wait for clients, QUIT now."""
+    from .errors import PgError
+
     loop = asyncio.get_running_loop()
 
     def on_term() -> None:
@@ -166,8 +172,8 @@ def install_signal_handlers(app) -> None:
     def on_hup() -> None:
         try:
             app.reload()
-        except Exception as exc:  # reload errors are logged; the old config stays
-            log.error("reload failed: %s", exc)
+        except PgError:
+            pass  # already logged by reload(); the old configuration stays
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     loop.add_signal_handler(signal.SIGINT, lambda: app.shutdown("servers"))

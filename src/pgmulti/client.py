@@ -7,10 +7,11 @@ import itertools
 import logging
 import os
 import secrets
+import ssl
 import time
 from typing import TYPE_CHECKING
 
-from . import auth, errors, protocol, session
+from . import auth, errors, protocol, session, tls
 from ._codec import Relay
 from .errors import PgError
 
@@ -71,6 +72,7 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         self.cancel_pid = secrets.randbits(31) or 1
         self.cancel_key = secrets.randbits(32)
         self.scram_keys: tuple[bytes, bytes] | None = None
+        self.tls = ""                    # "" for plain text, else protocol/cipher
         self._password_waiter: asyncio.Future | None = None
         self._reading_paused = False
         cfg = app.config.pgbouncer
@@ -172,9 +174,13 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
     def on_protocol_error(self, code: int, msg_type: int) -> None:
         if code == protocol.ERR_TYPE:
             if self.admin:
-                text = "admin console supports only the simple query protocol"
-            else:
-                text = f"unsupported frontend message type {chr(msg_type)!r}"
+                # PgBouncer's answer: an ERROR naming the problem, then the connection closes.
+                self.transport.write(protocol.error_response(
+                    "ERROR", errors.PROTOCOL_VIOLATION,
+                    "extended query protocol not supported by admin console"))
+                self.report(errors.protocol_violation("bad packet"))
+                return
+            text = f"unsupported frontend message type {chr(msg_type)!r}"
         else:
             text = _PROTOCOL_ERROR_TEXT.get(code, "malformed packet")
         self.report(errors.protocol_violation(text))
@@ -200,13 +206,24 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         code, rest = protocol.parse_startup(view)
         if code == protocol.SSL_REQUEST_CODE or code == protocol.GSSENC_REQUEST_CODE:
             if self.buffered:
-                # Bytes sent before our answer could be mistaken for encrypted data later.
+                # Bytes sent before our answer could be mistaken for encrypted data later
+                # (the buffer-stuffing attack of CVE-2021-23222).
                 raise errors.protocol_violation("received unencrypted data after SSL request")
-            self.transport.write(b"N")  # TLS is not configured: the client continues in plain text
+            context = self.app.tls.client
+            if (code == protocol.GSSENC_REQUEST_CODE or context is None or self.tls
+                    or self.listener_kind == "unix"):
+                self.transport.write(b"N")  # the client continues in plain text
+                return
+            self.transport.write(b"S")
+            self.hold()
+            self.app.spawn(self._start_tls(context))
             return
         if code == protocol.CANCEL_REQUEST_CODE:
             self._cancel_request(rest)
             return
+        if self.app.tls.client_tls_required and not self.tls and self.listener_kind == "tcp":
+            raise errors.fatal(errors.INVALID_AUTHORIZATION_SPECIFICATION, "SSL required",
+                               hint="connect with sslmode=require (client_tls_sslmode)")
         if code >> 16 != 3:
             raise errors.protocol_violation(
                 f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: "
@@ -221,6 +238,24 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         self._accept_startup_params(params)
         self.hold()
         self.app.spawn(self._login())
+
+    async def _start_tls(self, context) -> None:
+        """Answered 'S' to SSLRequest: handshake, then read the startup packet decrypted."""
+        loop = asyncio.get_running_loop()
+        timeout = self.app.config.pgbouncer.client_login_timeout or None
+        try:
+            transport = await asyncio.wait_for(
+                loop.start_tls(self.transport, self, context, server_side=True), timeout)
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
+            log.info("%r TLS handshake failed: %s", self, exc or "timeout")
+            self.close("TLS handshake failed")
+            return
+        if transport is None or self.closed:
+            self.close("TLS handshake failed")
+            return
+        self.attach_transport(transport)
+        self.tls = tls.describe(transport.get_extra_info("ssl_object"))
+        self.resume()
 
     def _accept_startup_params(self, params: dict[str, str]) -> None:
         ignored = self.app.ignored_startup_parameters
@@ -300,8 +335,7 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         cfg = self.app.config.pgbouncer
         if self.user not in self.app.admin_users and self.user not in self.app.stats_users:
             if cfg.auth_type != "any":
-                raise errors.fatal(errors.INSUFFICIENT_PRIVILEGE,
-                                   "not allowed", detail="user is not in admin_users or stats_users")
+                raise errors.fatal(errors.PROTOCOL_VIOLATION, "not allowed")
         self.admin = True
         await self._authenticate(self.app.userlist.get(self.user))
         self._finish_login(self.app.admin_parameters())
@@ -333,12 +367,18 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         method = self.app.config.pgbouncer.auth_type
         if method == "any":
             return
-        if secret is None:
-            if method == "trust":
-                raise errors.no_such_user(self.user)
-            raise errors.password_failed(self.user)
         if method == "trust":
+            if secret is None:
+                raise errors.no_such_user(self.user)
             return
+        if secret is None:
+            # Ask an unknown user for a password like a known one, so the answer does not
+            # tell which users exist; no password can match a random secret.
+            await self._authenticate_with(method, secrets.token_hex(16))
+            raise errors.password_failed(self.user)
+        await self._authenticate_with(method, secret)
+
+    async def _authenticate_with(self, method: str, secret: str) -> None:
         if method == "plain":
             await self._auth_cleartext(secret)
         elif method == "md5" and auth.secret_kind(secret) != "scram":
@@ -422,7 +462,8 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         self.last_active = time.monotonic()
         self.app.client_logged_in(self)
         if self.app.config.pgbouncer.log_connections:
-            log.info("%r login attempt: db=%s user=%s tls=no", self, self.database, self.user)
+            log.info("%r login attempt: db=%s user=%s tls=%s", self, self.database, self.user,
+                     self.tls or "no")
 
     # -- pooled session ------------------------------------------------------------------
 

@@ -206,8 +206,8 @@ def _parse_entry(text: str, where: _Where) -> _Entry:
         key, rest = match.group(), text[match.end() :]
     rest = rest.lstrip(_BLANK)
     if not rest.startswith("="):
-        got = text.rstrip(_WS)
-        raise ConfigError(f"{where}: syntax error: expected 'name = value', got {got!r}")
+        # Name only: the rest of the line may hold a password.
+        raise ConfigError(f"{where}: syntax error: expected 'name = value' after {key[:40]!r}")
     if not key:
         raise ConfigError(f"{where}: syntax error: missing name before '='")
     return _Entry(key, rest[1:].strip(_WS), where)

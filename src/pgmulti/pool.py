@@ -260,7 +260,10 @@ class Pool:
         if server.generation != self.reconnect_generation:
             server.close("reconnect requested")
             return
-        if self.waiting and not self.paused and not self.app.paused:
+        if self.paused or self.app.paused:
+            server.close("database paused")  # PAUSE disconnects servers as they come back
+            return
+        if self.waiting:
             client = self.waiting.popleft()
             self._move(server, "active")
             self._link(client, server, now)
@@ -297,7 +300,7 @@ class Pool:
             wanted -= 1
 
     def _may_launch(self) -> bool:
-        if self.app.shutting_down or self.disabled:
+        if self.app.shutting_down or self.disabled or self.paused or self.app.paused:
             return False
         if time.monotonic() - self.last_failure < self.app.config.pgbouncer.server_login_retry:
             return False

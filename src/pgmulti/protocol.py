@@ -128,6 +128,10 @@ def parse_data_row(body) -> list[bytes | None]:
     return values
 
 
+def ssl_request() -> bytes:
+    return (8).to_bytes(4, "big") + SSL_REQUEST_CODE.to_bytes(4, "big")
+
+
 def negotiate_protocol_version(newest_minor: int, unsupported: list[str]) -> bytes:
     body = (newest_minor.to_bytes(4, "big") + len(unsupported).to_bytes(4, "big")
             + b"".join(name.encode() + b"\0" for name in unsupported))

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import ssl
 import time
 from typing import TYPE_CHECKING
 
 from . import auth, errors, protocol, session
 from ._codec import Relay
 from .errors import PgError
+from .tls import describe as describe_tls
 
 if TYPE_CHECKING:
     from .pool import Pool
@@ -57,6 +60,7 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
         self.closed = False
         self.close_reason = ""
         self.local_addr = ("", 0)
+        self.tls = ""
         self._login_done = asyncio.get_running_loop().create_future()
         self._internal: InternalQuery | None = None
         self._scram: auth.ScramClient | None = None
@@ -76,6 +80,8 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
         try:
             if self.pool.unix_path:
                 connect = loop.create_unix_connection(lambda: self, self.pool.unix_path)
+            elif self.app.tls.server is not None:
+                connect = self._connect_negotiating_tls(loop)
             else:
                 connect = loop.create_connection(lambda: self, self.pool.host, self.pool.port)
             await asyncio.wait_for(connect, timeout)
@@ -83,10 +89,39 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
         except PgError:
             self.close("login failed")
             raise
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (OSError, ssl.SSLError, asyncio.TimeoutError) as exc:
             reason = "connect timeout" if isinstance(exc, asyncio.TimeoutError) else str(exc)
             self.close(reason)
             raise errors.server_unreachable(f"{self.pool.address_text}: {reason}") from None
+
+    async def _connect_negotiating_tls(self, loop) -> None:
+        """SSLRequest on a fresh socket; TLS if the server says 'S' (server_tls_sslmode)."""
+        host, port = self.pool.host, self.pool.port
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, address)
+            await loop.sock_sendall(sock, protocol.ssl_request())
+            answer = await loop.sock_recv(sock, 1)
+        except OSError:
+            sock.close()
+            raise
+        tls = self.app.tls
+        if answer == b"S":
+            context = tls.server
+            hostname = host if context.check_hostname else None
+            await loop.create_connection(lambda: self, sock=sock, ssl=context,
+                                         server_hostname=hostname)
+            self.tls = describe_tls(self.transport.get_extra_info("ssl_object"))
+        elif answer == b"N" and not tls.server_tls_required:
+            await loop.create_connection(lambda: self, sock=sock)
+        else:
+            sock.close()
+            what = "refused TLS" if answer == b"N" else "sent an invalid answer to SSLRequest"
+            raise errors.fatal(errors.CONNECTION_FAILURE, f"server {what}",
+                               detail=f"server_tls_sslmode = {tls.server_mode}")
 
     def connection_made(self, transport) -> None:
         self.attach_transport(transport)

@@ -40,9 +40,8 @@ RENAMED_SINCE_1_18 = {("databases", "reserve_pool"): "reserve_pool_size"}
 
 def console(proc_or_port, user: str = "postgres", **kwargs) -> psycopg.Connection:
     port = proc_or_port if isinstance(proc_or_port, int) else proc_or_port.port
-    conn = psycopg.connect(host="127.0.0.1", port=port, user=user, dbname="pgbouncer",
+    return psycopg.connect(host="127.0.0.1", port=port, user=user, dbname="pgbouncer",
                            autocommit=True, connect_timeout=CONNECT_TIMEOUT, **kwargs)
-    return conn
 
 
 def show(conn: psycopg.Connection, what: str):
@@ -136,15 +135,19 @@ def test_show_columns(proxy, busy, user):
             assert all(len(row) == len(names) for row in rows), what
 
 
-def test_show_help(proxy):
-    """PgBouncer answers SHOW HELP with one NOTICE and no result set (COLUMNS['help'] == ())."""
+def show_help(port: int):
+    """(column names, rows, notice texts) of SHOW HELP."""
     notices = []
-    with console(proxy) as admin:
-        admin.add_notice_handler(notices.append)
+    with console(port) as admin:
+        # A Diagnostic is only valid during the callback.
+        admin.add_notice_handler(lambda diag: notices.append((diag.severity, diag.message_primary)))
         names, _, rows = show(admin, "help")
-    assert (names, rows) == (None, [])
-    assert [n.message_primary for n in notices] == ["Console usage"]
+    return names, rows, notices
+
+
+def test_show_help(proxy):
     assert ref.COLUMNS["help"] == ()
+    assert show_help(proxy.port) == (None, [], [("NOTICE", "Console usage")])
 
 
 def test_show_values(proxy, busy):
@@ -197,6 +200,20 @@ def test_stats_counters_move(proxy):
         assert after[counter] > before[counter], counter
 
 
+def test_show_pools_lists_the_admin_pool(proxy):
+    with console(proxy) as admin:
+        pools = {(row["database"], row["user"]): row for row in show_dicts(admin, "pools")}
+    assert pools[("pgbouncer", "pgbouncer")]["pool_mode"] == "statement"
+    assert pools[("pgbouncer", "pgbouncer")]["cl_active"] == 1
+
+
+def test_show_databases_nulls(proxy):
+    with console(proxy) as admin:
+        databases = {row["name"]: row for row in show_dicts(admin, "databases")}
+    assert (databases["testdb"]["force_user"], databases["testdb"]["pool_mode"]) == (None, None)
+    assert databases["pgbouncer"]["host"] is None
+
+
 # --- commands ---
 
 
@@ -220,6 +237,26 @@ def test_pause_and_resume(proxy):
             worker.join(5)
         assert result == [42]
         assert show_dicts(admin, "state")[0] == {"key": "active", "value": "yes"}
+
+
+def test_pause_disconnects_servers(proxy):
+    def testdb_servers(admin):
+        return [row for row in show_dicts(admin, "servers") if row["database"] == "testdb"]
+
+    with console(proxy) as admin, psycopg.connect(
+            proxy.dsn(db="testdb"), connect_timeout=CONNECT_TIMEOUT, autocommit=True) as client:
+        client.execute("SELECT 1")
+        assert len(testdb_servers(admin)) == 1
+        admin.execute("PAUSE")
+        worker = threading.Thread(target=lambda: client.execute("SELECT 1"))
+        worker.start()
+        try:
+            time.sleep(1.0)  # a few janitor ticks with a client waiting
+            servers = testdb_servers(admin)
+        finally:
+            admin.execute("RESUME")
+            worker.join(5)
+        assert servers == []
 
 
 def test_pause_waits_for_a_transaction_to_end(proxy):
@@ -271,6 +308,23 @@ def test_stats_user_is_refused_admin_commands(proxy):
     assert login_error(proxy.port, "postgres", "testdb") is None  # still running, not paused
 
 
+def test_auth_type_any_gives_admin_rights_only_to_admin_users(pgmulti):
+    proc = pgmulti({"auth_type": "any"})
+    with console(proc, "postgres") as admin:
+        assert admin.execute("PAUSE").statusmessage == "PAUSE"
+        assert admin.execute("RESUME").statusmessage == "RESUME"
+    refused = {}
+    for user in ("stats", "md5user", "no_such_user"):
+        with console(proc, user) as other:
+            assert show(other, "version")[2]
+            try:
+                refused[user] = other.execute("PAUSE").statusmessage
+                other.execute("RESUME")
+            except psycopg.Error as exc:
+                refused[user] = (exc.sqlstate, exc.diag.message_primary)
+    assert refused == dict.fromkeys(refused, ("08P01", "admin access needed"))
+
+
 def test_non_admin_user_cannot_log_in_to_console(proxy):
     for user in ("md5user", "plainuser"):
         with pytest.raises(psycopg.OperationalError, match="not allowed"):
@@ -279,8 +333,6 @@ def test_non_admin_user_cannot_log_in_to_console(proxy):
         assert error is not None and error[1] == "not allowed"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: console login refusal has SQLSTATE 42501, "
-                   "PgBouncer (and admin_columns.ADMIN_ERRORS['not_allowed']) send 08P01")
 def test_non_admin_console_refusal_sqlstate(proxy):
     message, sqlstate, _ = ref.ADMIN_ERRORS["not_allowed"]
     assert login_error(proxy.port, "md5user") == (sqlstate, message)
@@ -295,9 +347,6 @@ def test_extended_protocol_on_console_fails(proxy):
         assert show(admin, "version")[2]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: extended protocol on the console answers FATAL "
-                   "'admin console supports only the simple query protocol' instead of "
-                   "PgBouncer's ERROR 'extended query protocol not supported by admin console'")
 def test_extended_protocol_on_console_message(proxy):
     message, sqlstate, severity = ref.ADMIN_ERRORS["extended_protocol"]
     with console(proxy) as admin:
@@ -309,11 +358,34 @@ def test_extended_protocol_on_console_message(proxy):
 
 def test_invalid_command(proxy):
     with console(proxy) as admin:
-        for command in ("FOO", "SHOW NOSUCHTHING", "SELECT 1", "PAUSE a b c d"):
+        for command in ("FOO", "SHOW NOSUCHTHING", "SELECT 1", "SHOW POOLS extra", "SHOW"):
             error = admin_error(admin, command)
-            assert error.sqlstate == "08P01", command
-            assert error.diag.message_primary.startswith("invalid command"), command
+            assert (error.sqlstate, error.diag.message_primary) == \
+                ("08P01", f"invalid command '{command}', use SHOW HELP;"), command
         assert show(admin, "version")[2]  # the connection stays usable
+
+
+# Console commands with argument errors; the expected answers are PgBouncer's
+# (checked against the 1.18 binary by test_pgbouncer_1_18_console_answers, and the same in
+# 1.25 according to admin_columns.ADMIN_ERRORS).
+def _invalid(command: str) -> tuple[str, str]:
+    return ("08P01", ref.ADMIN_ERRORS["invalid_command"][0] % command)
+
+
+MISPARSED_COMMANDS = [
+    pytest.param("PAUSE a b c d", _invalid("PAUSE a b c d")),
+    pytest.param("RELOAD x", _invalid("RELOAD x")),
+    pytest.param("SHUTDOWN foo", _invalid("SHUTDOWN foo")),
+    pytest.param("", _invalid("")),
+    pytest.param("RESUME testdb", ("08P01", ref.ADMIN_ERRORS["database_not_paused"][0] % "testdb")),
+]
+
+
+@pytest.mark.parametrize("command, expected", MISPARSED_COMMANDS)
+def test_console_command_errors_like_pgbouncer(proxy, command, expected):
+    with console(proxy) as admin:
+        error = admin_error(admin, command)
+        assert (error.sqlstate, error.diag.message_primary) == expected
 
 
 # --- side by side with PgBouncer 1.18 ---
@@ -380,6 +452,8 @@ def test_side_by_side_with_pgbouncer_1_18(proxy, pgbouncer_1_18):
         with console(proxy) as ours, console(pgbouncer_1_18) as theirs:
             compared = []
             for what in ref.COLUMNS_1_18:
+                if what == "help":
+                    continue  # no result set at all in PgBouncer: see test_show_help
                 try:
                     their_names, their_oids, _ = show(theirs, what)
                 except psycopg.Error as exc:
@@ -408,6 +482,7 @@ def test_side_by_side_with_pgbouncer_1_18(proxy, pgbouncer_1_18):
                     if name in their_types:
                         assert oid == their_types[name], (what, name)
             assert set(SHOW_COMMANDS) - {"state"} <= set(compared)
+            assert show_help(pgbouncer_1_18) == (None, [], [("NOTICE", "Console usage")])
             # Row names of the name/value style commands.
             assert [r["list"] for r in show_dicts(theirs, "lists")] == list(ref.LISTS_ROWS_1_18)
             assert [r["name"] for r in show_dicts(theirs, "totals")] == list(ref.TOTALS_ROWS_1_18)
@@ -421,14 +496,46 @@ def test_side_by_side_with_pgbouncer_1_18(proxy, pgbouncer_1_18):
             client.close()
 
 
+def console_answers(port: int, user: str, commands) -> list:
+    answers = []
+    with console(port, user) as admin:
+        for command in commands:
+            try:
+                answers.append(("ok", admin.execute(command).statusmessage))
+            except psycopg.Error as exc:
+                answers.append((exc.sqlstate, exc.diag.message_primary))
+    return answers
+
+
+# Commands whose answers 1.18 and 1.25 share (1.25 changed KILL without a database).
+SHARED_ERRORS = ["FOO", "SHOW NOSUCHTHING", "SHOW POOLS extra", "SHOW", "SELECT 1",
+                 "PAUSE nosuch", "RESUME", "DISABLE", "ENABLE nosuch", "RECONNECT pgbouncer",
+                 "PAUSE pgbouncer", "KILL pgbouncer", "DISABLE pgbouncer", "SHOW client_encoding"]
+
+
 def test_side_by_side_console_errors(proxy, pgbouncer_1_18):
-    """The console errors both answer the same way."""
+    """Console errors and refusals: pgmulti answers as PgBouncer 1.18 does."""
+    for user, commands in (("postgres", SHARED_ERRORS), ("stats", ["PAUSE", "RELOAD"])):
+        ours = console_answers(proxy.port, user, commands)
+        theirs = console_answers(pgbouncer_1_18, user, commands)
+        assert list(zip(commands, ours)) == list(zip(commands, theirs))
+    # The extended protocol is refused by both with 08P01.
     for port in (proxy.port, pgbouncer_1_18):
-        with console(port) as admin:
-            error = admin_error(admin, "FOO")
-            assert (error.sqlstate, error.diag.message_primary) == \
-                ("08P01", "invalid command 'FOO', use SHOW HELP;"), port
-        with console(port, "stats") as stats:
-            error = admin_error(stats, "PAUSE")
-            assert (error.sqlstate, error.diag.message_primary) == \
-                ("08P01", "admin access needed"), port
+        with console(port) as admin, pytest.raises(psycopg.Error) as info:
+            admin.execute("SHOW %s", ["POOLS"])
+        assert info.value.sqlstate == "08P01"
+
+
+def test_pgbouncer_1_18_console_answers(pgbouncer_1_18):
+    """What test_console_command_errors_like_pgbouncer and the login refusal expect is what
+    PgBouncer does."""
+    commands = [param.values[0] for param in MISPARSED_COMMANDS]
+    answers = console_answers(pgbouncer_1_18, "postgres", commands)
+    assert answers == [param.values[1] for param in MISPARSED_COMMANDS]
+    message, sqlstate, _ = ref.ADMIN_ERRORS["not_allowed"]
+    assert login_error(pgbouncer_1_18, "md5user") == (sqlstate, message)
+    with console(pgbouncer_1_18) as admin, pytest.raises(psycopg.Error) as info:
+        admin.execute("SHOW %s", ["POOLS"])
+    message, sqlstate, severity = ref.ADMIN_ERRORS["extended_protocol"]
+    diag = info.value.diag
+    assert (diag.severity, diag.sqlstate, diag.message_primary) == (severity, sqlstate, message)

@@ -195,6 +195,14 @@ def test_client_auth(proxy, base_config, userlist, socket_db, pg, auth_type, kin
         assert 'password authentication failed for user "plainuser"' in message
 
 
+@pytest.mark.parametrize("auth_type, request_code", [("md5", AUTH_MD5),
+                                                      ("scram-sha-256", AUTH_SASL)])
+def test_unknown_user_is_asked_for_a_password_like_a_known_one(proxy, auth_type, request_code):
+    proc = proxy({"auth_type": auth_type})
+    assert first_auth_request(proc, "md5user", "testdb") == (b"R", request_code)
+    assert first_auth_request(proc, "no_such_user", "testdb") == (b"R", request_code)
+
+
 def test_empty_password_in_auth_file_never_authenticates(proxy, base_config, userlist, socket_db):
     proc = proxy(base_config(auth_type="plain", databases=socket_db), userlist(plainuser=""))
     sqlstate, message = asyncpg_login(proc, "plainuser", "sockdb", "")
@@ -209,9 +217,8 @@ def test_empty_password_in_auth_file_never_authenticates(proxy, base_config, use
     ("passuser", "password"),
     ("scramuser", "scram-sha-256"),
 ])
-@pytest.mark.parametrize("auth_type", ["trust", "md5"])
-def test_server_login_with_password_from_auth_file(proxy, pg, user, method, auth_type):
-    proc = proxy({"auth_type": auth_type})
+def test_server_login_with_password_from_auth_file(proxy, pg, user, method):
+    proc = proxy({"auth_type": "md5"})
     log_start = len(pg.log_text())
     password = PASSWORDS[user]
     assert psycopg_user(proc, user, "testdb", password) == user

@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import socket
+import struct
 import subprocess
+import time
 import uuid
 
 import asyncpg
@@ -17,7 +20,7 @@ import psycopg
 import pytest
 from psycopg import errors as pgerrors
 
-from pgmulti.cluster import clean_env
+from pgmulti.cluster import clean_env, process_tree
 
 CONNECT_TIMEOUT_S = 5
 COPY_ROWS = 10_000
@@ -324,6 +327,59 @@ def test_psycopg_listen_notify_in_session_mode(pgmulti):
         for notify in listener.notifies(timeout=5, stop_after=2):
             received.append(notify.payload)
         assert received == ["payload one", "payload two"]
+
+
+def _rss_bytes(pid: int) -> int:
+    """Resident memory of a process and its descendants."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            with open(f"/proc/{member}/status") as status:
+                for line in status:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
+
+
+def _raw_login(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    body = struct.pack("!i", 3 << 16) + b"user\0postgres\0database\0testdb\0\0"
+    sock.sendall(struct.pack("!i", len(body) + 4) + body)
+    data = b""
+    while not data.endswith(b"Z\0\0\0\x05I"):
+        chunk = sock.recv(65536)
+        assert chunk, "closed during login"
+        data += chunk
+    return sock
+
+
+def test_slow_reader_is_flow_controlled(pgmulti):
+    """A client that stops reading a 50 MB result: the proxy does not buffer it all."""
+    proxy = pgmulti({"pool_mode": "transaction", "default_pool_size": 2})
+    baseline = _rss_bytes(proxy.pid)
+    sock = _raw_login(proxy.port)
+    try:
+        sql = b"SELECT repeat('x', 1000000) FROM generate_series(1, 50)\0"
+        sock.sendall(b"Q" + struct.pack("!i", len(sql) + 4) + sql)
+        time.sleep(1.0)  # not reading: the server is paused behind the client
+        growth = _rss_bytes(proxy.pid) - baseline
+        assert growth < 25 * 1024 * 1024, f"proxy grew by {growth / 1e6:.1f} MB"
+        # Other clients are served meanwhile.
+        with connect(proxy) as other:
+            assert scalar(other, "SELECT 'other'") == "other"
+        total, tail = 0, b""
+        deadline = time.monotonic() + 10
+        while not tail.endswith(b"Z\0\0\0\x05I"):
+            assert time.monotonic() < deadline, f"stalled after {total} bytes"
+            chunk = sock.recv(1 << 20)
+            assert chunk, f"closed after {total} bytes"
+            total += len(chunk)
+            tail = (tail + chunk)[-16:]
+        assert total > 50 * 1_000_000
+    finally:
+        sock.close()
 
 
 # --- asyncpg ---

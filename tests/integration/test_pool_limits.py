@@ -243,32 +243,26 @@ def test_max_client_conn_refuses_the_next_client(pgmulti):
 
 def test_query_wait_timeout(pgmulti):
     proxy = pgmulti({"default_pool_size": 1, "query_wait_timeout": 1})
-    with connect(proxy) as holder, connect(proxy) as waiter:
+    with connect(proxy) as holder, connect(proxy) as waiter, RawClient(proxy.port) as raw:
         holder.execute("BEGIN")
-        backend_pid(holder)
+        holder_pid = backend_pid(holder)
+        assert raw.login() is None
         started = time.monotonic()
+        # Both wait at the same time: psycopg in a thread, the raw client here.
+        job = Background(lambda: waiter.execute("SELECT 1"))
+        _, error = raw.query("SELECT 1")
+        assert error is not None and (error["S"], error["C"]) == ("FATAL", "53300"), error
+        assert error["M"] == "query_wait_timeout"
+        assert 0.8 <= time.monotonic() - started <= 3.0
+        assert raw.is_closed()
         with pytest.raises(psycopg.OperationalError) as excinfo:
-            waiter.execute("SELECT 1")
-        elapsed = time.monotonic() - started
+            job.join(3)
         assert excinfo.value.sqlstate == "53300", excinfo.value
         assert "query_wait_timeout" in str(excinfo.value)
-        assert 0.8 <= elapsed <= 3.0, elapsed
+        assert 0.8 <= job.elapsed <= 3.0, job.elapsed
         # The holder is unaffected.
-        assert scalar(holder, "SELECT 'still here'") == "still here"
+        assert backend_pid(holder) == holder_pid
         holder.execute("COMMIT")
-
-
-def test_query_wait_timeout_raw_protocol(pgmulti):
-    proxy = pgmulti({"default_pool_size": 1, "query_wait_timeout": 1})
-    with connect(proxy) as holder, RawClient(proxy.port) as waiter:
-        holder.execute("BEGIN")
-        backend_pid(holder)
-        assert waiter.login() is None
-        started = time.monotonic()
-        _, error = waiter.query("SELECT 1")
-        assert error is not None and (error["S"], error["C"]) == ("FATAL", "53300"), error
-        assert 0.8 <= time.monotonic() - started <= 3.0
-        assert waiter.is_closed()
 
 
 def test_reserve_pool_serves_a_waiting_client(pgmulti):
@@ -292,7 +286,7 @@ def test_without_reserve_pool_a_client_waits(pgmulti):
         holder.execute("BEGIN")
         holder_pid = backend_pid(holder)
         job = Background(lambda: backend_pid(waiter))
-        time.sleep(1.0)
+        time.sleep(0.7)
         assert not job.done(), "a second server was opened beyond default_pool_size"
         holder.execute("COMMIT")
         job.join(3)
@@ -338,7 +332,7 @@ def test_connection_limit_across_pools(pgmulti, limit):
         backend_pid(first)
         job = Background(lambda: (scalar(second, "SELECT current_user || '@' || "
                                                  "current_database()"), time.monotonic()))
-        time.sleep(1.0)
+        time.sleep(0.7)
         assert not job.done(), f"{limit}=1 let a second server open"
         committed = time.monotonic()
         first.execute("COMMIT")
@@ -351,13 +345,15 @@ def test_connection_limit_across_pools(pgmulti, limit):
         assert total_servers(proxy) <= 1
 
 
-def test_max_db_connections_within_one_pool(pgmulti):
-    proxy = pgmulti({"default_pool_size": 5, "max_db_connections": 1})
+@pytest.mark.parametrize("limit", list(LIMIT_PAIRS))
+def test_connection_limit_within_one_pool(pgmulti, limit):
+    """Same database and user: the limit of 1 holds below default_pool_size=5."""
+    proxy = pgmulti({"default_pool_size": 5, limit: 1})
     with connect(proxy) as first, connect(proxy) as second:
         first.execute("BEGIN")
         first_pid = backend_pid(first)
         job = Background(lambda: backend_pid(second))
-        time.sleep(0.8)
+        time.sleep(0.7)
         assert not job.done()
         first.execute("COMMIT")
         job.join(3)
@@ -425,33 +421,29 @@ def test_server_lifetime_closes_idle_servers(pgmulti):
 
 def test_client_idle_timeout(pgmulti):
     proxy = pgmulti({"client_idle_timeout": 1})
-    with RawClient(proxy.port) as idle, RawClient(proxy.port) as busy:
-        assert idle.login() is None and busy.login() is None
-        started = time.monotonic()
-        # The busy client keeps talking and is left alone.
-        while time.monotonic() - started < 2.0:
-            rows, error = busy.query("SELECT 1")
-            assert error is None and rows == [["1"]]
-            time.sleep(0.2)
-        message = idle.read_until("E", timeout=3)
-        assert message is not None, "closed without an error message"
-        error = error_fields(message[1])
-        assert (error["S"], error["C"]) == ("FATAL", "57P05"), error
-        assert idle.is_closed()
-        rows, error = busy.query("SELECT 2")
-        assert error is None and rows == [["2"]]
-
-
-def test_client_idle_timeout_with_psycopg(pgmulti):
-    proxy = pgmulti({"client_idle_timeout": 1})
-    conn = connect(proxy)
+    lib_client = connect(proxy)
     try:
-        assert scalar(conn, "SELECT 1") == 1
-        time.sleep(2.0)
+        with RawClient(proxy.port) as idle, RawClient(proxy.port) as busy:
+            assert idle.login() is None and busy.login() is None
+            assert scalar(lib_client, "SELECT 1") == 1
+            started = time.monotonic()
+            # The busy client keeps talking and is left alone.
+            while time.monotonic() - started < 2.0:
+                rows, error = busy.query("SELECT 1")
+                assert error is None and rows == [["1"]]
+                time.sleep(0.2)
+            message = idle.read_until("E", timeout=3)
+            assert message is not None, "closed without an error message"
+            error = error_fields(message[1])
+            assert (error["S"], error["C"]) == ("FATAL", "57P05"), error
+            assert idle.is_closed()
+            rows, error = busy.query("SELECT 2")
+            assert error is None and rows == [["2"]]
+        # psycopg, idle as long, finds its connection closed.
         with pytest.raises(psycopg.OperationalError):
-            conn.execute("SELECT 1")
+            lib_client.execute("SELECT 1")
     finally:
-        conn.close()
+        lib_client.close()
 
 
 def test_idle_transaction_timeout(pgmulti):
@@ -568,7 +560,7 @@ def test_many_clients_share_a_small_pool(pgmulti):
 BUG_WELCOME_RACE = (
     "BUG: clients logging in at the same time to a pool with no server yet each open their own "
     "server in Pool.welcome() (welcome_params is set only after a login completes), so the pool "
-    "exceeds default_pool_size; these servers are not logged as new server connections either"
+    "exceeds default_pool_size (20 concurrent logins open 20 servers with default_pool_size=1)"
 )
 
 

@@ -7,6 +7,8 @@ go through the proxy (pg_terminate_backend, pgbench -i) go to PostgreSQL directl
 from __future__ import annotations
 
 import signal
+import socket
+import struct
 import subprocess
 import threading
 import time
@@ -21,8 +23,9 @@ MODES = ["session", "transaction", "statement"]
 CONNECT_TIMEOUT_S = 5
 BENCH_DB = "pgmulti_bench"
 BUG_STATEMENT_BEGIN = (
-    "BUG: statement mode forwards BEGIN's CommandComplete and ReadyForQuery('T') to the client "
-    "before refusing, so BEGIN succeeds and the 0A000 FATAL only arrives unsolicited afterwards"
+    "BUG: statement mode sends BEGIN's CommandComplete to a simple-query client before the "
+    "0A000 FATAL (only ReadyForQuery is withheld); psql -c BEGIN then prints BEGIN and exits 0 "
+    "without showing the error (PgBouncer drops the pending reply and sends only the FATAL)"
 )
 
 
@@ -123,7 +126,6 @@ def test_transaction_mode_keeps_a_transaction_on_one_server(pgmulti):
                 seen.append(row)
                 # Another client's transactions run in between, on the other server.
                 assert backend_pid(other) != row[0]
-        holder.commit()
     assert len({(pid, txid) for pid, txid, _ in seen}) == 1, seen
     # Each round trip saw the rows of the earlier ones: the same transaction throughout.
     assert [count for _, _, count in seen] == [0, 1, 2, 3, 4]
@@ -188,7 +190,6 @@ def test_statement_mode_refuses_transaction_blocks(pgmulti):
         assert scalar(conn, "SELECT 42") == 42
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_STATEMENT_BEGIN)
 def test_statement_mode_begin_error_is_the_answer_to_begin(pgmulti):
     """The refusal is the reply to BEGIN itself, as in PgBouncer, not a later surprise."""
     proxy = pgmulti({"pool_mode": "statement"})
@@ -249,6 +250,62 @@ def test_transaction_mode_follows_set_of_a_tracked_parameter(pgmulti):
             assert scalar(second, "SHOW TimeZone") == "Europe/Helsinki"
             assert scalar(first, "SHOW TimeZone") != "Europe/Helsinki"
             assert scalar(second, "SHOW application_name") != "renamed"
+        # A SET undone by ROLLBACK, and a SET LOCAL, leave the client's value as it was.
+        first.execute("BEGIN")
+        first.execute("SET application_name = 'rolled back'")
+        first.execute("ROLLBACK")
+        with first.transaction():
+            first.execute("SET LOCAL application_name = 'local only'")
+            assert scalar(first, "SHOW application_name") == "local only"
+        for _ in range(2):
+            assert scalar(second, "SHOW application_name") != "renamed"
+            assert scalar(first, "SHOW application_name") == "renamed"
+            assert first.info.parameter_status("application_name") == "renamed"
+
+
+def test_transaction_mode_keeps_encoding_and_quoted_names_apart(pgmulti):
+    proxy = pgmulti({"pool_mode": "transaction", "default_pool_size": 1})
+    latin = connect(proxy, client_encoding="LATIN1", application_name="it's \\ odd")
+    utf8 = connect(proxy, client_encoding="UTF8", options="-c DateStyle=SQL,DMY")
+    try:
+        for _ in range(3):
+            assert latin.execute(
+                "SELECT current_setting('client_encoding'), 'é', "
+                "current_setting('application_name'), current_setting('DateStyle')"
+            ).fetchone() == ("LATIN1", "é", "it's \\ odd", "ISO, MDY")
+            assert utf8.execute(
+                "SELECT current_setting('client_encoding'), 'é', "
+                "current_setting('application_name'), current_setting('DateStyle')"
+            ).fetchone() == ("UTF8", "é", "", "SQL, DMY")
+    finally:
+        latin.close()
+        utf8.close()
+
+
+# --- a client leaving in the middle of a transaction ---
+
+
+@pytest.mark.parametrize("mode", ["transaction", "session"])
+def test_client_leaving_inside_a_transaction_does_not_leak_it(pgmulti, mode):
+    proxy = pgmulti({"pool_mode": mode, "default_pool_size": 1})
+    with connect(proxy) as setup:
+        setup.execute("DROP TABLE IF EXISTS pool_modes_leak")
+        setup.execute("CREATE TABLE pool_modes_leak (n int)")
+    try:
+        leaver = connect(proxy)
+        leaver.execute("BEGIN")
+        leaver.execute("INSERT INTO pool_modes_leak VALUES (1)")
+        leaver.execute("SET LOCAL work_mem = '1234kB'")
+        leaver.close()  # Terminate while the server is inside the transaction
+        with connect(proxy) as next_client:
+            row = next_client.execute(
+                "SELECT (SELECT count(*) FROM pool_modes_leak), current_setting('work_mem'), "
+                "now() = statement_timestamp()").fetchone()
+            assert row[0] == 0 and row[1] != "1234kB", row
+            assert row[2] is True, "the next client ran inside the old transaction"
+    finally:
+        with connect(proxy) as cleanup:
+            cleanup.execute("DROP TABLE pool_modes_leak")
 
 
 # --- server_reset_query ---
@@ -282,6 +339,17 @@ def test_session_mode_reset_query_is_configurable(pgmulti):
         assert scalar(second, "SHOW work_mem") != "1234kB"
         # Only the configured reset ran: what it does not reset is still there.
         assert scalar(second, "SHOW maintenance_work_mem") == "2345kB"
+
+
+@pytest.mark.parametrize("always", [False, True])
+def test_transaction_mode_reset_query_only_when_always(pgmulti, always):
+    """As PgBouncer: transaction pooling skips server_reset_query unless ..._always is set."""
+    proxy = pgmulti({"pool_mode": "transaction", "default_pool_size": 1,
+                     "server_reset_query_always": always})
+    with connect(proxy) as first, connect(proxy) as second:
+        first.execute("SET work_mem = '1234kB'")
+        seen = scalar(second, "SHOW work_mem")
+    assert (seen != "1234kB") if always else (seen == "1234kB")
 
 
 # --- pgbench ---
@@ -361,13 +429,18 @@ def test_terminated_idle_server_is_replaced(pgmulti, pg):
 # --- cancel ---
 
 
-def _run_sleep_in_thread(conn: psycopg.Connection, seconds: float):
+def _sleep_sql(tag: str) -> str:
+    """pg_sleep with a tag, so pg_stat_activity shows which test's sleep is which."""
+    return f"SELECT /* {tag} */ pg_sleep(%s)"
+
+
+def _run_sleep_in_thread(conn: psycopg.Connection, seconds: float, tag: str):
     outcome: dict[str, object] = {}
 
     def run():
         started = time.monotonic()
         try:
-            conn.execute("SELECT pg_sleep(%s)", [seconds])
+            conn.execute(_sleep_sql(tag), [seconds])
             outcome["result"] = "finished"
         except Exception as exc:  # noqa: BLE001 - the test inspects it
             outcome["error"] = exc
@@ -378,11 +451,21 @@ def _run_sleep_in_thread(conn: psycopg.Connection, seconds: float):
     return thread, outcome
 
 
-def _wait_until_sleeping(pg, seconds: float) -> None:
+def _sleeping(direct: psycopg.Connection, tag: str) -> int:
+    return scalar(direct, "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+                          "AND pid <> pg_backend_pid() AND query LIKE %s", [f"%/* {tag} */%"])
+
+
+def _wait_until_sleeping(pg, tag: str, count: int = 1) -> None:
     with pg_direct(pg) as direct:
-        wait_for(lambda: scalar(direct, "SELECT count(*) FROM pg_stat_activity "
-                                        "WHERE query LIKE 'SELECT pg_sleep(%%' AND state = 'active'"),
-                 5, what="pg_sleep running on the server")
+        wait_for(lambda: _sleeping(direct, tag) >= count, 5, what=f"{count} x {tag} running")
+
+
+def _terminate_sleepers(pg, tag: str) -> None:
+    """PostgreSQL does not notice a vanished client during pg_sleep: end such backends."""
+    with pg_direct(pg) as direct:
+        direct.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                       "WHERE pid <> pg_backend_pid() AND query LIKE %s", [f"%/* {tag} */%"])
 
 
 @pytest.mark.parametrize("mode", ["transaction", "session"])
@@ -390,8 +473,9 @@ def _wait_until_sleeping(pg, seconds: float) -> None:
 def test_cancel_stops_a_running_query(pgmulti, pg, mode, method):
     proxy = pgmulti({"pool_mode": mode})
     with connect(proxy) as conn:
-        thread, outcome = _run_sleep_in_thread(conn, 10)
-        _wait_until_sleeping(pg, 10)
+        tag = f"cancel-{mode}-{method}"
+        thread, outcome = _run_sleep_in_thread(conn, 10, tag)
+        _wait_until_sleeping(pg, tag)
         if method == "cancel":
             conn.cancel()
         else:
@@ -409,13 +493,11 @@ def test_cancel_reaches_the_right_server(pgmulti, pg):
     """Two clients sleeping on two servers: a cancel stops only the one it was sent for."""
     proxy = pgmulti({"pool_mode": "transaction", "default_pool_size": 2})
     with connect(proxy) as victim, connect(proxy) as bystander:
-        victim_thread, victim_outcome = _run_sleep_in_thread(victim, 10)
-        bystander_thread, bystander_outcome = _run_sleep_in_thread(bystander, 1.5)
-        with pg_direct(pg) as direct:
-            wait_for(lambda: scalar(direct, "SELECT count(*) FROM pg_stat_activity "
-                                            "WHERE query LIKE 'SELECT pg_sleep(%%' "
-                                            "AND state = 'active'") == 2,
-                     5, what="both sleeps running")
+        victim_thread, victim_outcome = _run_sleep_in_thread(victim, 10, "cancel-victim")
+        bystander_thread, bystander_outcome = _run_sleep_in_thread(bystander, 1.5,
+                                                                   "cancel-bystander")
+        _wait_until_sleeping(pg, "cancel-victim")
+        _wait_until_sleeping(pg, "cancel-bystander")
         victim.cancel_safe(timeout=5)
         victim_thread.join(8)
         bystander_thread.join(8)
@@ -423,15 +505,55 @@ def test_cancel_reaches_the_right_server(pgmulti, pg):
         assert bystander_outcome.get("result") == "finished", bystander_outcome
 
 
+def test_late_cancel_does_not_hit_the_next_user_of_the_server(pgmulti, pg):
+    """Transaction mode: a cancel from a client whose query is over must not cancel the query
+    another client now runs on the same server."""
+    proxy = pgmulti({"pool_mode": "transaction", "default_pool_size": 1})
+    with connect(proxy) as early, connect(proxy) as runner:
+        early_pid = backend_pid(early)
+        thread, outcome = _run_sleep_in_thread(runner, 1, "late-cancel")
+        _wait_until_sleeping(pg, "late-cancel")
+        early.cancel_safe(timeout=5)
+        thread.join(8)
+        assert outcome.get("result") == "finished", outcome
+        assert backend_pid(runner) == early_pid  # it was the same server
+
+
+def test_client_vanishing_mid_query_frees_its_pool_slot(pgmulti, pg):
+    """A client that disconnects while its query runs: the next client is not stuck behind it."""
+    proxy = pgmulti({"pool_mode": "transaction", "default_pool_size": 1})
+    sock = socket.create_connection((proxy.host, proxy.port), timeout=5)
+    try:
+        body = struct.pack("!i", 3 << 16) + b"user\0postgres\0database\0testdb\0\0"
+        sock.sendall(struct.pack("!i", len(body) + 4) + body)
+        data = b""
+        while not data.endswith(b"Z\0\0\0\x05I"):
+            chunk = sock.recv(65536)
+            assert chunk, "closed during login"
+            data += chunk
+        sql = (_sleep_sql("vanishing") % 5).encode() + b"\0"
+        sock.sendall(b"Q" + struct.pack("!i", len(sql) + 4) + sql)
+        _wait_until_sleeping(pg, "vanishing")
+    finally:
+        sock.close()
+    try:
+        started = time.monotonic()
+        with connect(proxy) as conn:
+            assert scalar(conn, "SELECT 'served'") == "served"
+        assert time.monotonic() - started < 3
+    finally:
+        _terminate_sleepers(pg, "vanishing")
+
+
 def test_psql_sigint_cancels_through_the_proxy(pgmulti, pg):
     proxy = pgmulti({"pool_mode": "transaction"})
     process = subprocess.Popen(
         [pg.bindir / "psql", "-X", "-w", "-h", proxy.host, "-p", str(proxy.port), "-U", "postgres",
-         "-d", "testdb", "-c", "SELECT pg_sleep(10)"],
+         "-d", "testdb", "-c", _sleep_sql("psql-sigint") % 10],
         env=clean_env(PGCONNECT_TIMEOUT="10"), stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_until_sleeping(pg, 10)
+        _wait_until_sleeping(pg, "psql-sigint")
         started = time.monotonic()
         process.send_signal(signal.SIGINT)
         stdout, stderr = process.communicate(timeout=8)

@@ -1,0 +1,144 @@
+"""TLS contexts for both sides, built from PgBouncer's client_tls_* and server_tls_* settings."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+
+log = logging.getLogger("pgmulti.tls")
+
+# PgBouncer's tls_protocols words; "secure" and "default" mean TLS 1.2 and newer.
+_VERSIONS = {
+    "tlsv1.0": ssl.TLSVersion.TLSv1,
+    "tlsv1.1": ssl.TLSVersion.TLSv1_1,
+    "tlsv1.2": ssl.TLSVersion.TLSv1_2,
+    "tlsv1.3": ssl.TLSVersion.TLSv1_3,
+}
+_PROTOCOL_SETS = {
+    "secure": ("tlsv1.2", "tlsv1.3"),
+    "default": ("tlsv1.2", "tlsv1.3"),
+    "all": ("tlsv1.0", "tlsv1.1", "tlsv1.2", "tlsv1.3"),
+    "legacy": ("tlsv1.0", "tlsv1.1", "tlsv1.2", "tlsv1.3"),
+}
+# PgBouncer's cipher aliases; anything else is an OpenSSL cipher string.
+_CIPHER_ALIASES = {
+    "default": None, "secure": None, "fast": None, "normal": None,
+    "all": "ALL:!aNULL",
+}
+
+# PostgreSQL 17's ALPN protocol name (required for direct TLS, sent by libpq 17 always).
+ALPN_POSTGRESQL = "postgresql"
+
+VERIFYING_MODES = ("verify-ca", "verify-full")
+REQUIRING_MODES = ("require", "verify-ca", "verify-full")
+
+
+class TlsConfigError(ValueError):
+    """A TLS setting that cannot be turned into a working context."""
+
+
+def _versions(setting: str) -> tuple[ssl.TLSVersion, ssl.TLSVersion]:
+    words = _PROTOCOL_SETS.get(setting.strip().lower())
+    if words is None:
+        words = tuple(w for w in setting.replace(",", " ").lower().split() if w)
+    try:
+        versions = sorted(_VERSIONS[w] for w in words)
+    except KeyError as exc:
+        raise TlsConfigError(f"unknown TLS protocol {exc.args[0]!r} in {setting!r}") from None
+    if not versions:
+        raise TlsConfigError(f"no TLS protocol in {setting!r}")
+    return versions[0], versions[-1]
+
+
+def _apply_common(ctx: ssl.SSLContext, protocols: str, ciphers: str) -> None:
+    low, high = _versions(protocols)
+    ctx.minimum_version = low
+    ctx.maximum_version = high
+    cipher_string = _CIPHER_ALIASES.get(ciphers.strip().lower(), ciphers)
+    if cipher_string:
+        try:
+            ctx.set_ciphers(cipher_string)
+        except ssl.SSLError as exc:
+            raise TlsConfigError(f"bad cipher list {ciphers!r}: {exc}") from None
+
+
+def client_context(cfg) -> ssl.SSLContext | None:
+    """The context pgmulti uses as a TLS server towards clients, or None if TLS is off."""
+    mode = cfg.client_tls_sslmode
+    if mode == "disable":
+        return None
+    if not cfg.client_tls_cert_file or not cfg.client_tls_key_file:
+        raise TlsConfigError(f"client_tls_sslmode = {mode} needs client_tls_cert_file "
+                             "and client_tls_key_file")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(cfg.client_tls_cert_file, cfg.client_tls_key_file)
+        if cfg.client_tls_ca_file:
+            ctx.load_verify_locations(cfg.client_tls_ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise TlsConfigError(f"cannot load client TLS files: {exc}") from None
+    if mode in VERIFYING_MODES:
+        if not cfg.client_tls_ca_file:
+            raise TlsConfigError(f"client_tls_sslmode = {mode} needs client_tls_ca_file")
+        ctx.verify_mode = ssl.CERT_REQUIRED  # clients must present a certificate we trust
+    else:
+        ctx.verify_mode = ssl.CERT_NONE
+    _apply_common(ctx, cfg.client_tls_protocols, cfg.client_tls_ciphers)
+    ctx.set_alpn_protocols([ALPN_POSTGRESQL])
+    return ctx
+
+
+def server_context(cfg) -> ssl.SSLContext | None:
+    """The context pgmulti uses as a TLS client towards PostgreSQL, or None if TLS is off."""
+    mode = cfg.server_tls_sslmode
+    if mode in ("disable", "allow"):
+        # allow: plain unless the server insists, which PostgreSQL never does by itself.
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if mode in VERIFYING_MODES:
+        try:
+            if cfg.server_tls_ca_file:
+                ctx.load_verify_locations(cfg.server_tls_ca_file)
+            else:
+                ctx.load_default_certs()
+        except (OSError, ssl.SSLError) as exc:
+            raise TlsConfigError(f"cannot load server_tls_ca_file: {exc}") from None
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.check_hostname = mode == "verify-full"
+    else:
+        # prefer / require encrypt without checking who answers, as libpq does.
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if cfg.server_tls_cert_file and cfg.server_tls_key_file:
+        try:
+            ctx.load_cert_chain(cfg.server_tls_cert_file, cfg.server_tls_key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise TlsConfigError(f"cannot load server TLS client certificate: {exc}") from None
+    _apply_common(ctx, cfg.server_tls_protocols, cfg.server_tls_ciphers)
+    return ctx
+
+
+class TlsContexts:
+    """Both contexts, rebuilt on reload; connections keep the context they started with."""
+
+    def __init__(self, cfg):
+        self.client = client_context(cfg)
+        self.client_mode = cfg.client_tls_sslmode
+        self.server = server_context(cfg)
+        self.server_mode = cfg.server_tls_sslmode
+
+    @property
+    def client_tls_required(self) -> bool:
+        return self.client is not None and self.client_mode in REQUIRING_MODES
+
+    @property
+    def server_tls_required(self) -> bool:
+        return self.server_mode in REQUIRING_MODES
+
+
+def describe(ssl_object) -> str:
+    """PgBouncer's SHOW CLIENTS tls column: protocol/cipher."""
+    if ssl_object is None:
+        return ""
+    cipher = ssl_object.cipher()
+    return f"{ssl_object.version()}/{cipher[0] if cipher else ''}"

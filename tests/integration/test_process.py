@@ -1,0 +1,418 @@
+"""The pgmulti process: command line, configuration errors, files it writes, signals, sockets."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from pgmulti.__version__ import __version__
+from pgmulti.cluster import clean_env, find_free_port, is_listening, process_tree
+
+SRC_DIR = Path(__file__).resolve().parents[2] / "src"
+CONNECT_TIMEOUT = 10
+
+
+# --- helpers ---
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 20) -> subprocess.CompletedProcess:
+    """`python -m pgmulti ARGS` to completion, stdout and stderr captured apart."""
+    env = clean_env(PYTHONPATH=os.pathsep.join(filter(None, [str(SRC_DIR),
+                                                             os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, "-m", "pgmulti", *args], cwd=cwd, env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def write_config(tmp_path: Path, text: str, name: str = "pgmulti.ini") -> Path:
+    """Write a config for a process run by run_cli, its placeholders filled in."""
+    for placeholder, value in (("{pg_port}", "5432"), ("{pg_host}", "127.0.0.1"),
+                               ("{listen_port}", str(find_free_port())),
+                               ("{auth_file}", str(tmp_path / "userlist.txt")),
+                               ("{tmp}", str(tmp_path))):
+        text = text.replace(placeholder, value)
+    (tmp_path / "userlist.txt").write_text('"postgres" ""\n')
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def line_of(text: str, needle: str) -> int:
+    """1-based number of the first line of text containing needle."""
+    for number, line in enumerate(text.split("\n"), start=1):
+        if needle in line:
+            return number
+    raise AssertionError(f"{needle!r} not in the text")
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def refuses_connections(host: str, port: int, family=socket.AF_INET) -> bool:
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.settimeout(2)
+            sock.connect((host, port))
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def client(proc, db: str = "testdb", **kwargs) -> psycopg.Connection:
+    return psycopg.connect(proc.dsn(db=db), connect_timeout=CONNECT_TIMEOUT, **kwargs)
+
+
+def console(proc) -> psycopg.Connection:
+    return psycopg.connect(proc.dsn(db="pgbouncer"), connect_timeout=CONNECT_TIMEOUT,
+                           autocommit=True)
+
+
+def show_config(proc) -> dict[str, str]:
+    with console(proc) as admin:
+        return {row[0]: row[1] for row in admin.execute("SHOW CONFIG").fetchall()}
+
+
+def psql_args(proc, host: str, sql: str = "SELECT current_database()") -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [proc.pg.bindir / "psql", "-X", "-A", "-t", "-w", "-h", host, "-p", str(proc.port),
+         "-U", "postgres", "-d", "testdb", "-c", sql],
+        env=clean_env(PGCONNECT_TIMEOUT="10"), stdin=subprocess.DEVNULL, capture_output=True,
+        text=True, timeout=30, check=False)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is as good as gone
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+# --- command line ---
+
+
+@pytest.mark.parametrize("flag", ["-V", "--version"])
+def test_version(flag):
+    result = run_cli(flag)
+    assert result.returncode == 0, result.stderr
+    assert __version__ in result.stdout
+    assert result.stdout.startswith("pgmulti ")
+
+
+def test_reboot_flag_is_not_supported(tmp_path, base_config):
+    config = write_config(tmp_path, base_config())
+    result = run_cli("-R", str(config))
+    assert result.returncode != 0
+    assert "not supported" in result.stderr
+
+
+def test_missing_config_file(tmp_path):
+    result = run_cli(str(tmp_path / "nope.ini"))
+    assert result.returncode != 0
+    assert "nope.ini" in result.stderr
+
+
+def test_daemon_without_logfile_is_refused(tmp_path, base_config):
+    config = write_config(tmp_path, base_config(pidfile="{tmp}/p.pid"))
+    result = run_cli("-d", str(config))
+    assert result.returncode != 0
+    assert "logfile" in result.stderr
+
+
+# --- configuration errors ---
+
+
+@pytest.mark.parametrize("bad_line, problem", [
+    ("default_pool_size = lots", "default_pool_size"),
+    ("pool_mode = sometimes", "pool_mode"),
+    ("listen_port = 99999999999", "listen_port"),
+    ("client_login_timeout = -1", "client_login_timeout"),
+    ("no_such_setting = 1", "no_such_setting"),
+    ("auth_type = kerberos", "auth_type"),
+])
+def test_bad_setting_reports_file_and_line(tmp_path, base_config, bad_line, problem):
+    text = base_config() + bad_line + "\n"
+    config = write_config(tmp_path, text)
+    result = run_cli(str(config))
+    assert result.returncode != 0
+    assert f"{config}:{line_of(text, bad_line)}:" in result.stderr, result.stderr
+    assert problem in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_database_entry_reports_file_and_line(tmp_path, base_config):
+    text = base_config(databases={"broken": "host=127.0.0.1 port=notaport"})
+    config = write_config(tmp_path, text)
+    result = run_cli(str(config))
+    assert result.returncode != 0
+    assert f"{config}:{line_of(text, 'broken =')}:" in result.stderr, result.stderr
+
+
+BROKEN_LINE = "broken host=127.0.0.1 user=md5user password=S3cret-in-ini"  # no '='
+
+
+def test_syntax_error_reports_file_and_line(tmp_path, base_config):
+    text = base_config().replace("[databases]\n", f"[databases]\n{BROKEN_LINE}\n")
+    config = write_config(tmp_path, text)
+    result = run_cli(str(config))
+    assert result.returncode != 0
+    assert f"{config}:{line_of(text, BROKEN_LINE)}:" in result.stderr, result.stderr
+    assert "syntax error" in result.stderr
+
+
+def test_syntax_error_does_not_echo_the_password(pgmulti, base_config, tmp_path):
+    text = base_config().replace("[databases]\n", f"[databases]\n{BROKEN_LINE}\n")
+    leaks = []
+    proc = pgmulti()
+    proc.config_path.write_text(proc.render(text))
+    proc.signal(signal.SIGHUP)
+    wait_for(lambda: "reload failed" in proc.log_text(), 5, "the reload error in the log")
+    if "S3cret-in-ini" in proc.log_text():
+        leaks.append("log, on reload")
+    result = run_cli(str(write_config(tmp_path, text)))
+    assert result.returncode != 0
+    if "S3cret-in-ini" in result.stderr:
+        leaks.append("stderr, at start")
+    assert leaks == []
+
+
+def test_error_in_included_file_reports_its_file_and_line(tmp_path, base_config):
+    included = tmp_path / "extra.ini"
+    included.write_text("; settings\n\nmax_client_conn = many\n")
+    config = write_config(tmp_path, base_config() + f"%include {included}\n")
+    result = run_cli(str(config))
+    assert result.returncode != 0
+    assert f"{included}:3:" in result.stderr, result.stderr
+
+
+def test_unimplemented_pgbouncer_keys_start_with_one_warning(pgmulti, base_config):
+    proc = pgmulti(base_config() + "tcp_user_timeout = 100\ndns_max_ttl = 30\nsbuf_loopcnt = 3\n")
+    assert proc.psql("SELECT 1", db="testdb").stdout.strip() == "1"
+    warnings = [line for line in proc.log_text().splitlines() if " WARNING " in line]
+    assert len(warnings) == 1, warnings
+    for key in ("tcp_user_timeout", "dns_max_ttl", "sbuf_loopcnt"):
+        assert key in warnings[0]
+
+
+def test_no_warning_without_unimplemented_keys(pgmulti):
+    proc = pgmulti()
+    assert proc.psql("SELECT 1", db="testdb").stdout.strip() == "1"
+    assert " WARNING " not in proc.log_text()
+
+
+def test_include(pgmulti, base_config, tmp_path, pg):
+    included = tmp_path / "included.ini"
+    # No section header first: the setting continues the [pgbouncer] section of the includer.
+    included.write_text("default_pool_size = 9\n"
+                        "[databases]\n"
+                        f"included = host=127.0.0.1 port={pg.port} dbname=testdb\n")
+    proc = pgmulti(base_config() + f"%include {included}\n")
+    assert show_config(proc)["default_pool_size"] == "9"
+    result = proc.psql("SELECT current_database()", db="included")
+    assert result.stdout.strip() == "testdb", result.stderr
+
+
+# --- files ---
+
+
+def test_pidfile_written_and_removed(pgmulti):
+    proc = pgmulti({"pidfile": "{tmp}/pgmulti.pid"})
+    pidfile = proc.workdir / "pgmulti.pid"
+    assert pidfile.read_text().strip() == str(proc.pid)
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(5) == 0
+    assert not pidfile.exists()
+
+
+def test_logfile_receives_the_log(pgmulti):
+    proc = pgmulti({"logfile": "{tmp}/file.log"})
+    logfile = proc.workdir / "file.log"
+    assert proc.psql("SELECT 1", db="testdb").stdout.strip() == "1"
+    wait_for(lambda: "login attempt" in logfile.read_text(), 5, "the login in the logfile")
+    text = logfile.read_text()
+    assert f"pgmulti {__version__} started, pid {proc.pid}" in text
+    assert f"listening on 127.0.0.1:{proc.port}" in text
+
+
+def test_unix_socket_accepts_psql(pgmulti):
+    proc = pgmulti()
+    socket_path = proc.workdir / f".s.PGSQL.{proc.port}"
+    assert socket_path.is_socket()
+    result = psql_args(proc, str(proc.workdir))
+    assert (result.returncode, result.stdout.strip()) == (0, "testdb"), result.stderr
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(5) == 0
+    assert not socket_path.exists()
+
+
+def ipv6_loopback_available() -> bool:
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def test_listen_on_ipv4_and_ipv6(pgmulti):
+    if not ipv6_loopback_available():
+        pytest.skip("IPv6 loopback is not available")
+    proc = pgmulti({"listen_addr": "127.0.0.1,::1"})
+    for host in ("127.0.0.1", "::1"):
+        result = psql_args(proc, host, "SELECT host(inet_client_addr()) IS NOT NULL")
+        assert (result.returncode, result.stdout.strip()) == (0, "t"), (host, result.stderr)
+    log = proc.log_text()
+    assert f"listening on 127.0.0.1:{proc.port}" in log
+    assert f"listening on ::1:{proc.port}" in log
+
+
+def test_listen_on_ipv4_only_refuses_ipv6(pgmulti):
+    if not ipv6_loopback_available():
+        pytest.skip("IPv6 loopback is not available")
+    proc = pgmulti()
+    assert refuses_connections("::1", proc.port, socket.AF_INET6)
+
+
+def test_daemon_mode(pgmulti):
+    proc = pgmulti({"logfile": "{tmp}/daemon.log", "pidfile": "{tmp}/daemon.pid"},
+                   args=("-d",), wait=False)
+    pidfile = proc.workdir / "daemon.pid"
+    logfile = proc.workdir / "daemon.log"
+    assert proc.wait(10) == 0  # the foreground process returns at once
+    daemon_pid = None
+    try:
+        wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 10, "the pidfile")
+        daemon_pid = int(pidfile.read_text())
+        assert daemon_pid != proc.pid and pid_alive(daemon_pid)
+        wait_for(lambda: is_listening(proc.port, process_tree(daemon_pid)), 10, "the listener")
+        result = proc.psql("SELECT current_database()", db="testdb")
+        assert (result.returncode, result.stdout.strip()) == (0, "testdb"), result.stderr
+        # Detached: its own session, no controlling terminal, stdio on /dev/null.
+        assert os.getsid(daemon_pid) != os.getsid(0)
+        assert os.readlink(f"/proc/{daemon_pid}/fd/1") == os.devnull
+        assert "started" in logfile.read_text()
+        os.kill(daemon_pid, signal.SIGTERM)
+        wait_for(lambda: not pid_alive(daemon_pid), 10, "the daemon to exit")
+        assert not pidfile.exists()
+        assert "pgmulti stopped" in logfile.read_text()
+    finally:
+        if daemon_pid is not None and pid_alive(daemon_pid):
+            os.kill(daemon_pid, signal.SIGKILL)
+
+
+# --- signals ---
+
+
+def test_sighup_reloads(pgmulti, base_config):
+    proc = pgmulti()
+    with client(proc, autocommit=True) as conn:
+        conn.execute("SELECT 1")
+        proc.write_config(base_config(pool_mode="session", default_pool_size=3))
+        proc.signal(signal.SIGHUP)
+        wait_for(lambda: show_config(proc)["pool_mode"] == "session", 5, "pool_mode = session")
+        assert show_config(proc)["default_pool_size"] == "3"
+        with console(proc) as admin:
+            cur = admin.execute("SHOW POOLS")
+            names = [column.name for column in cur.description]
+            pools = [dict(zip(names, row)) for row in cur.fetchall()]
+        assert [row["pool_mode"] for row in pools if row["database"] == "testdb"] == ["session"]
+        assert conn.execute("SELECT 2").fetchone() == (2,)  # the client keeps working
+    assert "configuration reloaded" in proc.log_text()
+
+
+def test_sighup_with_a_broken_config_keeps_the_old_one(pgmulti, base_config):
+    proc = pgmulti()
+    proc.config_path.write_text(base_config() + "pool_mode = sometimes\n")
+    proc.signal(signal.SIGHUP)
+    wait_for(lambda: "reload failed" in proc.log_text(), 5, "the reload error in the log")
+    assert show_config(proc)["pool_mode"] == "transaction"
+    assert proc.psql("SELECT 1", db="testdb").stdout.strip() == "1"
+
+
+def test_sigint_waits_for_the_open_transaction(pgmulti):
+    proc = pgmulti()
+    conn = client(proc)
+    try:
+        conn.execute("CREATE TEMP TABLE t (x int)")  # a transaction is open
+        proc.signal(signal.SIGINT)
+        wait_for(lambda: refuses_connections(proc.host, proc.port), 5, "new connections refused")
+        time.sleep(0.5)
+        assert proc.popen.poll() is None, "exited with a transaction open"
+        conn.execute("INSERT INTO t VALUES (1)")
+        assert conn.execute("SELECT count(*) FROM t").fetchone() == (1,)
+        conn.commit()
+        assert proc.wait(5) == 0
+    finally:
+        conn.close()
+
+
+def test_sigterm_waits_for_clients_to_leave(pgmulti):
+    proc = pgmulti()
+    conn = client(proc, autocommit=True)
+    try:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        proc.signal(signal.SIGTERM)
+        wait_for(lambda: refuses_connections(proc.host, proc.port), 5, "new connections refused")
+        time.sleep(0.5)
+        assert proc.popen.poll() is None, "exited while a client was connected"
+        # The connected client carries on, transactions included.
+        assert conn.execute("SELECT 2").fetchone() == (2,)
+        with conn.transaction():
+            conn.execute("SELECT 3")
+    finally:
+        conn.close()
+    assert proc.wait(5) == 0
+
+
+def test_second_sigterm_exits_at_once(pgmulti):
+    proc = pgmulti()
+    conn = client(proc, autocommit=True)
+    try:
+        conn.execute("SELECT 1")
+        proc.signal(signal.SIGTERM)
+        wait_for(lambda: refuses_connections(proc.host, proc.port), 5, "new connections refused")
+        assert proc.popen.poll() is None
+        started = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(5) == 0
+        assert time.monotonic() - started < 3
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("SELECT 2")
+    finally:
+        conn.close()
+
+
+def test_sigquit_exits_at_once(pgmulti):
+    proc = pgmulti()
+    conn = client(proc)
+    try:
+        conn.execute("SELECT 1")  # a transaction is open
+        started = time.monotonic()
+        proc.signal(signal.SIGQUIT)
+        assert proc.wait(5) == 0
+        assert time.monotonic() - started < 3
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("SELECT 2")
+    finally:
+        conn.close()
