@@ -63,22 +63,10 @@ UNSUPPORTED_KEYS: frozenset[str] = frozenset(
         "auth_hba_file",
         "auth_ident_file",
         "auth_ldap_options",
-        # TLS (SSLRequest is refused for now).
-        "client_tls_sslmode",
-        "client_tls_key_file",
-        "client_tls_cert_file",
-        "client_tls_ca_file",
-        "client_tls_protocols",
-        "client_tls_ciphers",
+        # TLS fine tuning beyond protocols and ciphers (OpenSSL defaults apply).
         "client_tls13_ciphers",
         "client_tls_ecdhcurve",
         "client_tls_dheparams",
-        "server_tls_sslmode",
-        "server_tls_ca_file",
-        "server_tls_key_file",
-        "server_tls_cert_file",
-        "server_tls_protocols",
-        "server_tls_ciphers",
         "server_tls13_ciphers",
         # DNS tuning: host names are resolved by the event loop's resolver.
         "dns_max_ttl",

@@ -71,6 +71,7 @@ class Pool:
         self.waiting: collections.deque[ClientConnection] = collections.deque()
         self.clients: set[ClientConnection] = set()
         self.welcome_params: dict[str, str] | None = None
+        self._welcome: asyncio.Task | None = None
         self.last_failure = 0.0
         self.last_error: PgError | None = None
         self.paused = False
@@ -380,18 +381,35 @@ class Pool:
         self.server_ready(server)
 
     async def welcome(self) -> dict[str, str]:
-        """Server parameters to show a client at login; connects once if none are known."""
+        """Server parameters to show a client at login; the first login connects once.
+
+        Concurrent first logins share one fetch, and the fetch respects the pool's limits
+        (pool size, max_db_connections, max_user_connections) like any other launch.
+        """
         if self.welcome_params is not None:
             return self.welcome_params
-        if (self.last_error is not None and time.monotonic() - self.last_failure
-                < self.app.config.pgbouncer.server_login_retry):
-            raise errors.server_login_failing()
-        server = ServerConnection(self, next(_server_ids))
-        self._move(server, "login")
-        await self._log_in(server)
-        if not server.closed:
-            self.server_ready(server)
-        return server.params if self.welcome_params is None else self.welcome_params
+        if self._welcome is None or self._welcome.done():
+            self._welcome = asyncio.get_running_loop().create_task(self._fetch_welcome())
+        return await asyncio.shield(self._welcome)
+
+    async def _fetch_welcome(self) -> dict[str, str]:
+        cfg = self.app.config.pgbouncer
+        deadline = time.monotonic() + (cfg.query_wait_timeout or 3600)
+        while self.welcome_params is None:
+            if (self.last_error is not None
+                    and time.monotonic() - self.last_failure < cfg.server_login_retry):
+                raise errors.server_login_failing()
+            if not self.login and self._may_launch():
+                server = ServerConnection(self, next(_server_ids))
+                self._move(server, "login")
+                await self._log_in(server)
+                if not server.closed:
+                    self.server_ready(server)
+                break
+            if time.monotonic() > deadline:
+                raise errors.query_wait_timeout()
+            await asyncio.sleep(0.05)  # a limit holds: wait for room, as a query would
+        return self.welcome_params
 
     # -- janitor -------------------------------------------------------------------------
 

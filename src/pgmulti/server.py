@@ -23,10 +23,14 @@ log = logging.getLogger("pgmulti.server")
 INSPECT_ALL = protocol.action_table(protocol.INSPECT)
 # Linked to a client: everything flows through except ParameterStatus, which the pooler tracks.
 RELAY_ACTIONS = protocol.action_table(protocol.PASS, S=protocol.INSPECT)
-# Statement pooling also looks at ReadyForQuery before the client does: a transaction left
-# open must be refused instead of reported as begun.
+# Statement pooling also sees CommandComplete and ReadyForQuery before the client does: the
+# reply to a statement that opens a transaction is held back, so BEGIN gets the refusal as its
+# answer instead of a success.
 STATEMENT_RELAY_ACTIONS = protocol.action_table(protocol.PASS, S=protocol.INSPECT,
-                                                Z=protocol.INSPECT)
+                                                C=protocol.INSPECT, Z=protocol.INSPECT)
+TRANSACTION_START_TAGS = (b"BEGIN\0", b"START TRANSACTION\0")
+# A held reply larger than this is let through; the refusal then follows it.
+HELD_REPLY_MAX = 1024 * 1024
 
 
 class InternalQuery:
@@ -63,6 +67,8 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
         self.tls = ""
         self._login_done = asyncio.get_running_loop().create_future()
         self._internal: InternalQuery | None = None
+        self._held_reply: list[bytes] | None = None   # statement mode: reply held until 'Z'
+        self._held_size = 0
         self._scram: auth.ScramClient | None = None
         self.max_packet = pool.app.config.pgbouncer.max_packet_size
         self.buffer_size = max(4096, pool.app.config.pgbouncer.pkt_buf * 4)
@@ -182,8 +188,18 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
                 self._login_message(msg_type, view)
             elif self._internal is not None:
                 self._internal_message(msg_type, view)
+            elif self._held_reply is not None and msg_type != protocol.READY_FOR_QUERY:
+                self._hold_reply(view)
             elif msg_type == protocol.PARAMETER_STATUS:
                 self._parameter_status(view)
+            elif msg_type == protocol.COMMAND_COMPLETE and self.client is not None:
+                if bytes(view[5:]) in TRANSACTION_START_TAGS:
+                    self._held_reply = []
+                    self._held_size = 0
+                    self.set_actions(INSPECT_ALL)
+                    self._hold_reply(view)
+                else:
+                    self.client.transport.write(bytes(view))
             elif msg_type == protocol.READY_FOR_QUERY and self.client is not None:
                 self._statement_ready(view)
             else:
@@ -210,9 +226,25 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
         # Only INSPECT_ALL is installed while unlinked; nothing reaches here.
         pass
 
+    def _hold_reply(self, view) -> None:
+        self._held_reply.append(bytes(view))
+        self._held_size += len(view)
+        if self._held_size > HELD_REPLY_MAX:
+            self._release_held_reply()
+
+    def _release_held_reply(self) -> None:
+        if self._held_reply:
+            self.client.transport.write(b"".join(self._held_reply))
+        self._held_reply = None
+        self.set_actions(STATEMENT_RELAY_ACTIONS)
+
     def _statement_ready(self, view) -> None:
         """Statement pooling: forward ReadyForQuery only if the server is idle again."""
         status = view[5]
+        if status != session.READY_IDLE:
+            self._held_reply = None  # the refusal replaces the reply to BEGIN
+        elif self._held_reply is not None:
+            self._release_held_reply()
         self.ready_status = status
         self.ready_count += 1
         if self.pending > 0:
@@ -355,7 +387,7 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
             self.ready_status = body[0]
             self._internal = None
             if self.client is not None:
-                self.set_actions(RELAY_ACTIONS)
+                self.set_actions(self.pool.relay_actions)
             if job.done.done():
                 return
             if job.error is not None:

@@ -293,10 +293,6 @@ def test_without_reserve_pool_a_client_waits(pgmulti):
         assert job.result == holder_pid
 
 
-BUG_LOGIN_LIMITS = (
-    "BUG: the login of the first client of a pool opens a server (Pool.welcome) without "
-    "checking max_db_connections / max_user_connections, so two pools exceed a limit of 1"
-)
 LIMIT_PAIRS = {
     # limit -> connect() arguments of two clients in different pools sharing that limit
     "max_db_connections": ({"user": "postgres"}, {"user": "plainuser"}),  # same database
@@ -309,7 +305,6 @@ def total_servers(proxy) -> int:
                for column in POOL_SERVER_COLUMNS)
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_LOGIN_LIMITS)
 @pytest.mark.parametrize("limit", list(LIMIT_PAIRS))
 def test_login_of_a_new_pool_respects_the_limit(pgmulti, limit):
     proxy = pgmulti({"default_pool_size": 5, limit: 1})
@@ -321,7 +316,6 @@ def test_login_of_a_new_pool_respects_the_limit(pgmulti, limit):
             assert total_servers(proxy) <= 1
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_LOGIN_LIMITS)
 @pytest.mark.parametrize("limit", list(LIMIT_PAIRS))
 def test_connection_limit_across_pools(pgmulti, limit):
     """Two pools sharing a limit of 1: the second waits until the first releases its server."""
@@ -557,14 +551,8 @@ def test_many_clients_share_a_small_pool(pgmulti):
     assert pool_servers(proxy) <= pool_size
 
 
-BUG_WELCOME_RACE = (
-    "BUG: clients logging in at the same time to a pool with no server yet each open their own "
-    "server in Pool.welcome() (welcome_params is set only after a login completes), so the pool "
-    "exceeds default_pool_size (20 concurrent logins open 20 servers with default_pool_size=1)"
-)
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_WELCOME_RACE)
 def test_concurrent_first_logins_respect_pool_size(pgmulti, pg):
     proxy = pgmulti({"default_pool_size": 1})
 

@@ -22,11 +22,6 @@ from pgmulti.cluster import clean_env
 MODES = ["session", "transaction", "statement"]
 CONNECT_TIMEOUT_S = 5
 BENCH_DB = "pgmulti_bench"
-BUG_STATEMENT_BEGIN = (
-    "BUG: statement mode sends BEGIN's CommandComplete to a simple-query client before the "
-    "0A000 FATAL (only ReadyForQuery is withheld); psql -c BEGIN then prints BEGIN and exits 0 "
-    "without showing the error (PgBouncer drops the pending reply and sends only the FATAL)"
-)
 
 
 # --- helpers ---
@@ -202,7 +197,6 @@ def test_statement_mode_begin_error_is_the_answer_to_begin(pgmulti):
         conn.close()
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_STATEMENT_BEGIN)
 def test_statement_mode_psql_begin_fails(pgmulti):
     proxy = pgmulti({"pool_mode": "statement"})
     result = proxy.psql("BEGIN", db="testdb")

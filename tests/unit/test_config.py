@@ -213,7 +213,7 @@ def test_realistic_config() -> None:
     assert config.peers[1].port == 6432
     assert (config.peers[2].port, config.peers[2].pool_size) == (6433, 4)
 
-    assert config.unsupported == ("[peers]", "client_tls_sslmode", "dns_max_ttl")
+    assert config.unsupported == ("[peers]", "dns_max_ttl")
     assert config.warnings == ()
 
 
@@ -735,7 +735,7 @@ def test_unsupported_lists_only_keys_the_file_sets() -> None:
         "[pgbouncer]\nsyslog = 1\nauth_hba_file = /etc/hba\nserver_tls_sslmode = disable\n"
         "listen_port = 1\n"
     )
-    assert config.unsupported == ("auth_hba_file", "server_tls_sslmode", "syslog")
+    assert config.unsupported == ("auth_hba_file", "syslog")
     assert UNSUPPORTED_KEYS <= set(PGBOUNCER_125_KEYS)
 
 
