@@ -132,25 +132,36 @@ class DecodeContext(msgspec.Struct):
     """
 
     auth_code: int | None = None
-    row_formats: list[int] = []
+    row_formats: list[int] = []  # per column; DataRow values past its end: format unknown
     pending_bind_formats: list[list[int]] = []
 
-    def observe(self, direction: str, msg_type: int, fields: dict[str, Any]) -> None:
-        t = chr(msg_type) if msg_type else ""
+    def observe(self, direction: str, decoded: dict[str, Any]) -> None:
+        """Update from a message just decoded ({"type": ..., "fields": ...})."""
+        name = decoded["type"]
+        fields = decoded["fields"]
         if direction == SERVER:
-            if t == "R" and isinstance(fields.get("_code"), int):
-                self.auth_code = fields["_code"]
-            elif t == "T" and "_formats" in fields:
-                self.row_formats = fields["_formats"]
-            elif t == "2" and self.pending_bind_formats:
+            if name in _AUTH_CODES:
+                self.auth_code = _AUTH_CODES[name]
+            elif name == "RowDescription" and "columns" in fields:
+                self.row_formats = [_format_code(c["format"]) for c in fields["columns"]]
+            elif name == "BindComplete" and self.pending_bind_formats:
                 # Bind's result formats are what DataRows come in, even when the RowDescription
                 # came from a statement Describe (which always says text).
                 self.row_formats = self.pending_bind_formats.pop(0)
-            elif t == "Z":
+            elif name == "ReadyForQuery":
                 self.pending_bind_formats.clear()
-        elif t == "B" and "_result_formats" in fields:
+        elif name == "Bind" and "result_formats" in fields:
             if len(self.pending_bind_formats) < 1000:
-                self.pending_bind_formats.append(fields["_result_formats"])
+                self.pending_bind_formats.append(
+                    [_format_code(code) for code in fields["result_formats"]])
+
+
+def _format_code(name: str) -> int:
+    return _FORMAT_CODES.get(name, 0)
+
+
+_AUTH_CODES = {name: code for code, name in AUTH_NAMES.items()}
+_FORMAT_CODES = {name: code for code, name in FORMATS.items()}
 
 
 # --- decoding -----------------------------------------------------------------------------
@@ -318,22 +329,27 @@ def _redacted(size: int) -> str:
     return f"{REDACTED} ({size} bytes)"
 
 
-# Each decoder fills `fields` as it goes, so a prefix keeps what could be read.
+# Each decoder fills `fields` as it goes, so a prefix keeps what could be read. Where the
+# message name depends on the body, the decoder sets fields[_NAME] as soon as it knows it.
+_NAME = "__type"
 
-def _startup(r: _Reader, f: dict, ctx: DecodeContext | None) -> str:
+def _startup(r: _Reader, f: dict, ctx: DecodeContext | None) -> None:
     code = r.int32()
     if code == protocol.CANCEL_REQUEST_CODE:
+        f[_NAME] = "CancelRequest"
         f["pid"] = r.int32()
         f["key"] = _redacted(r.remaining)
         r.rest()
-        return "CancelRequest"
+        return
     if code in STARTUP_NAMES:
-        return STARTUP_NAMES[code]
+        f[_NAME] = STARTUP_NAMES[code]
+        return
+    f[_NAME] = "StartupMessage"
     major, minor = code >> 16, code & 0xFFFF
     f["protocol"] = f"{major}.{minor}"
     if major != 3:
         f["hex"] = _hex(r.rest(), r.total - r.pos)
-        return "StartupMessage"
+        return
     params: dict[str, str] = {}
     f["params"] = params
     while True:
@@ -341,31 +357,29 @@ def _startup(r: _Reader, f: dict, ctx: DecodeContext | None) -> str:
         if not name:
             break
         params[name] = r.cstring()
-    return "StartupMessage"
 
 
-def _password(r: _Reader, f: dict, ctx: DecodeContext | None) -> str:
+def _password(r: _Reader, f: dict, ctx: DecodeContext | None) -> None:
     size = r.remaining
     code = ctx.auth_code if ctx is not None else None
     if code == protocol.AUTH_SASL:
+        f[_NAME] = "SASLInitialResponse"
         f["mechanism"] = r.cstring()
         length = r.int32(signed=True)
         data, size = r.value(max(length, 0))
         f.update(_scram_attributes(data, client_first=True))
         f["data"] = _redacted(size)
-        return "SASLInitialResponse"
-    if code == protocol.AUTH_SASL_CONTINUE:
-        data = r.rest()
-        f.update(_scram_attributes(data))
+    elif code == protocol.AUTH_SASL_CONTINUE:
+        f[_NAME] = "SASLResponse"
+        f.update(_scram_attributes(r.rest()))
         f["data"] = _redacted(size)
-        return "SASLResponse"
-    if code in (7, 8, 9):
+    elif code in (7, 8, 9):
+        f[_NAME] = "GSSResponse"
         r.rest()
         f["data"] = _redacted(size)
-        return "GSSResponse"
-    r.rest()
-    f["password"] = _redacted(size)
-    return "PasswordMessage"
+    else:
+        r.rest()
+        f["password"] = _redacted(size)
 
 
 def _query(r: _Reader, f: dict, ctx) -> None:
@@ -405,7 +419,6 @@ def _bind(r: _Reader, f: dict, ctx) -> None:
         params.append(render_value(data, size, binary))
     results = [r.int16() for _ in range(r.int16())]
     f["result_formats"] = [_format_name(code) for code in results]
-    f["_result_formats"] = results
 
 
 def _describe(r: _Reader, f: dict, ctx) -> None:
@@ -452,10 +465,9 @@ def _nothing(r: _Reader, f: dict, ctx) -> None:
         r.rest()
 
 
-def _authentication(r: _Reader, f: dict, ctx) -> str:
+def _authentication(r: _Reader, f: dict, ctx) -> None:
     code = r.int32()
-    f["_code"] = code
-    name = AUTH_NAMES.get(code, "Authentication")
+    f[_NAME] = AUTH_NAMES.get(code, "Authentication")
     if code == protocol.AUTH_MD5:
         f["salt"] = _redacted(r.remaining)  # present, but not shown
         r.rest()
@@ -478,7 +490,6 @@ def _authentication(r: _Reader, f: dict, ctx) -> str:
         f["code"] = code
         f["data"] = _redacted(r.remaining)
         r.rest()
-    return name
 
 
 def _backend_key_data(r: _Reader, f: dict, ctx) -> None:
@@ -500,7 +511,6 @@ def _ready_for_query(r: _Reader, f: dict, ctx) -> None:
 def _row_description(r: _Reader, f: dict, ctx) -> None:
     count = r.int16()
     columns: list[dict[str, Any]] = []
-    formats: list[int] = []
     f["columns"] = columns
     for _ in range(count):
         name = r.cstring()
@@ -510,11 +520,9 @@ def _row_description(r: _Reader, f: dict, ctx) -> None:
         size = r.int16(signed=True)
         typmod = r.int32(signed=True)
         fmt = r.int16()
-        formats.append(fmt)
         columns.append({"name": name, "type": type_name(oid), "type_oid": oid,
                         "table_oid": table_oid, "column": column, "size": size,
                         "typmod": typmod, "format": _format_name(fmt)})
-    f["_formats"] = formats
 
 
 def _data_row(r: _Reader, f: dict, ctx: DecodeContext | None) -> None:
@@ -628,7 +636,6 @@ def decode(direction: str, msg_type: int | str, body: bytes, *, total: int | Non
     has "truncated": true if decoding reached the cut). context: session state for the
     messages whose meaning depends on earlier ones ('p', DataRow formats).
 
-    Field names starting with '_' are for DecodeContext.observe and are not printed.
     """
     t = _type_char(msg_type)
     body = bytes(body)
@@ -648,9 +655,7 @@ def decode(direction: str, msg_type: int | str, body: bytes, *, total: int | Non
         fields["hex"] = _hex(body, reader.total)
         return {"type": "Unknown", "fields": fields}
     try:
-        result = decoder(reader, fields, context)
-        if isinstance(result, str):
-            name = result
+        decoder(reader, fields, context)
     except _Short:
         fields["truncated"] = True
     except protocol.DecodeError as exc:
@@ -660,14 +665,8 @@ def decode(direction: str, msg_type: int | str, body: bytes, *, total: int | Non
     else:
         if reader.partial and t not in _SIZE_ONLY:
             fields["truncated"] = True
+    name = fields.pop(_NAME, name)
     return {"type": name, "fields": fields}
-
-
-def public_fields(fields: dict[str, Any]) -> dict[str, Any]:
-    """The fields without the '_' entries kept for DecodeContext."""
-    if any(key.startswith("_") for key in fields):
-        return {key: value for key, value in fields.items() if not key.startswith("_")}
-    return fields
 
 
 # --- framing ------------------------------------------------------------------------------
@@ -987,10 +986,14 @@ class Session:
 
     def message(self, direction: str, msg_type: int, length: int, body: bytes,
                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        decoded = decode(direction, msg_type, body, total=length - 4, context=self.context)
+        try:
+            decoded = decode(direction, msg_type, body, total=length - 4, context=self.context)
+            self.context.observe(direction, decoded)
+        except Exception as exc:  # noqa: BLE001  (a decoder bug must not touch the relaying)
+            names = FRONTEND_NAMES if direction == CLIENT else BACKEND_NAMES
+            decoded = {"type": names.get(_type_char(msg_type), "Unknown"),
+                       "fields": {"decode_error": f"{type(exc).__name__}: {exc}"}}
         fields = decoded["fields"]
-        self.context.observe(direction, msg_type, fields)
-        fields = public_fields(fields)
         if extra:
             fields.update(extra)
         self.event(direction, decoded["type"], fields, length, self._now)
@@ -1012,7 +1015,8 @@ class Session:
     def to_server(self, data: bytes) -> None:
         server = self.server
         if server is not None and server.ready:
-            server.transport.write(data)
+            if not server.closed:
+                server.transport.write(data)
             return
         self.pending.append(data)
         self.pending_size += len(data)
@@ -1054,6 +1058,9 @@ class Session:
         for data in pending:
             server.transport.write(data)
         self.client.resume("pending")
+        early, server.early = server.early, []
+        for data in early:
+            server.relay(data)
 
     async def _server_tls(self, server: ServerSide) -> None:
         """Our own SSLRequest to the server: TLS if it says 'S', plain if 'N'."""
@@ -1091,6 +1098,7 @@ class Session:
                 "closed_by": closed_by, "reason": reason,
                 "bytes_from_client": self.bytes[CLIENT], "bytes_from_server": self.bytes[SERVER]})
         self.analyzer.sessions.discard(self)
+        self.client.mode = ClientSide.CLOSED
         if self.opening is not None and not self.opening.done():
             self.opening.cancel()
         self.client.close()
@@ -1149,6 +1157,7 @@ class ClientSide(_Side):
     TLS = "tls"
     RELAY = "relay"
     OPAQUE = "opaque"
+    CLOSED = "closed"
 
     def __init__(self, session: Session):
         super().__init__(session)
@@ -1190,6 +1199,8 @@ class ClientSide(_Side):
             self.framer.feed(data)
         elif self.mode == self.OPAQUE:
             session.to_server(data)
+        elif self.mode == self.CLOSED:
+            return
         else:
             # Startup packets, or (mode TLS) bytes decrypted before start_tls returned.
             self.buf += data
@@ -1299,6 +1310,7 @@ class ServerSide(_Side):
         self.ready = False
         self.tls = False
         self.answer: asyncio.Future | None = None
+        self.early: list[bytes] = []  # bytes the server sent before the session was set up
         self.framer = Framer(session.server_message, self._framing_error)
 
     def connection_made(self, transport) -> None:
@@ -1334,8 +1346,17 @@ class ServerSide(_Side):
                 answer.set_result(chr(data[0]))
             return
         if not self.ready:
+            if sum(map(len, self.early)) > PENDING_MAX:
+                session.close("server sent too much before the session was set up", SERVER)
+                return
+            self.early.append(bytes(data))
             return
-        session.client.transport.write(data)
+        self.relay(data)
+
+    def relay(self, data: bytes) -> None:
+        client = self.session.client
+        if not client.closed:
+            client.transport.write(data)
         self.framer.feed(data)
 
 

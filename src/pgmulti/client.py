@@ -216,6 +216,9 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
                 return
             self.transport.write(b"S")
             self.hold()
+            # Stop reading now: the ClientHello must reach the TLS layer, not our buffer.
+            # start_tls resumes reading once it owns the transport.
+            self.transport.pause_reading()
             self.app.spawn(self._start_tls(context))
             return
         if code == protocol.CANCEL_REQUEST_CODE:

@@ -12,6 +12,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from .certs import CertificateAuthority
 from .cluster import Cluster, ClusterError, find_free_port, stop_process, wait_until_listening
 
 NODE_NAMES = ("node_a", "node_b", "node_c")
@@ -34,7 +35,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def demo_config(base: Path, port: int, clusters: list[Cluster], pool_mode: str) -> str:
+def demo_config(base: Path, port: int, clusters: list[Cluster], pool_mode: str,
+                tls_cert: Path, tls_key: Path) -> str:
     lines = ["[databases]",
              f"demo = host=127.0.0.1 port={clusters[0].port} dbname=demo"]
     for name, cluster in zip(NODE_NAMES, clusters):
@@ -43,7 +45,10 @@ def demo_config(base: Path, port: int, clusters: list[Cluster], pool_mode: str) 
               f"unix_socket_dir = {base}", "auth_type = trust",
               f"auth_file = {base / 'userlist.txt'}", "admin_users = postgres",
               "stats_users = postgres", f"pool_mode = {pool_mode}", "default_pool_size = 10",
-              "max_client_conn = 500", ""]
+              "max_client_conn = 500",
+              # TLS out of the box with a throwaway CA (clients may still use plain text).
+              "client_tls_sslmode = prefer", f"client_tls_cert_file = {tls_cert}",
+              f"client_tls_key_file = {tls_key}", ""]
     return "\n".join(lines)
 
 
@@ -75,13 +80,16 @@ def main(argv: list[str]) -> int:
             clusters.append(cluster)
         port = pick_port(args.port)
         (base / "userlist.txt").write_text('"postgres" ""\n')
+        ca = CertificateAuthority(base / "tls", "pgmulti demo CA")
+        server_cert = ca.issue("pgmulti", "localhost", ("localhost", "127.0.0.1"))
         ini = base / "pgmulti.ini"
-        ini.write_text(demo_config(base, port, clusters, args.pool_mode))
+        ini.write_text(demo_config(base, port, clusters, args.pool_mode,
+                                   server_cert.cert_file, server_cert.key_file))
         log = open(base / "pgmulti.log", "wb")
         proxy = subprocess.Popen([sys.executable, "-m", "pgmulti", str(ini)],
                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_until_listening(proxy, port, timeout=15)
-        print_instructions(base, port, clusters, args.pool_mode)
+        print_instructions(base, port, clusters, args.pool_mode, ca.cert_file)
         if args.selftest:
             return selftest(port)
         wait_for_interrupt()
@@ -100,7 +108,8 @@ def main(argv: list[str]) -> int:
             shutil.rmtree(base, ignore_errors=True)
 
 
-def print_instructions(base: Path, port: int, clusters: list[Cluster], pool_mode: str) -> None:
+def print_instructions(base: Path, port: int, clusters: list[Cluster], pool_mode: str,
+                       ca_file: Path) -> None:
     nodes = ", ".join(f"{name} (PostgreSQL on port {c.port})" for name, c in zip(NODE_NAMES, clusters))
     print(f"""
 pgmulti is listening on 127.0.0.1:{port} ({pool_mode} pooling); logs in {base / 'pgmulti.log'}
@@ -110,6 +119,7 @@ databases: demo -> node_a; {nodes}
   pgbench -h 127.0.0.1 -p {port} -U postgres -i demo
   pgbench -h 127.0.0.1 -p {port} -U postgres -c 16 -j 2 -T 30 -S demo
   psql -h 127.0.0.1 -p {port} -U postgres pgbouncer -c 'SHOW POOLS'    # admin console
+  psql "host=localhost port={port} user=postgres dbname=demo sslmode=verify-full sslrootcert={ca_file}"
 
 Multi-main (writes to every node, reads from the fastest) is not built yet: each node is
 its own database entry for now. Press Ctrl-C to stop and remove everything.
