@@ -110,6 +110,12 @@ class App:
             max_db_connections=config.effective_max_db_connections(db, user_cfg),
             max_user_connections=config.effective_max_user_connections(db, user_cfg),
             server_lifetime=config.effective_server_lifetime(db, user_cfg),
+            max_db_client_connections=config.effective_max_db_client_connections(db, user_cfg),
+            max_user_client_connections=config.effective_max_user_client_connections(db, user_cfg),
+            client_idle_timeout=config.effective_client_idle_timeout(db, user_cfg),
+            idle_transaction_timeout=config.effective_idle_transaction_timeout(db, user_cfg),
+            query_timeout=config.effective_query_timeout(db, user_cfg),
+            transaction_timeout=config.effective_transaction_timeout(db, user_cfg),
         )
 
     def admin_parameters(self) -> dict[str, str]:
@@ -137,6 +143,21 @@ class App:
             # Log in to the server with the keys the client proved (SCRAM pass-through).
             pool.credentials.scram_keys = scram_keys
         return pool
+
+    def client_limit_error(self, pool: Pool) -> PgError | None:
+        """max_db_client_connections / max_user_client_connections for one more client."""
+        limits = pool.settings
+        if limits.max_db_client_connections > 0:
+            count = sum(len(p.clients) for p in self.pools.values() if p.name == pool.name)
+            if count >= limits.max_db_client_connections:
+                return errors.fatal(errors.TOO_MANY_CONNECTIONS,
+                                    "no more connections allowed (max_db_client_connections)")
+        if limits.max_user_client_connections > 0:
+            count = sum(len(p.clients) for p in self.pools.values() if p.user == pool.user)
+            if count >= limits.max_user_client_connections:
+                return errors.fatal(errors.TOO_MANY_CONNECTIONS,
+                                    "no more connections allowed (max_user_client_connections)")
+        return None
 
     def below_db_limit(self, pool: Pool) -> bool:
         limit = pool.settings.max_db_connections

@@ -67,6 +67,8 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         self.request_time = self.connect_time
         self.last_active = self.created
         self.seen_activity = 0
+        self.busy_since = 0.0            # janitor's clock for query_timeout
+        self.xact_since = 0.0            # janitor's clock for transaction_timeout
         self.wait_start = 0.0
         self.link_time = 0.0
         self.cancel_pid = secrets.randbits(31) or 1
@@ -358,6 +360,10 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         self.pool = self.app.get_pool(self.database, db, self.user, secret, self.scram_keys)
         if self.closed:
             return
+        limit_error = self.app.client_limit_error(self.pool)
+        if limit_error is not None:
+            self.pool = None
+            raise limit_error
         welcome = await self.pool.welcome()
         if self.closed:
             return

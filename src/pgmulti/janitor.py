@@ -45,7 +45,7 @@ class Janitor:
         self._expire_logins(now, cfg.client_login_timeout)
         for pool in list(app.pools.values()):
             pool.tick(now)
-        self._expire_clients(now, cfg)
+        self._expire_clients(now)
         if cfg.stats_period > 0 and now - self._last_stats >= cfg.stats_period:
             self._roll_stats(now - self._last_stats)
             self._last_stats = now
@@ -59,27 +59,46 @@ class Janitor:
             if now - client.created > timeout:
                 client.report(errors.login_timeout())
 
-    def _expire_clients(self, now: float, cfg) -> None:
-        """Idle and idle-in-transaction timeouts; activity is seen as bytes moving."""
-        idle_timeout = cfg.client_idle_timeout
-        xact_timeout = cfg.idle_transaction_timeout
+    def _expire_clients(self, now: float) -> None:
+        """Per-pool client timeouts; activity is seen as bytes moving, clocks start when the
+        janitor first sees a request outstanding or a transaction open (1/3 s resolution)."""
         for pool in self.app.pools.values():
+            limits = pool.settings
+            if not limits.has_client_timeouts:
+                continue
             for client in list(pool.clients):
-                server = client.server
-                activity = client.rx_bytes + (server.rx_bytes if server is not None else 0)
-                if activity != client.seen_activity:
-                    client.seen_activity = activity
-                    client.last_active = now
-                    continue
-                if client.state == "waiting" or (server is not None and server.pending):
-                    continue
-                idle_for = now - client.last_active
-                in_transaction = server is not None and server.ready_status in _IN_TRANSACTION
-                if xact_timeout > 0 and in_transaction and idle_for > xact_timeout:
-                    client.report(errors.fatal(errors.IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
-                                               "idle transaction timeout"))
-                elif idle_timeout > 0 and not in_transaction and idle_for > idle_timeout:
-                    client.report(errors.fatal(errors.IDLE_SESSION_TIMEOUT, "client_idle_timeout"))
+                self._check_client(client, limits, now)
+
+    def _check_client(self, client, limits, now: float) -> None:
+        server = client.server
+        busy = server is not None and server.pending > 0
+        in_transaction = server is not None and server.ready_status in _IN_TRANSACTION
+        client.busy_since = (client.busy_since or now) if busy else 0.0
+        client.xact_since = (client.xact_since or now) if busy or in_transaction else 0.0
+        if limits.query_timeout and busy and now - client.busy_since > limits.query_timeout:
+            server.close("query_timeout")
+            client.report(errors.fatal(errors.QUERY_CANCELED, "query_timeout"))
+            return
+        if (limits.transaction_timeout and client.xact_since
+                and now - client.xact_since > limits.transaction_timeout):
+            server.close("transaction_timeout")
+            client.report(errors.fatal(errors.TRANSACTION_TIMEOUT, "transaction_timeout"))
+            return
+        activity = client.rx_bytes + (server.rx_bytes if server is not None else 0)
+        if activity != client.seen_activity:
+            client.seen_activity = activity
+            client.last_active = now
+            return
+        if client.state == "waiting" or busy:
+            return
+        idle_for = now - client.last_active
+        if (limits.idle_transaction_timeout and in_transaction
+                and idle_for > limits.idle_transaction_timeout):
+            client.report(errors.fatal(errors.IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
+                                       "idle transaction timeout"))
+        elif (limits.client_idle_timeout and not in_transaction
+              and idle_for > limits.client_idle_timeout):
+            client.report(errors.fatal(errors.IDLE_SESSION_TIMEOUT, "client_idle_timeout"))
 
     def _roll_stats(self, seconds: float) -> None:
         app = self.app

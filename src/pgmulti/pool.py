@@ -41,6 +41,17 @@ class PoolSettings:
     max_db_connections: int
     max_user_connections: int
     server_lifetime: float
+    max_db_client_connections: int = 0
+    max_user_client_connections: int = 0
+    client_idle_timeout: float = 0.0
+    idle_transaction_timeout: float = 0.0
+    query_timeout: float = 0.0
+    transaction_timeout: float = 0.0
+
+    @property
+    def has_client_timeouts(self) -> bool:
+        return bool(self.client_idle_timeout or self.idle_transaction_timeout
+                    or self.query_timeout or self.transaction_timeout)
 
 
 class Pool:

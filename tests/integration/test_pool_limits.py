@@ -461,6 +461,40 @@ def test_idle_transaction_timeout(pgmulti):
         assert rows[0][0] != server_pid and rows[0][1] == "t"
 
 
+def test_query_timeout_closes_a_long_query(pgmulti):
+    proxy = pgmulti({"query_timeout": 1})
+    with RawClient(proxy.port) as client:
+        assert client.login() is None
+        started = time.monotonic()
+        _, error = client.query("SELECT pg_sleep(10)", timeout=5)
+        assert error is not None and (error["S"], error["C"]) == ("FATAL", "57014"), error
+        assert 0.8 <= time.monotonic() - started <= 2.5
+    with connect(proxy) as conn:  # the pool recovers
+        assert scalar(conn, "SELECT 1") == 1
+
+
+def test_transaction_timeout_closes_a_long_transaction(pgmulti):
+    proxy = pgmulti({"transaction_timeout": 1})
+    with RawClient(proxy.port) as client:
+        assert client.login() is None
+        _, error = client.query("BEGIN")
+        assert error is None
+        message = client.read_until("E", timeout=3)
+        assert message is not None
+        error = error_fields(message[1])
+        assert (error["S"], error["C"]) == ("FATAL", "25P04"), error
+
+
+@pytest.mark.parametrize("limit", ["max_db_client_connections", "max_user_client_connections"])
+def test_client_connection_limits(pgmulti, limit):
+    proxy = pgmulti({limit: 1})
+    with connect(proxy) as first:
+        assert scalar(first, "SELECT 1") == 1
+        with RawClient(proxy.port) as second:
+            error = second.login()
+            assert error is not None and error["C"] == "53300" and limit in error["M"], error
+
+
 # --- failures reaching PostgreSQL ---
 
 
