@@ -175,6 +175,9 @@ cdef class Relay:
         cdef Py_ssize_t want
         if self._buf is None:
             self._allocate(max(self.buffer_size, self._need), 0)
+        elif (self._start == self._end and self._cap > 4 * self.buffer_size
+              and self._need <= self.buffer_size):
+            self._allocate(self.buffer_size, 0)  # a big message has passed: shrink back
         else:
             want = max(self._need, MIN_READ + self._end - self._start)
             if self._cap - self._start < want or self._cap - self._end < MIN_READ:

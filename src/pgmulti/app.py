@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 
-from . import auth, errors, loader
+from . import auth, errors, loader, prepared
 from .admin import AdminConsole
 from .errors import PgError
 from .janitor import Janitor
@@ -49,6 +49,7 @@ class App:
         self.janitor = Janitor(self)
         self.admin = AdminConsole(self)
         self._tasks: set[asyncio.Task] = set()
+        self.prepared_registry = prepared.Registry()
         self.stopped = asyncio.get_running_loop().create_future()
         self._apply_config(config)
         self.load_userlist()

@@ -1,4 +1,4 @@
-"""Client and server authentication: PgBouncer auth files, md5 and SCRAM-SHA-256."""
+"""Client and server authentication: PgBouncer auth files, md5 and SCRAM-SHA-256(-PLUS)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,10 @@ import stringprep
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Callable
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
 
 __all__ = [
     "AuthError",
@@ -29,9 +33,13 @@ __all__ = [
     "parse_scram_secret",
     "parse_userlist",
     "secret_kind",
+    "tls_server_end_point",
 ]
 
 SCRAM_MECHANISM = "SCRAM-SHA-256"
+SCRAM_PLUS_MECHANISM = "SCRAM-SHA-256-PLUS"
+CHANNEL_BINDING_TYPE = "tls-server-end-point"  # the only type PostgreSQL supports
+_CBIND_GS2_HEADER = b"p=" + CHANNEL_BINDING_TYPE.encode("ascii") + b",,"
 DEFAULT_SCRAM_ITERATIONS = 4096
 SCRAM_SALT_LENGTH = 16  # PostgreSQL's default salt length
 SCRAM_NONCE_BYTES = 18  # PostgreSQL's nonce length (before base64)
@@ -39,6 +47,7 @@ _KEY_LENGTH = hashlib.sha256().digest_size
 _MAX_ITERATIONS = 2**31 - 1  # PostgreSQL stores the iteration count as a C int
 
 _MD5_SECRET = re.compile(r"md5[0-9a-f]{32}")
+_CB_NAME = re.compile(rb"[A-Za-z0-9.-]+")  # RFC 5802 cb-name
 _SCRAM_SECRET = re.compile(
     r"SCRAM-SHA-256\$(?P<iterations>[0-9]+):(?P<salt>[A-Za-z0-9+/=]+)"
     r"\$(?P<stored_key>[A-Za-z0-9+/=]+):(?P<server_key>[A-Za-z0-9+/=]+)"
@@ -339,6 +348,48 @@ def _derive_scram_keys(password: str | bytes, salt: bytes, iterations: int) -> t
 
 
 # ---------------------------------------------------------------------------
+# Channel binding (RFC 5929 tls-server-end-point)
+# ---------------------------------------------------------------------------
+
+
+def tls_server_end_point(cert_der: bytes) -> bytes:
+    """Channel binding data of type tls-server-end-point for a DER server certificate.
+
+    This is the hash of the certificate with the hash algorithm of its signature,
+    except that MD5 and SHA-1 are replaced by SHA-256 (RFC 5929 section 4.1), as
+    PostgreSQL and libpq compute it. Certificates whose signature has no separate
+    hash algorithm (Ed25519, Ed448) cannot be used for channel binding: AuthError.
+    """
+    try:
+        certificate = x509.load_der_x509_certificate(cert_der)
+    except ValueError:
+        raise AuthError("cannot compute channel binding: invalid DER certificate") from None
+    try:
+        algorithm = certificate.signature_hash_algorithm
+    except UnsupportedAlgorithm:
+        algorithm = None
+    if algorithm is None:
+        raise AuthError(
+            "cannot compute channel binding: the certificate's signature algorithm has no hash"
+        )
+    if isinstance(algorithm, (hashes.MD5, hashes.SHA1)):
+        algorithm = hashes.SHA256()
+    digest = hashes.Hash(algorithm)
+    digest.update(cert_der)
+    return digest.finalize()
+
+
+def _check_channel_binding(channel_binding: bytes | None) -> bytes | None:
+    if channel_binding is None:
+        return None
+    if not isinstance(channel_binding, bytes):
+        raise TypeError("channel_binding must be bytes (see tls_server_end_point)")
+    if not channel_binding:
+        raise ValueError("channel_binding must not be empty")
+    return channel_binding
+
+
+# ---------------------------------------------------------------------------
 # SCRAM message helpers
 # ---------------------------------------------------------------------------
 
@@ -387,7 +438,11 @@ class _State:
 
 
 class ScramServer:
-    """The pooler's side of SCRAM-SHA-256 when a client logs in to it.
+    """The pooler's side of SCRAM-SHA-256(-PLUS) when a client logs in to it.
+
+    ``channel_binding`` is the tls-server-end-point data of the pooler's own
+    certificate (``tls_server_end_point(cert_der)``) when the client connection uses
+    TLS; SCRAM-SHA-256-PLUS is then offered too. Without it only SCRAM-SHA-256 is.
 
     After a successful ``final()``, ``client_key`` and ``server_key`` hold the keys
     recovered from the exchange, so the pooler can log in to PostgreSQL with them
@@ -395,7 +450,14 @@ class ScramServer:
     PostgreSQL holds; with a plain password a fresh salt is used instead.
     """
 
-    def __init__(self, stored: str, nonce_factory: Callable[[], str] | None = None) -> None:
+    def __init__(
+        self,
+        stored: str,
+        nonce_factory: Callable[[], str] | None = None,
+        *,
+        channel_binding: bytes | None = None,
+    ) -> None:
+        self._channel_binding = _check_channel_binding(channel_binding)
         kind = secret_kind(stored)
         if kind == "md5":
             raise AuthError("an md5 secret cannot be used for SCRAM authentication")
@@ -409,22 +471,63 @@ class ScramServer:
             self._secret = parse_scram_secret(stored)
         self._nonce_factory = nonce_factory or _default_nonce
         self._state = _State.START
-        self._gs2_header = b""
+        self._binding_used = False  # the client selected SCRAM-SHA-256-PLUS
+        self._expected_cbind = b""  # the c= attribute the client must send, base64
         self._client_first_bare = b""
         self._server_first = b""
         self._nonce = b""
         self.client_key: bytes | None = None
         self.server_key: bytes | None = None
 
-    @staticmethod
-    def mechanisms() -> list[str]:
-        """SASL mechanisms to offer in AuthenticationSASL."""
+    def mechanisms(self) -> list[str]:
+        """SASL mechanisms to offer in AuthenticationSASL (PLUS first, like PostgreSQL)."""
+        if self._channel_binding is not None:
+            return [SCRAM_PLUS_MECHANISM, SCRAM_MECHANISM]
         return [SCRAM_MECHANISM]
 
-    def first(self, client_first: bytes) -> bytes:
-        """Handle client-first-message; return server-first-message."""
+    def first(self, client_first: bytes, mechanism: str = SCRAM_MECHANISM) -> bytes:
+        """Handle client-first-message for the mechanism the client selected.
+
+        Return server-first-message or raise AuthError.
+        """
         self._expect(_State.START)
-        self._gs2_header, self._client_first_bare = _split_gs2_header(client_first)
+        if mechanism == SCRAM_PLUS_MECHANISM:
+            if self._channel_binding is None:
+                raise AuthError(
+                    "client selected SCRAM-SHA-256-PLUS, but channel binding is not available"
+                )
+        elif mechanism != SCRAM_MECHANISM:
+            raise AuthError("client selected an invalid SASL authentication mechanism")
+        flag, cb_name, gs2_header, self._client_first_bare = _split_gs2_header(client_first)
+        if flag == b"p":
+            if mechanism != SCRAM_PLUS_MECHANISM:
+                raise AuthError(
+                    "malformed SCRAM client-first-message: client selected SCRAM-SHA-256 "
+                    "without channel binding, but the message includes channel binding data"
+                )
+            if cb_name != CHANNEL_BINDING_TYPE.encode("ascii"):
+                raise AuthError(
+                    f"unsupported channel binding type {cb_name.decode('ascii')!r}"
+                    if len(cb_name) <= 64
+                    else "unsupported channel binding type"
+                )
+            assert self._channel_binding is not None
+            self._binding_used = True
+            self._expected_cbind = _b64encode(gs2_header + self._channel_binding)
+        else:
+            if flag == b"y" and self._channel_binding is not None:
+                # RFC 5802 section 6: the client believes we cannot bind, but we can, so
+                # someone may have removed the PLUS mechanism from our offer (downgrade).
+                raise AuthError(
+                    "SCRAM channel binding negotiation error: the client supports channel "
+                    "binding but thinks the server does not, although it does"
+                )
+            if mechanism == SCRAM_PLUS_MECHANISM:
+                raise AuthError(
+                    "malformed SCRAM client-first-message: client selected "
+                    "SCRAM-SHA-256-PLUS, but the message has no channel binding"
+                )
+            self._expected_cbind = _b64encode(gs2_header)
         client_nonce = _parse_client_first_bare(self._client_first_bare)
         self._nonce = client_nonce + _make_nonce(self._nonce_factory)
         self._server_first = b"r=%s,s=%s,i=%d" % (
@@ -462,8 +565,13 @@ class ScramServer:
         parts = without_proof.split(b",")
         if len(parts) < 2:
             raise AuthError("malformed SCRAM client-final-message: missing nonce")
-        binding = _b64decode(_attribute(parts[0], b"c", "client-final-message"), "channel binding")
-        if binding != self._gs2_header:
+        binding = _attribute(parts[0], b"c", "client-final-message")
+        _b64decode(binding, "channel binding")  # only to report malformed base64 as such
+        # Compare the base64 text itself, like PostgreSQL: it must be exactly what an
+        # honest client sends (gs2-header of client-first-message + binding data).
+        if not hmac.compare_digest(binding, self._expected_cbind):
+            if self._binding_used:
+                raise AuthError("SCRAM channel binding check failed")
             raise AuthError("SCRAM channel binding does not match the client-first-message")
         nonce = _attribute(parts[1], b"r", "client-final-message")
         if not hmac.compare_digest(nonce, self._nonce):
@@ -474,20 +582,28 @@ class ScramServer:
         return without_proof, proof
 
 
-def _split_gs2_header(client_first: bytes) -> tuple[bytes, bytes]:
-    """Split client-first-message into (gs2-header, client-first-message-bare)."""
-    flag, sep, rest = client_first.partition(b",")
-    if flag.startswith(b"p="):
-        raise AuthError("SCRAM channel binding (SCRAM-SHA-256-PLUS) is not supported without TLS")
-    # "y" means the client could bind but believes we cannot: true, since we have no TLS.
-    if flag not in (b"n", b"y") or not sep:
+def _split_gs2_header(client_first: bytes) -> tuple[bytes, bytes, bytes, bytes]:
+    """Split client-first-message into (flag, cb-name, gs2-header, client-first-message-bare).
+
+    flag is b"n", b"y" or b"p"; cb-name is the channel binding type for b"p", else b"".
+    """
+    cbind, sep, rest = client_first.partition(b",")
+    if not sep:
+        raise AuthError("malformed SCRAM client-first-message: invalid GS2 header")
+    if cbind.startswith(b"p="):
+        flag, cb_name = b"p", cbind[2:]
+        if not _CB_NAME.fullmatch(cb_name):
+            raise AuthError("malformed SCRAM client-first-message: invalid channel binding type")
+    elif cbind in (b"n", b"y"):
+        flag, cb_name = cbind, b""
+    else:
         raise AuthError("malformed SCRAM client-first-message: invalid GS2 header")
     authzid, sep, bare = rest.partition(b",")
     if authzid.startswith(b"a="):
         raise AuthError("SCRAM authorization identity is not supported")
     if authzid or not sep:
         raise AuthError("malformed SCRAM client-first-message: invalid GS2 header")
-    return flag + b",,", bare
+    return flag, cb_name, cbind + b",,", bare
 
 
 def _parse_client_first_bare(bare: bytes) -> bytes:
@@ -510,11 +626,16 @@ def _parse_client_first_bare(bare: bytes) -> bytes:
 
 
 class ScramClient:
-    """The pooler's side of SCRAM-SHA-256 when it logs in to PostgreSQL.
+    """The pooler's side of SCRAM-SHA-256(-PLUS) when it logs in to PostgreSQL.
 
     Give either the password, or the ``client_key``/``server_key`` recovered by a
     ScramServer (pass-through): the keys are used as they are, whatever salt and
     iteration count the server announces.
+
+    With ``channel_binding`` (``tls_server_end_point()`` of the certificate the
+    server presented over TLS) the client uses SCRAM-SHA-256-PLUS; send the
+    initial response with ``mechanism``. Choosing it is the caller's business:
+    only do so when the server offered SCRAM-SHA-256-PLUS.
     """
 
     def __init__(
@@ -525,6 +646,7 @@ class ScramClient:
         server_key: bytes | None = None,
         username: str = "",
         nonce_factory: Callable[[], str] | None = None,
+        channel_binding: bytes | None = None,
     ) -> None:
         has_keys = client_key is not None or server_key is not None
         if (password is None) == (not has_keys):
@@ -536,6 +658,8 @@ class ScramClient:
             or len(server_key) != _KEY_LENGTH
         ):
             raise ValueError(f"client_key and server_key must both be {_KEY_LENGTH} bytes")
+        self._channel_binding = _check_channel_binding(channel_binding)
+        self._gs2_header = b"n,," if channel_binding is None else _CBIND_GS2_HEADER
         self._password = password
         self._client_key = client_key
         self._server_key = server_key
@@ -547,6 +671,11 @@ class ScramClient:
         self._client_first_bare = b""
         self._expected_server_signature = b""
 
+    @property
+    def mechanism(self) -> str:
+        """The SASL mechanism this client speaks (for SASLInitialResponse)."""
+        return SCRAM_MECHANISM if self._channel_binding is None else SCRAM_PLUS_MECHANISM
+
     def first(self) -> bytes:
         """Return client-first-message."""
         self._expect(_State.START)
@@ -554,7 +683,7 @@ class ScramClient:
         username = _escape_saslname(self._username)
         self._client_first_bare = b"n=" + username + b",r=" + self._client_nonce
         self._state = _State.CHALLENGED
-        return b"n,," + self._client_first_bare
+        return self._gs2_header + self._client_first_bare
 
     def final(self, server_first: bytes) -> bytes:
         """Handle server-first-message; return client-final-message with the proof."""
@@ -565,7 +694,8 @@ class ScramClient:
         else:
             assert self._client_key is not None and self._server_key is not None
             client_key, server_key = self._client_key, self._server_key
-        without_proof = b"c=" + _b64encode(b"n,,") + b",r=" + nonce
+        cbind_input = self._gs2_header + (self._channel_binding or b"")
+        without_proof = b"c=" + _b64encode(cbind_input) + b",r=" + nonce
         auth_message = b",".join((self._client_first_bare, server_first, without_proof))
         proof = _xor(client_key, _hmac(_sha256(client_key), auth_message))
         self._expected_server_signature = _hmac(server_key, auth_message)

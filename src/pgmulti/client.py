@@ -11,7 +11,7 @@ import ssl
 import time
 from typing import TYPE_CHECKING
 
-from . import auth, errors, protocol, session, tls
+from . import auth, errors, prepared, protocol, session, tls
 from ._codec import Relay
 from .errors import PgError
 
@@ -31,6 +31,12 @@ AUTH_ACTIONS = protocol.action_table(protocol.REJECT, p=protocol.INSPECT, X=prot
 # Pooled session: every frontend message flows to the server; Terminate ends the session.
 RELAY_ACTIONS = protocol.action_table(
     protocol.REJECT, **{t: protocol.PASS for t in "BCdcfDEHFPQS"}, X=protocol.INSPECT)
+# Transaction pooling with max_prepared_statements: statement names are rewritten.
+PREPARED_RELAY_ACTIONS = protocol.action_table(
+    protocol.REJECT, **{t: protocol.PASS for t in "dcfEHFQ"}, X=protocol.INSPECT,
+    P=protocol.INSPECT, B=protocol.INSPECT, D=protocol.INSPECT, C=protocol.INSPECT,
+    S=protocol.INSPECT)
+PREPARED_TYPES = frozenset(map(ord, "PBDCS"))
 # Admin console: simple query protocol only, as in PgBouncer.
 ADMIN_ACTIONS = protocol.action_table(protocol.REJECT, Q=protocol.INSPECT, X=protocol.INSPECT)
 
@@ -75,6 +81,7 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         self.cancel_key = secrets.randbits(32)
         self.scram_keys: tuple[bytes, bytes] | None = None
         self.tls = ""                    # "" for plain text, else protocol/cipher
+        self.statements: prepared.ClientStatements | None = None  # transaction pooling only
         self._password_waiter: asyncio.Future | None = None
         self._reading_paused = False
         cfg = app.config.pgbouncer
@@ -199,6 +206,8 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
                 self._password_message(view)
             elif msg_type == protocol.QUERY and self.admin:
                 self.app.admin.handle_query(self, bytes(view[5:]))
+            elif msg_type in PREPARED_TYPES and self.server is not None:
+                self._prepared_message(msg_type, view)
         except PgError as exc:
             self.report(exc)
         except protocol.DecodeError as exc:
@@ -368,6 +377,10 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         if self.closed:
             return
         self._finish_login(welcome)
+        if self.pool.prepared_limit:
+            self.statements = prepared.ClientStatements(self.app.prepared_registry)
+            # Parse/Bind are rewritten whole, so they may be as large as any message.
+            self.max_inspect = self.max_packet
         self.pool.clients.add(self)
         self.set_actions(RELAY_ACTIONS)
         self.resume()
@@ -475,6 +488,26 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
                      self.tls or "no")
 
     # -- pooled session ------------------------------------------------------------------
+
+    def _prepared_message(self, msg_type: int, view) -> None:
+        """Parse/Bind/Describe/Close/Sync with statement names mapped to the server's."""
+        server = self.server
+        statements = server.statements
+        out: list[bytes] = []
+        body = bytes(view[5:])
+        if msg_type == protocol.PARSE:
+            self.statements.parse(body, statements, out)
+        elif msg_type == protocol.BIND:
+            self.statements.bind(body, statements, out)
+        elif msg_type == protocol.DESCRIBE:
+            self.statements.describe(body, statements, out)
+        elif msg_type == protocol.CLOSE:
+            self.statements.close(body, statements, out)
+        else:  # Sync: answered by ReadyForQuery number ready_count + pending
+            out.append(bytes(view))
+            server.pending += 1
+            statements.expected.append(("sync", server.ready_count + server.pending))
+        server.transport.write(b"".join(out))
 
     def on_unlinked(self, msg_type: int) -> None:
         """The first message of a transaction: get a server (now, or queue and wait)."""

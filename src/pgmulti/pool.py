@@ -11,8 +11,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import errors, session
+from .client import PREPARED_RELAY_ACTIONS as CLIENT_PREPARED_ACTIONS
+from .client import RELAY_ACTIONS as CLIENT_RELAY_ACTIONS
 from .errors import PgError
-from .server import INSPECT_ALL, RELAY_ACTIONS, STATEMENT_RELAY_ACTIONS, ServerConnection
+from .server import (INSPECT_ALL, PREPARED_RELAY_ACTIONS, PREPARED_STATEMENT_RELAY_ACTIONS,
+                     RELAY_ACTIONS, STATEMENT_RELAY_ACTIONS, ServerConnection)
 from .stats import PoolStats
 
 if TYPE_CHECKING:
@@ -101,8 +104,17 @@ class Pool:
         query = cfg.server_check_query
         self.check_query = "" if query == "<empty>" else query
         self.check_enabled = bool(query)
-        statement = self.settings.pool_mode == session.STATEMENT
-        self.relay_actions = STATEMENT_RELAY_ACTIONS if statement else RELAY_ACTIONS
+        mode = self.settings.pool_mode
+        # Prepared statements need mapping only where a client can change servers.
+        self.prepared_limit = cfg.max_prepared_statements if mode != session.SESSION else 0
+        statement = mode == session.STATEMENT
+        if self.prepared_limit:
+            self.relay_actions = (PREPARED_STATEMENT_RELAY_ACTIONS if statement
+                                  else PREPARED_RELAY_ACTIONS)
+        else:
+            self.relay_actions = STATEMENT_RELAY_ACTIONS if statement else RELAY_ACTIONS
+        self.client_relay_actions = CLIENT_RELAY_ACTIONS
+        self.client_prepared_actions = CLIENT_PREPARED_ACTIONS
 
     # -- addressing ----------------------------------------------------------------------
 
@@ -247,6 +259,8 @@ class Pool:
             return
         reset_query = self.app.config.pgbouncer.server_reset_query
         if reset and reset_query:
+            if server.statements is not None:
+                server.statements.forget_all()  # DISCARD ALL drops prepared statements
             self._move(server, "used")
             done = server.run_query(reset_query)
             done.add_done_callback(lambda fut: self._after_internal(server, fut, "reset query"))

@@ -30,6 +30,8 @@ TERMINATE = ord("X")
 FRONTEND_TYPES = "BCdcfDEHFPpQSX"
 
 # Backend message types.
+PARSE_COMPLETE = ord("1")
+CLOSE_COMPLETE = ord("3")
 AUTHENTICATION = ord("R")
 BACKEND_KEY_DATA = ord("K")
 COMMAND_COMPLETE = ord("C")

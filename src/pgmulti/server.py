@@ -9,7 +9,7 @@ import ssl
 import time
 from typing import TYPE_CHECKING
 
-from . import auth, errors, protocol, session
+from . import auth, errors, prepared, protocol, session
 from ._codec import Relay
 from .errors import PgError
 from .tls import describe as describe_tls
@@ -28,6 +28,14 @@ RELAY_ACTIONS = protocol.action_table(protocol.PASS, S=protocol.INSPECT)
 # answer instead of a success.
 STATEMENT_RELAY_ACTIONS = protocol.action_table(protocol.PASS, S=protocol.INSPECT,
                                                 C=protocol.INSPECT, Z=protocol.INSPECT)
+# With max_prepared_statements the pooler filters ParseComplete/CloseComplete and follows
+# errors (the server then skips to Sync).
+PREPARED_RELAY_ACTIONS = protocol.action_table(
+    protocol.PASS, S=protocol.INSPECT, **{"1": protocol.INSPECT, "3": protocol.INSPECT},
+    E=protocol.INSPECT)
+PREPARED_STATEMENT_RELAY_ACTIONS = protocol.action_table(
+    protocol.PASS, S=protocol.INSPECT, C=protocol.INSPECT, Z=protocol.INSPECT,
+    **{"1": protocol.INSPECT, "3": protocol.INSPECT}, E=protocol.INSPECT)
 TRANSACTION_START_TAGS = (b"BEGIN\0", b"START TRANSACTION\0")
 # A held reply larger than this is let through; the refusal then follows it.
 HELD_REPLY_MAX = 1024 * 1024
@@ -68,6 +76,8 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
         self._login_done = asyncio.get_running_loop().create_future()
         self._internal: InternalQuery | None = None
         self._held_reply: list[bytes] | None = None   # statement mode: reply held until 'Z'
+        limit = pool.prepared_limit
+        self.statements = prepared.ServerStatements(limit) if limit else None
         self._held_size = 0
         self._scram: auth.ScramClient | None = None
         self.max_packet = pool.app.config.pgbouncer.max_packet_size
@@ -192,6 +202,9 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
                 self._hold_reply(view)
             elif msg_type == protocol.PARAMETER_STATUS:
                 self._parameter_status(view)
+            elif self.statements is not None and self.client is not None and msg_type in (
+                    protocol.PARSE_COMPLETE, protocol.CLOSE_COMPLETE, protocol.ERROR_RESPONSE):
+                self._prepared_response(msg_type, view)
             elif msg_type == protocol.COMMAND_COMPLETE and self.client is not None:
                 if bytes(view[5:]) in TRANSACTION_START_TAGS:
                     self._held_reply = []
@@ -225,6 +238,14 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
     def on_unlinked(self, msg_type: int) -> None:
         # Only INSPECT_ALL is installed while unlinked; nothing reaches here.
         pass
+
+    def _prepared_response(self, msg_type: int, view) -> None:
+        statements = self.statements
+        if msg_type == protocol.ERROR_RESPONSE:
+            statements.error(self.ready_count)
+        elif statements.next_action(self.ready_count) == prepared.SWALLOW:
+            return  # answer to a Parse or Close the pooler added
+        self.client.transport.write(bytes(view))
 
     def _hold_reply(self, view) -> None:
         self._held_reply.append(bytes(view))

@@ -29,12 +29,16 @@ def link(client: ClientConnection, server: ServerConnection, server_actions: byt
     server.client = client
     # Session mode never releases at ReadyForQuery: spare the Python call per transaction.
     link_pair(client, server, server_actions, client.pool.settings.pool_mode != SESSION)
+    if client.statements is not None:
+        client.set_actions(client.pool.client_prepared_actions)
 
 
 def unlink(client: ClientConnection, server: ServerConnection, server_actions: bytes) -> None:
     client.server = None
     server.client = None
     unlink_pair(client, server, server_actions)
+    if client.statements is not None:
+        client.set_actions(client.pool.client_relay_actions)
 
 
 def parameter_sync_sql(client: ClientConnection, server: ServerConnection) -> str | None:

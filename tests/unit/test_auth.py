@@ -1,10 +1,15 @@
-"""Tests for pgmulti.auth: auth file parsing, md5 and SCRAM-SHA-256."""
+"""Tests for pgmulti.auth: auth file parsing, md5 and SCRAM-SHA-256(-PLUS)."""
 
 import base64
+import datetime
 import hashlib
 import hmac
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.x509.oid import NameOID
 
 from pgmulti.auth import (
     AuthError,
@@ -22,6 +27,7 @@ from pgmulti.auth import (
     parse_scram_secret,
     parse_userlist,
     secret_kind,
+    tls_server_end_point,
 )
 
 # RFC 7677 section 3 test vector.
@@ -609,3 +615,294 @@ class TestMalformedServerMessages:
     def test_injected_nonce_must_be_printable(self):
         with pytest.raises(ValueError):
             ScramClient("pw", nonce_factory=lambda: "a,b").first()
+
+
+# ---------------------------------------------------------------------------
+# Channel binding: tls-server-end-point and SCRAM-SHA-256-PLUS
+# ---------------------------------------------------------------------------
+
+CB_HEADER = b"p=tls-server-end-point,,"
+CBIND = hashlib.sha256(b"the proxy's certificate").digest()
+OTHER_CBIND = hashlib.sha256(b"a man in the middle's certificate").digest()
+
+# AlgorithmIdentifier DER of sha256WithRSAEncryption and sha1WithRSAEncryption (NULL params).
+_SHA256_RSA_ALGID = bytes.fromhex("300d06092a864886f70d01010b0500")
+_SHA1_RSA_ALGID = bytes.fromhex("300d06092a864886f70d0101050500")
+
+
+def self_signed(key, algorithm, **sign_kwargs) -> x509.Certificate:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pgmulti-test")])
+    start = datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(start)
+        .not_valid_after(start + datetime.timedelta(days=1))
+    )
+    return builder.sign(key, algorithm, **sign_kwargs)
+
+
+def der(certificate: x509.Certificate) -> bytes:
+    return certificate.public_bytes(serialization.Encoding.DER)
+
+
+def sha1_rsa_certificate(key: rsa.RSAPrivateKey) -> bytes:
+    """DER of a SHA-1/RSA signed certificate (cryptography no longer signs with SHA-1).
+
+    Sign with SHA-256, swap the algorithm OID (same encoded length) in the TBS part and
+    the outer AlgorithmIdentifier, and replace the signature with a SHA-1 one.
+    """
+    certificate = self_signed(key, hashes.SHA256())
+    original = der(certificate)
+    assert original.count(_SHA256_RSA_ALGID) == 2
+    tbs = certificate.tbs_certificate_bytes.replace(_SHA256_RSA_ALGID, _SHA1_RSA_ALGID)
+    signature = key.sign(tbs, padding.PKCS1v15(), hashes.SHA1())
+    assert len(signature) == len(certificate.signature) and original.endswith(certificate.signature)
+    patched = original.replace(certificate.tbs_certificate_bytes, tbs)
+    patched = patched.replace(_SHA256_RSA_ALGID, _SHA1_RSA_ALGID)
+    return patched[: -len(signature)] + signature
+
+
+def run_plus_exchange(client: ScramClient, server: ScramServer) -> None:
+    server_first = server.first(client.first(), client.mechanism)
+    client.verify(server.final(client.final(server_first)))
+
+
+def manual_client_final(
+    password: str, client_first_bare: bytes, server_first: bytes, cbind_attr: bytes
+) -> bytes:
+    """An honest client's proof over an arbitrary c= attribute (independent of ScramClient)."""
+    attributes = dict(part.split(b"=", 1) for part in server_first.split(b","))
+    salted = hashlib.pbkdf2_hmac(
+        "sha256", password.encode(), base64.b64decode(attributes[b"s"]), int(attributes[b"i"])
+    )
+    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+    without_proof = b"c=" + cbind_attr + b",r=" + attributes[b"r"]
+    auth_message = b",".join((client_first_bare, server_first, without_proof))
+    signature = hmac.new(hashlib.sha256(client_key).digest(), auth_message, hashlib.sha256).digest()
+    proof = bytes(a ^ b for a, b in zip(client_key, signature))
+    return without_proof + b",p=" + base64.b64encode(proof)
+
+
+@pytest.fixture(scope="module")
+def rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+class TestTlsServerEndPoint:
+    @pytest.mark.parametrize(
+        ("algorithm", "expected"),
+        [
+            (hashes.SHA256(), hashlib.sha256),
+            (hashes.SHA384(), hashlib.sha384),
+            (hashes.SHA512(), hashlib.sha512),
+        ],
+    )
+    def test_ec_certificate_uses_signature_hash(self, algorithm, expected):
+        cert_der = der(self_signed(ec.generate_private_key(ec.SECP256R1()), algorithm))
+        assert tls_server_end_point(cert_der) == expected(cert_der).digest()
+
+    def test_sha1_signed_rsa_certificate_uses_sha256(self, rsa_key):
+        cert_der = sha1_rsa_certificate(rsa_key)
+        certificate = x509.load_der_x509_certificate(cert_der)
+        assert isinstance(certificate.signature_hash_algorithm, hashes.SHA1)
+        rsa_key.public_key().verify(
+            certificate.signature,
+            certificate.tbs_certificate_bytes,
+            padding.PKCS1v15(),
+            hashes.SHA1(),
+        )
+        assert tls_server_end_point(cert_der) == hashlib.sha256(cert_der).digest()
+
+    def test_rsa_sha256_certificate(self, rsa_key):
+        cert_der = der(self_signed(rsa_key, hashes.SHA256()))
+        assert tls_server_end_point(cert_der) == hashlib.sha256(cert_der).digest()
+
+    def test_rsa_pss_certificate_uses_pss_hash(self, rsa_key):
+        # Like PostgreSQL with X509_get_signature_info(): the hash from the PSS parameters.
+        pss = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=padding.PSS.DIGEST_LENGTH)
+        cert_der = der(self_signed(rsa_key, hashes.SHA384(), rsa_padding=pss))
+        assert tls_server_end_point(cert_der) == hashlib.sha384(cert_der).digest()
+
+    def test_ed25519_certificate_is_refused(self):
+        cert_der = der(self_signed(ed25519.Ed25519PrivateKey.generate(), None))
+        with pytest.raises(AuthError, match="channel binding"):
+            tls_server_end_point(cert_der)
+
+    @pytest.mark.parametrize("data", [b"", b"not a certificate", b"\x30\x03\x02\x01\x01"])
+    def test_invalid_der_is_refused(self, data):
+        with pytest.raises(AuthError, match="invalid DER certificate"):
+            tls_server_end_point(data)
+
+    def test_binding_from_certificate_round_trip(self):
+        cert_der = der(self_signed(ec.generate_private_key(ec.SECP384R1()), hashes.SHA384()))
+        binding = tls_server_end_point(cert_der)
+        server = ScramServer("pw", channel_binding=binding)
+        run_plus_exchange(ScramClient("pw", channel_binding=binding), server)
+        assert server.client_key is not None
+
+
+class TestScramPlus:
+    def test_mechanisms(self):
+        assert ScramServer("pw").mechanisms() == ["SCRAM-SHA-256"]
+        assert ScramServer("pw", channel_binding=CBIND).mechanisms() == [
+            "SCRAM-SHA-256-PLUS",
+            "SCRAM-SHA-256",
+        ]
+
+    def test_client_mechanism(self):
+        assert ScramClient("pw").mechanism == "SCRAM-SHA-256"
+        assert ScramClient("pw", channel_binding=CBIND).mechanism == "SCRAM-SHA-256-PLUS"
+
+    def test_client_messages_carry_binding(self):
+        client = ScramClient("pw", channel_binding=CBIND, nonce_factory=lambda: "cnonce")
+        assert client.first() == CB_HEADER + b"n=,r=cnonce"
+        client_final = client.final(b"r=cnonceX,s=c2FsdA==,i=1")
+        expected_c = b"c=" + base64.b64encode(CB_HEADER + CBIND)
+        assert client_final.startswith(expected_c + b",r=cnonceX,p=")
+
+    @pytest.mark.parametrize("stored", ["s3cret", build_scram_secret("s3cret")])
+    def test_round_trip(self, stored):
+        server = ScramServer(stored, channel_binding=CBIND)
+        run_plus_exchange(ScramClient("s3cret", channel_binding=CBIND), server)
+        assert len(server.client_key) == len(server.server_key) == 32
+
+    def test_wrong_password_still_fails(self):
+        server = ScramServer("s3cret", channel_binding=CBIND)
+        with pytest.raises(AuthError, match="authentication failed"):
+            run_plus_exchange(ScramClient("wrong", channel_binding=CBIND), server)
+
+    def test_wrong_binding_data_rejected(self):
+        # E.g. a man in the middle terminating TLS with another certificate.
+        server = ScramServer("s3cret", channel_binding=CBIND)
+        client = ScramClient("s3cret", channel_binding=OTHER_CBIND)
+        with pytest.raises(AuthError, match="SCRAM channel binding check failed"):
+            run_plus_exchange(client, server)
+        assert server.client_key is None and server.server_key is None
+
+    @pytest.mark.parametrize(
+        "cbind_input",
+        [
+            b"n,,",
+            b"y,,",
+            CB_HEADER,
+            CB_HEADER + CBIND[:-1],
+            CB_HEADER + CBIND + b"\0",
+            b"p=tls-unique,," + CBIND,
+        ],
+    )
+    def test_c_attribute_must_be_exact(self, cbind_input):
+        server = ScramServer("pw", nonce_factory=lambda: "snonce", channel_binding=CBIND)
+        server_first = server.first(CB_HEADER + b"n=,r=cnonce", "SCRAM-SHA-256-PLUS")
+        client_final = manual_client_final(
+            "pw", b"n=,r=cnonce", server_first, base64.b64encode(cbind_input)
+        )
+        with pytest.raises(AuthError, match="SCRAM channel binding check failed"):
+            server.final(client_final)
+
+    def test_non_canonical_base64_rejected(self):
+        canonical = base64.b64encode(CB_HEADER + CBIND)
+        assert canonical.endswith(b"=")  # 56 bytes: the last character has 2 unused bits
+        alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+        last = canonical[-2]
+        tweaked = canonical[:-2] + bytes([alphabet[alphabet.index(last) | 1]]) + b"="
+        assert tweaked != canonical
+        assert base64.b64decode(tweaked) == CB_HEADER + CBIND  # same bytes, other text
+        server = ScramServer("pw", nonce_factory=lambda: "snonce", channel_binding=CBIND)
+        server_first = server.first(CB_HEADER + b"n=,r=cnonce", "SCRAM-SHA-256-PLUS")
+        with pytest.raises(AuthError, match="SCRAM channel binding check failed"):
+            server.final(manual_client_final("pw", b"n=,r=cnonce", server_first, tweaked))
+
+    def test_manual_client_final_is_accepted(self):
+        # Checks the helper above, so the rejections are due to the binding alone.
+        server = ScramServer("pw", nonce_factory=lambda: "snonce", channel_binding=CBIND)
+        server_first = server.first(CB_HEADER + b"n=,r=cnonce", "SCRAM-SHA-256-PLUS")
+        cbind_attr = base64.b64encode(CB_HEADER + CBIND)
+        assert server.final(manual_client_final("pw", b"n=,r=cnonce", server_first, cbind_attr))
+
+    @pytest.mark.parametrize("mechanism", ["SCRAM-SHA-256", "SCRAM-SHA-256-PLUS"])
+    def test_y_refused_when_binding_available(self, mechanism):
+        server = ScramServer("pw", channel_binding=CBIND)
+        with pytest.raises(AuthError, match="channel binding negotiation error"):
+            server.first(b"y,,n=,r=cnonce", mechanism)
+
+    def test_y_accepted_without_binding(self):
+        server = ScramServer("pw", nonce_factory=lambda: "snonce")
+        server_first = server.first(b"y,,n=,r=cnonce", "SCRAM-SHA-256")
+        cbind_attr = base64.b64encode(b"y,,")
+        assert cbind_attr == b"eSws"
+        server.final(manual_client_final("pw", b"n=,r=cnonce", server_first, cbind_attr))
+        assert server.client_key is not None
+
+    def test_plain_scram_still_works_when_binding_available(self):
+        # A client with channel_binding=disable (or without TLS support) picks SCRAM-SHA-256.
+        server = ScramServer("s3cret", channel_binding=CBIND)
+        run_exchange(ScramClient("s3cret"), server)
+        assert server.client_key is not None
+
+    def test_plus_needs_binding_data_in_header(self):
+        server = ScramServer("pw", channel_binding=CBIND)
+        with pytest.raises(AuthError, match="no channel binding"):
+            server.first(b"n,,n=,r=cnonce", "SCRAM-SHA-256-PLUS")
+
+    def test_p_rejected_without_binding(self):
+        with pytest.raises(AuthError, match="channel binding"):
+            ScramServer("pw").first(CB_HEADER + b"n=,r=cnonce", "SCRAM-SHA-256")
+        with pytest.raises(AuthError, match="channel binding is not available"):
+            ScramServer("pw").first(CB_HEADER + b"n=,r=cnonce", "SCRAM-SHA-256-PLUS")
+
+    def test_p_rejected_with_plain_mechanism(self):
+        server = ScramServer("pw", channel_binding=CBIND)
+        with pytest.raises(AuthError, match="includes channel binding data"):
+            server.first(CB_HEADER + b"n=,r=cnonce", "SCRAM-SHA-256")
+
+    @pytest.mark.parametrize("name", [b"tls-unique", b"tls-exporter", b"TLS-SERVER-END-POINT"])
+    def test_unsupported_cb_name_rejected(self, name):
+        server = ScramServer("pw", channel_binding=CBIND)
+        with pytest.raises(AuthError, match="unsupported channel binding type"):
+            server.first(b"p=" + name + b",,n=,r=cnonce", "SCRAM-SHA-256-PLUS")
+
+    @pytest.mark.parametrize(
+        "message", [b"p=,,n=,r=cnonce", b"p=tls server,,n=,r=cnonce", b"p=tls-server-end-point"]
+    )
+    def test_malformed_cb_header_rejected(self, message):
+        server = ScramServer("pw", channel_binding=CBIND)
+        with pytest.raises(AuthError, match="malformed"):
+            server.first(message, "SCRAM-SHA-256-PLUS")
+
+    def test_authzid_with_binding_rejected(self):
+        server = ScramServer("pw", channel_binding=CBIND)
+        with pytest.raises(AuthError, match="authorization identity"):
+            server.first(b"p=tls-server-end-point,a=admin,n=,r=cnonce", "SCRAM-SHA-256-PLUS")
+
+    @pytest.mark.parametrize("mechanism", ["SCRAM-SHA-1", "scram-sha-256-plus", ""])
+    def test_unknown_mechanism_rejected(self, mechanism):
+        with pytest.raises(AuthError, match="mechanism"):
+            ScramServer("pw", channel_binding=CBIND).first(b"n,,n=,r=cnonce", mechanism)
+
+    @pytest.mark.parametrize(
+        ("binding", "error"), [(b"", ValueError), ("abc", TypeError), (bytearray(b"x"), TypeError)]
+    )
+    def test_invalid_binding_argument(self, binding, error):
+        with pytest.raises(error):
+            ScramServer("pw", channel_binding=binding)
+        with pytest.raises(error):
+            ScramClient("pw", channel_binding=binding)
+
+    def test_pass_through_keys_after_plus(self):
+        secret = build_scram_secret("s3cret")
+        front = ScramServer(secret, channel_binding=CBIND)
+        run_plus_exchange(ScramClient("s3cret", channel_binding=CBIND), front)
+        # The backend connection (another TLS session: other binding data) can use PLUS too.
+        backend = ScramServer(secret, channel_binding=OTHER_CBIND)
+        client = ScramClient(
+            client_key=front.client_key, server_key=front.server_key, channel_binding=OTHER_CBIND
+        )
+        run_plus_exchange(client, backend)
+        assert backend.client_key == front.client_key
+        # ... or plain SCRAM-SHA-256.
+        backend = ScramServer(secret)
+        run_exchange(ScramClient(client_key=front.client_key, server_key=front.server_key), backend)

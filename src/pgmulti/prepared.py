@@ -1,0 +1,174 @@
+"""Protocol-level prepared statements in transaction pooling (PgBouncer's max_prepared_statements).
+
+A client names statements as it likes; the pooler gives every distinct statement (query text
+plus parameter types) one server-side name, prepares it on whichever server the client lands
+on, and rewrites names in Parse, Bind, Describe and Close. Responses stay in order because the
+pooler never answers for the server: a Parse the client sends is always forwarded (as
+Close + Parse when the server already has the statement, the CloseComplete swallowed), and a
+Parse the pooler adds in front of a Bind has its ParseComplete swallowed.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+
+from . import protocol
+
+_statement_ids = itertools.count(1)
+
+# What to do with the next ParseComplete / CloseComplete from a server, in send order.
+FORWARD = 0
+SWALLOW = 1
+
+
+class Statement:
+    """One distinct statement and its server-side name."""
+
+    __slots__ = ("server_name", "definition", "uses")
+
+    def __init__(self, definition: bytes):
+        self.server_name = b"PGMULTI_%d" % next(_statement_ids)
+        self.definition = definition  # Parse body after the name: query, types
+        self.uses = 0
+
+    def parse_message(self) -> bytes:
+        return protocol.message(protocol.PARSE, self.server_name + b"\0" + self.definition)
+
+    def close_message(self) -> bytes:
+        return protocol.message(protocol.CLOSE, b"S" + self.server_name + b"\0")
+
+
+class Registry:
+    """All statements the pooler knows, by definition (shared by every client)."""
+
+    def __init__(self):
+        self.by_definition: dict[bytes, Statement] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def statement(self, definition: bytes) -> Statement:
+        stmt = self.by_definition.get(definition)
+        if stmt is None:
+            stmt = self.by_definition[definition] = Statement(definition)
+        return stmt
+
+
+class ServerStatements:
+    """Statements prepared on one server connection (LRU) and the responses to filter."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.prepared: collections.OrderedDict[bytes, Statement] = collections.OrderedDict()
+        self.expected: collections.deque = collections.deque()   # FORWARD/SWALLOW or ("sync", n)
+
+    def has(self, stmt: Statement) -> bool:
+        if stmt.server_name in self.prepared:
+            self.prepared.move_to_end(stmt.server_name)
+            return True
+        return False
+
+    def add(self, stmt: Statement, out: list[bytes]) -> None:
+        """Record stmt as prepared; Close the least recently used beyond the limit."""
+        self.prepared[stmt.server_name] = stmt
+        while len(self.prepared) > self.limit:
+            _, old = self.prepared.popitem(last=False)
+            out.append(old.close_message())
+            self.expected.append(SWALLOW)
+
+    def forget_all(self) -> None:
+        """After DISCARD ALL / a reset the server has none of them."""
+        self.prepared.clear()
+        self.expected.clear()
+
+    def next_action(self, ready_count: int) -> int:
+        """What to do with a ParseComplete/CloseComplete that just arrived."""
+        self._drop_finished_syncs(ready_count)
+        while self.expected:
+            entry = self.expected.popleft()
+            if entry == FORWARD or entry == SWALLOW:
+                return entry
+        return FORWARD
+
+    def error(self, ready_count: int) -> None:
+        """The server skips to the next Sync: so do the expectations of this cycle."""
+        self._drop_finished_syncs(ready_count)
+        while self.expected:
+            entry = self.expected.popleft()
+            if isinstance(entry, tuple):
+                self.expected.appendleft(entry)
+                return
+
+    def _drop_finished_syncs(self, ready_count: int) -> None:
+        expected = self.expected
+        while expected and isinstance(expected[0], tuple) and expected[0][1] <= ready_count:
+            expected.popleft()
+
+
+def split_name(body: bytes, start: int = 0) -> tuple[bytes, int]:
+    """A NUL-terminated name in body at start; return it and the position after the NUL."""
+    end = body.index(b"\0", start)
+    return body[start:end], end + 1
+
+
+class ClientStatements:
+    """One client's statement names, and the rewriting of its extended-protocol messages."""
+
+    def __init__(self, registry: Registry):
+        self.registry = registry
+        self.by_name: dict[bytes, Statement] = {}
+
+    def parse(self, body: bytes, server: ServerStatements, out: list[bytes]) -> None:
+        name, pos = split_name(body)
+        if not name:
+            out.append(protocol.message(protocol.PARSE, body))
+            server.expected.append(FORWARD)
+            return
+        stmt = self.registry.statement(body[pos:])
+        self.by_name[name] = stmt
+        if server.has(stmt):
+            # Already there: re-prepare in place so the client's ParseComplete comes in order.
+            out.append(stmt.close_message())
+            server.expected.append(SWALLOW)
+        else:
+            server.add(stmt, out)
+        out.append(stmt.parse_message())
+        server.expected.append(FORWARD)
+
+    def _ensure(self, name: bytes, server: ServerStatements, out: list[bytes]) -> bytes:
+        """The server name for a client statement name, prepared on this server if needed."""
+        stmt = self.by_name.get(name)
+        if stmt is None:
+            return name  # unknown: let the server report it does not exist
+        stmt.uses += 1
+        if server.has(stmt):
+            self.registry.hits += 1
+        else:
+            self.registry.misses += 1
+            server.add(stmt, out)
+            out.append(stmt.parse_message())
+            server.expected.append(SWALLOW)
+        return stmt.server_name
+
+    def bind(self, body: bytes, server: ServerStatements, out: list[bytes]) -> None:
+        portal, pos = split_name(body)
+        name, rest = split_name(body, pos)
+        if name:
+            name = self._ensure(name, server, out)
+        out.append(protocol.message(protocol.BIND, portal + b"\0" + name + b"\0" + body[rest:]))
+
+    def describe(self, body: bytes, server: ServerStatements, out: list[bytes]) -> None:
+        if body[:1] == b"S":
+            name, _ = split_name(body, 1)
+            if name:
+                body = b"S" + self._ensure(name, server, out) + b"\0"
+        out.append(protocol.message(protocol.DESCRIBE, body))
+
+    def close(self, body: bytes, server: ServerStatements, out: list[bytes]) -> None:
+        if body[:1] == b"S":
+            name, _ = split_name(body, 1)
+            # The server-side statement stays for other clients; closing the client's own
+            # (never prepared) name on the server still answers CloseComplete in order.
+            self.by_name.pop(name, None)
+        out.append(protocol.message(protocol.CLOSE, body))
+        server.expected.append(FORWARD)
