@@ -344,11 +344,11 @@ def test_tls_request_answered_no_when_client_tls_disabled(pgmulti):
 
 def test_show_clients_tls_column(pgmulti, certs):
     proxy = pgmulti(client_tls(certs, "prefer"))
-    with pconnect(proxy, "require", db="testdb", application_name="tls_client") as tls_conn, \
-            pconnect(proxy, "disable", db="testdb", application_name="plain_client") as plain_conn, \
+    with pconnect(proxy, "require", db="testdb", application_name="tls_client") as tls, \
+            pconnect(proxy, "disable", db="testdb", application_name="plain_client") as plain, \
             pconnect(proxy, "disable", db="pgbouncer") as admin:
-        scalar(tls_conn, "SELECT 1")
-        scalar(plain_conn, "SELECT 1")
+        scalar(tls, "SELECT 1")
+        scalar(plain, "SELECT 1")
         rows = show(admin, "CLIENTS")
     by_app = {row["application_name"]: row for row in rows if row["database"] == "testdb"}
     assert TLS_COLUMN.match(by_app["tls_client"]["tls"]), by_app["tls_client"]

@@ -1,0 +1,126 @@
+"""Protocol-level prepared statements through transaction pooling (max_prepared_statements)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+
+import asyncpg
+import psycopg
+import pytest
+
+from pgmulti.cluster import clean_env
+
+CONNECT_TIMEOUT_S = 5
+
+
+def connect(proxy, **kwargs) -> psycopg.Connection:
+    return psycopg.connect(proxy.dsn(user="postgres", db="testdb"),
+                           connect_timeout=CONNECT_TIMEOUT_S, autocommit=True, **kwargs)
+
+
+@pytest.fixture
+def proxy(pgmulti):
+    # Two servers and several clients, so statements must follow clients across servers.
+    return pgmulti({"pool_mode": "transaction", "default_pool_size": 2})
+
+
+def test_psycopg_prepared_statements_follow_the_client_across_servers(proxy, pg):
+    clients = [connect(proxy, prepare_threshold=0) for _ in range(3)]
+    try:
+        pids = []
+        for phase in range(2):
+            used = set()
+            for index, conn in enumerate(clients):
+                row = conn.execute("SELECT %s::int + 1, pg_backend_pid()",
+                                   [index * 10 + phase]).fetchone()
+                assert row[0] == index * 10 + phase + 1
+                used.add(row[1])
+            pids.append(used)
+            if phase == 0:
+                # Kill the server the statements were prepared on: the next one lacks them.
+                with psycopg.connect(pg.dsn(db="testdb"), autocommit=True) as direct:
+                    for pid in used:
+                        direct.execute("SELECT pg_terminate_backend(%s)", [pid])
+                time.sleep(0.5)
+        assert pids[0].isdisjoint(pids[1]), pids
+    finally:
+        for conn in clients:
+            conn.close()
+
+
+def test_same_statement_prepared_twice_by_one_client(proxy):
+    with connect(proxy) as conn:
+        conn.pgconn.prepare(b"stmt", b"SELECT $1::text")
+        conn.pgconn.prepare(b"again", b"SELECT $1::text")  # same definition, second name
+        for name in (b"stmt", b"again"):
+            result = conn.pgconn.exec_prepared(name, [b"x"])
+            assert result.get_value(0, 0) == b"x"
+        # Closing the client's name keeps the statement usable under the other name.
+        conn.pgconn.close_prepared(b"stmt")
+        assert conn.pgconn.exec_prepared(b"again", [b"y"]).get_value(0, 0) == b"y"
+
+
+def test_unknown_statement_name_gives_the_servers_error(proxy):
+    with connect(proxy) as conn:
+        result = conn.pgconn.exec_prepared(b"never_prepared", [])
+        assert result.error_field(psycopg.pq.DiagnosticField.SQLSTATE) == b"26000"
+        assert conn.execute("SELECT 1").fetchone() == (1,)  # the session continues
+
+
+def test_error_in_a_pipeline_does_not_confuse_later_statements(proxy):
+    with connect(proxy, prepare_threshold=0) as conn:
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            with conn.pipeline():
+                conn.execute("SELECT %s::int", [1])
+                conn.execute("SELECT 1 / %s::int", [0])
+                conn.execute("SELECT %s::text", ["skipped"])
+        for value in range(3):
+            assert conn.execute("SELECT %s::int * 2", [value]).fetchone() == (value * 2,)
+
+
+def test_asyncpg_default_statement_cache_in_transaction_mode(proxy):
+    async def scenario():
+        conns = [await asyncpg.connect(host="127.0.0.1", port=proxy.port, user="postgres",
+                                       database="testdb", timeout=CONNECT_TIMEOUT_S)
+                 for _ in range(3)]
+        try:
+            for round_number in range(4):
+                for conn in conns:
+                    assert await conn.fetchval("SELECT $1::int * 3", round_number) == \
+                        round_number * 3
+                    async with conn.transaction():
+                        rows = await conn.fetch("SELECT generate_series(1, $1::int)", 3)
+                        assert [r[0] for r in rows] == [1, 2, 3]
+        finally:
+            for conn in conns:
+                await conn.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("mode", ["extended", "prepared"])
+def test_pgbench_extended_and_prepared_protocols(proxy, pg, mode):
+    env = clean_env()
+    init = subprocess.run(["pgbench", "-i", "-q", "-s", "1", "-h", "127.0.0.1", "-p",
+                           str(pg.port), "-U", "postgres", "testdb"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert init.returncode == 0, init.stderr
+    run = subprocess.run(["pgbench", "-M", mode, "-S", "-t", "50", "-c", "4", "-j", "2",
+                          "-h", "127.0.0.1", "-p", str(proxy.port), "-U", "postgres", "testdb"],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "number of failed transactions: 0" in run.stdout
+
+
+def test_max_prepared_statements_evicts_on_the_server(pgmulti):
+    proxy = pgmulti({"pool_mode": "transaction", "default_pool_size": 1,
+                     "max_prepared_statements": 3})
+    with connect(proxy, prepare_threshold=0) as conn:
+        for value in range(10):  # ten distinct statements through a limit of three
+            sql = f"SELECT {value} + %s::int"
+            assert conn.execute(sql, [1]).fetchone() == (value + 1,)
+        count = conn.execute("SELECT count(*) FROM pg_prepared_statements").fetchone()[0]
+        assert count <= 3
+        assert conn.execute("SELECT 0 + %s::int", [5]).fetchone() == (5,)  # re-prepared
