@@ -321,8 +321,15 @@ def _scram_attributes(data: bytes, client_first: bool = False) -> dict[str, Any]
         out["channel_binding"] = flag if flag in ("n", "y") or flag.startswith("p=") else "?"
         out["authzid"] = "present" if parts[1] else "none"
         parts = parts[2:]
-    out["attributes"] = [part.split("=", 1)[0] for part in parts if part]
+    # Names are single letters ("r", "s", "i", "c", "p", "v", "e"); anything else is not SCRAM
+    # and may be a secret sent by mistake, so it is not shown either.
+    out["attributes"] = [_scram_name(part) for part in parts if part]
     return out
+
+
+def _scram_name(part: str) -> str:
+    name, sep, _ = part.partition("=")
+    return name if sep and len(name) == 1 and name.isascii() and name.isalpha() else "?"
 
 
 def _redacted(size: int) -> str:
@@ -332,6 +339,7 @@ def _redacted(size: int) -> str:
 # Each decoder fills `fields` as it goes, so a prefix keeps what could be read. Where the
 # message name depends on the body, the decoder sets fields[_NAME] as soon as it knows it.
 _NAME = "__type"
+
 
 def _startup(r: _Reader, f: dict, ctx: DecodeContext | None) -> None:
     code = r.int32()

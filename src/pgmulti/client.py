@@ -81,6 +81,7 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         self.cancel_key = secrets.randbits(32)
         self.scram_keys: tuple[bytes, bytes] | None = None
         self.tls = ""                    # "" for plain text, else protocol/cipher
+        self.tls_binding: bytes | None = None   # tls-server-end-point data for SCRAM-PLUS
         self.statements: prepared.ClientStatements | None = None  # transaction pooling only
         self._password_waiter: asyncio.Future | None = None
         self._reading_paused = False
@@ -269,6 +270,7 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
             return
         self.attach_transport(transport)
         self.tls = tls.describe(transport.get_extra_info("ssl_object"))
+        self.tls_binding = self.app.tls.client_binding
         self.resume()
 
     def _accept_startup_params(self, params: dict[str, str]) -> None:
@@ -428,20 +430,23 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
             raise errors.password_failed(self.user)
 
     async def _auth_scram(self, secret: str) -> None:
+        # Over TLS, offer SCRAM-SHA-256-PLUS bound to our certificate (tls-server-end-point).
+        binding = self.tls_binding
         try:
-            scram = auth.ScramServer(secret)
+            scram = auth.ScramServer(secret, channel_binding=binding)
         except auth.AuthError:
             raise errors.password_failed(self.user) from None
-        self.transport.write(protocol.auth_sasl(scram.mechanisms()))
+        mechanisms = scram.mechanisms()
+        self.transport.write(protocol.auth_sasl(mechanisms))
         data = await self._read_password()
         mechanism, pos = protocol.cstring(data, 0)
-        if mechanism != "SCRAM-SHA-256":
+        if mechanism not in mechanisms:
             raise errors.fatal(errors.PROTOCOL_VIOLATION,
                                "client selected an invalid SASL authentication mechanism")
         length = int.from_bytes(data[pos:pos + 4], "big", signed=True)
         client_first = data[pos + 4:pos + 4 + length] if length >= 0 else b""
         try:
-            server_first = scram.first(client_first)
+            server_first = scram.first(client_first, mechanism)
             self.transport.write(protocol.authentication(protocol.AUTH_SASL_CONTINUE, server_first))
             client_final = await self._read_password()
             server_final = scram.final(client_final)

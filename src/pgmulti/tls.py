@@ -124,6 +124,7 @@ class TlsContexts:
     def __init__(self, cfg):
         self.client = client_context(cfg)
         self.client_mode = cfg.client_tls_sslmode
+        self.client_binding = _end_point_binding(cfg.client_tls_cert_file) if self.client else None
         self.server = server_context(cfg)
         self.server_mode = cfg.server_tls_sslmode
 
@@ -134,6 +135,18 @@ class TlsContexts:
     @property
     def server_tls_required(self) -> bool:
         return self.server_mode in REQUIRING_MODES
+
+
+def _end_point_binding(cert_file: str) -> bytes | None:
+    """SCRAM channel binding data of our own certificate, or None if it cannot bind."""
+    from .auth import AuthError, tls_server_end_point
+    try:
+        with open(cert_file) as handle:
+            der = ssl.PEM_cert_to_DER_cert(handle.read())
+        return tls_server_end_point(der)
+    except (OSError, ValueError, AuthError) as exc:
+        log.warning("SCRAM channel binding disabled: %s", exc)
+        return None
 
 
 def describe(ssl_object) -> str:
