@@ -55,6 +55,7 @@ class AdminConsole:
             "totals": self.show_totals, "clients": self.show_clients, "servers": self.show_servers,
             "databases": self.show_databases, "users": self.show_users, "config": self.show_config,
             "lists": self.show_lists, "version": self.show_version, "state": self.show_state,
+            "prepared_statements": self.show_prepared_statements,
         }
         # word -> (handler, fewest arguments, most arguments), as PgBouncer's parser allows.
         self.commands = {
@@ -282,6 +283,27 @@ class AdminConsole:
                   "used_clients": len(logged_in), "login_clients": len(app.login_clients),
                   "free_servers": free_servers, "used_servers": used_servers}
         return ref.COLUMNS["lists"], [[name, counts.get(name, 0)] for name in ref.LISTS_ROWS]
+
+    PREPARED_COLUMNS = (("name", "text"), ("query", "text"), ("parameter_types", "int4"),
+                        ("uses", "int8"), ("servers", "int4"))
+
+    def show_prepared_statements(self):
+        """Beyond PgBouncer (as pg_doorman has it): the statements the pooler mapped, how often
+        clients used them, and on how many server connections each is prepared now."""
+        on_servers: dict[bytes, int] = {}
+        for pool in self.app.pools.values():
+            for server in pool.all_servers():
+                if server.statements is not None:
+                    for name in server.statements.prepared:
+                        on_servers[name] = on_servers.get(name, 0) + 1
+        rows = []
+        for stmt in self.app.prepared_registry.by_definition.values():
+            query_end = stmt.definition.index(b"\0")
+            query = stmt.definition[:query_end].decode("utf-8", "replace")
+            types = int.from_bytes(stmt.definition[query_end + 1:query_end + 3], "big")
+            rows.append([stmt.server_name.decode(), query[:200], types, stmt.uses,
+                         on_servers.get(stmt.server_name, 0)])
+        return self.PREPARED_COLUMNS, rows
 
     def show_state(self):
         paused = self.app.paused

@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import datetime
 import itertools
-import os
 import signal
 import ssl
 import sys
@@ -101,6 +100,9 @@ BACKEND_NAMES = {
     "t": "ParameterDescription", "S": "ParameterStatus", "1": "ParseComplete",
     "s": "PortalSuspended", "Z": "ReadyForQuery", "T": "RowDescription",
 }
+AUTH_GSS = 7
+AUTH_GSS_CONTINUE = 8
+AUTH_SSPI = 9
 AUTH_NAMES = {
     0: "AuthenticationOk", 2: "AuthenticationKerberosV5", 3: "AuthenticationCleartextPassword",
     5: "AuthenticationMD5Password", 6: "AuthenticationSCMCredential", 7: "AuthenticationGSS",
@@ -381,7 +383,7 @@ def _password(r: _Reader, f: dict, ctx: DecodeContext | None) -> None:
         f[_NAME] = "SASLResponse"
         f.update(_scram_attributes(r.rest()))
         f["data"] = _redacted(size)
-    elif code in (7, 8, 9):
+    elif code in (AUTH_GSS, AUTH_GSS_CONTINUE, AUTH_SSPI):
         f[_NAME] = "GSSResponse"
         r.rest()
         f["data"] = _redacted(size)
@@ -491,7 +493,7 @@ def _authentication(r: _Reader, f: dict, ctx) -> None:
         size = r.remaining
         f.update(_scram_attributes(r.rest()))
         f["data"] = _redacted(size)
-    elif code == 8:
+    elif code == AUTH_GSS_CONTINUE:
         f["data"] = _redacted(r.remaining)
         r.rest()
     elif code not in AUTH_NAMES:
@@ -643,7 +645,6 @@ def decode(direction: str, msg_type: int | str, body: bytes, *, total: int | Non
     message is longer than what was kept (`total` is then the full body size, and the result
     has "truncated": true if decoding reached the cut). context: session state for the
     messages whose meaning depends on earlier ones ('p', DataRow formats).
-
     """
     t = _type_char(msg_type)
     body = bytes(body)
@@ -678,6 +679,8 @@ def decode(direction: str, msg_type: int | str, body: bytes, *, total: int | Non
 
 
 # --- framing ------------------------------------------------------------------------------
+
+COPY_DATA = protocol.COPY_DATA
 
 
 class Framer:
@@ -774,9 +777,6 @@ class Framer:
                 self._body.clear()
                 self._in_body = False
                 emit(self._type, self._length, body)
-
-
-COPY_DATA = protocol.COPY_DATA
 
 
 # --- records and output ---------------------------------------------------------------------
@@ -1092,7 +1092,7 @@ class Session:
     def _refuse_client(self, text: str) -> None:
         """The target cannot be reached: tell a client waiting for its login, then close."""
         error = protocol.error_response("FATAL", "08006", text)
-        if self.client.mode in (ClientSide.RELAY,):
+        if self.client.mode == ClientSide.RELAY:
             self.client.transport.write(error)
             self.event(SERVER, "ErrorResponse",
                        {"severity": "FATAL", "code": "08006", "message": text, "origin": ANALYZER},

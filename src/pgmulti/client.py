@@ -500,12 +500,18 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         statements = server.statements
         out: list[bytes] = []
         body = bytes(view[5:])
+        stats = self.pool.stats
         if msg_type == protocol.PARSE:
             self.statements.parse(body, statements, out)
+            stats.client_parse_count += 1
+            stats.server_parse_count += 1
         elif msg_type == protocol.BIND:
-            self.statements.bind(body, statements, out)
+            stats.bind_count += 1
+            if self.statements.bind(body, statements, out):
+                stats.server_parse_count += 1
         elif msg_type == protocol.DESCRIBE:
-            self.statements.describe(body, statements, out)
+            if self.statements.describe(body, statements, out):
+                stats.server_parse_count += 1
         elif msg_type == protocol.CLOSE:
             self.statements.close(body, statements, out)
         else:  # Sync: answered by ReadyForQuery number ready_count + pending

@@ -135,34 +135,41 @@ class ClientStatements:
         out.append(stmt.parse_message())
         server.expected.append(FORWARD)
 
-    def _ensure(self, name: bytes, server: ServerStatements, out: list[bytes]) -> bytes:
-        """The server name for a client statement name, prepared on this server if needed."""
+    def _ensure(self, name: bytes, server: ServerStatements, out: list[bytes]) -> tuple[bytes, bool]:
+        """The server name for a client statement name, prepared on this server if needed;
+        also whether a Parse had to be added."""
         stmt = self.by_name.get(name)
         if stmt is None:
-            return name  # unknown: let the server report it does not exist
+            return name, False  # unknown: let the server report it does not exist
         stmt.uses += 1
         if server.has(stmt):
             self.registry.hits += 1
-        else:
-            self.registry.misses += 1
-            server.add(stmt, out)
-            out.append(stmt.parse_message())
-            server.expected.append(SWALLOW)
-        return stmt.server_name
+            return stmt.server_name, False
+        self.registry.misses += 1
+        server.add(stmt, out)
+        out.append(stmt.parse_message())
+        server.expected.append(SWALLOW)
+        return stmt.server_name, True
 
-    def bind(self, body: bytes, server: ServerStatements, out: list[bytes]) -> None:
+    def bind(self, body: bytes, server: ServerStatements, out: list[bytes]) -> bool:
+        """Rewrite a Bind; True if the statement had to be prepared on this server first."""
         portal, pos = split_name(body)
         name, rest = split_name(body, pos)
+        added = False
         if name:
-            name = self._ensure(name, server, out)
+            name, added = self._ensure(name, server, out)
         out.append(protocol.message(protocol.BIND, portal + b"\0" + name + b"\0" + body[rest:]))
+        return added
 
-    def describe(self, body: bytes, server: ServerStatements, out: list[bytes]) -> None:
+    def describe(self, body: bytes, server: ServerStatements, out: list[bytes]) -> bool:
+        added = False
         if body[:1] == b"S":
             name, _ = split_name(body, 1)
             if name:
-                body = b"S" + self._ensure(name, server, out) + b"\0"
+                server_name, added = self._ensure(name, server, out)
+                body = b"S" + server_name + b"\0"
         out.append(protocol.message(protocol.DESCRIBE, body))
+        return added
 
     def close(self, body: bytes, server: ServerStatements, out: list[bytes]) -> None:
         if body[:1] == b"S":

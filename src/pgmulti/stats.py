@@ -43,6 +43,9 @@ class PoolStats:
         self.closed_xacts = 0
         self.closed_received = 0
         self.closed_sent = 0
+        self.client_parse_count = 0   # Parse messages from clients (named statements)
+        self.server_parse_count = 0   # Parse messages sent to servers, on-demand ones included
+        self.bind_count = 0
         self.previous = Totals()      # totals at the start of the last stats period
         self.averages = Totals()
 
@@ -66,7 +69,9 @@ class PoolStats:
         linked_us = int(self.linked_seconds * US)
         return Totals(server_assignment_count=self.assignments, xact_count=xacts,
                       query_count=queries, received=received, sent=sent, xact_time=linked_us,
-                      query_time=linked_us, wait_time=int(self.wait_seconds * US))
+                      query_time=linked_us, wait_time=int(self.wait_seconds * US),
+                      client_parse_count=self.client_parse_count,
+                      server_parse_count=self.server_parse_count, bind_count=self.bind_count)
 
     def roll_period(self, pool, seconds: float) -> None:
         """Averages over the period that just ended (PgBouncer's stats_period)."""

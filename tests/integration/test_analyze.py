@@ -251,6 +251,49 @@ def test_psql_and_psycopg_sessions_decoded(analyzer, pg):
     assert steps(second)[-1] == ("client", "Terminate")
 
 
+def test_authentication_secrets_redacted(analyzer, pg):
+    proc = analyzer()
+    logins = {"scramuser": "scrampass", "md5user": "md5pass", "passuser": "plainpass"}
+    for user, password in logins.items():
+        result = subprocess.run(
+            [pg.bindir / "psql", "-X", "-w", "-A", "-t", "-h", "127.0.0.1", "-p", str(proc.port),
+             "-U", user, "testdb", "-c", "select current_user"],
+            capture_output=True, text=True, timeout=CLIENT_TIMEOUT_S, check=False,
+            env=clean_env(PGPASSWORD=password, PGGSSENCMODE="disable", PGCONNECT_TIMEOUT="10"))
+        assert (result.returncode, result.stdout.strip()) == (0, user), result.stderr
+    assert proc.stop() == 0
+    text = proc.text()
+    for password in logins.values():
+        assert password not in text
+    assert not re.search(r"md5[0-9a-f]{32}", text)
+    sessions = by_session(proc.records())
+    scram, md5, cleartext = (sessions[n] for n in (1, 2, 3))
+    assert [step for step in steps(scram) if "SASL" in step[1]] == [
+        ("server", "AuthenticationSASL"), ("client", "SASLInitialResponse"),
+        ("server", "AuthenticationSASLContinue"), ("client", "SASLResponse"),
+        ("server", "AuthenticationSASLFinal")]
+    assert find(scram, "server", "AuthenticationSASL")["fields"]["mechanisms"] == [
+        "SCRAM-SHA-256"]
+    initial = find(scram, "client", "SASLInitialResponse")["fields"]
+    assert (initial["mechanism"], initial["attributes"]) == ("SCRAM-SHA-256", ["n", "r"])
+    assert find(scram, "server", "AuthenticationSASLContinue")["fields"]["attributes"] == [
+        "r", "s", "i"]
+    response = find(scram, "client", "SASLResponse")["fields"]
+    assert set(response) == {"attributes", "data"}
+    assert response["attributes"] == ["c", "r", "p"]
+    assert response["data"].startswith("<redacted> (")
+    assert find(scram, "server", "AuthenticationSASLFinal")["fields"]["attributes"] == ["v"]
+    assert find(md5, "server", "AuthenticationMD5Password")["fields"] == {
+        "salt": "<redacted> (4 bytes)"}
+    assert find(md5, "client", "PasswordMessage")["fields"] == {
+        "password": "<redacted> (36 bytes)"}
+    find(cleartext, "server", "AuthenticationCleartextPassword")
+    assert find(cleartext, "client", "PasswordMessage")["fields"] == {
+        "password": f"<redacted> ({len('plainpass') + 1} bytes)"}
+    for records in (scram, md5, cleartext):
+        find(records, "server", "AuthenticationOk")
+
+
 def test_text_output_is_aligned_and_traffic_unchanged(analyzer, pg):
     script = "\n".join([
         "select 1 as one, 'two' as two, null::int as three;",

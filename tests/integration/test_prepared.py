@@ -124,3 +124,21 @@ def test_max_prepared_statements_evicts_on_the_server(pgmulti):
         count = conn.execute("SELECT count(*) FROM pg_prepared_statements").fetchone()[0]
         assert count <= 3
         assert conn.execute("SELECT 0 + %s::int", [5]).fetchone() == (5,)  # re-prepared
+
+
+def test_admin_console_shows_prepared_statements_and_counts(proxy):
+    with connect(proxy, prepare_threshold=0) as conn:
+        for value in range(5):
+            conn.execute("SELECT %s::int AS counted", [value])
+    with psycopg.connect(proxy.dsn(user="postgres", db="pgbouncer"), autocommit=True) as admin:
+        cursor = admin.execute("SHOW PREPARED_STATEMENTS")
+        columns = [c.name for c in cursor.description]
+        rows = [dict(zip(columns, row)) for row in cursor.fetchall()]
+        stats = admin.execute("SHOW STATS_TOTALS")
+        stat_columns = [c.name for c in stats.description]
+        totals = {row[0]: dict(zip(stat_columns, row)) for row in stats.fetchall()}
+    assert columns == ["name", "query", "parameter_types", "uses", "servers"]
+    mine = [row for row in rows if "counted" in row["query"]]
+    assert len(mine) == 1 and mine[0]["uses"] >= 4 and mine[0]["servers"] >= 1
+    assert totals["testdb"]["client_parse_count"] >= 1
+    assert totals["testdb"]["bind_count"] >= 5

@@ -628,6 +628,145 @@ def test_reload_toggles_client_tls_sslmode(pgmulti, certs):
             assert scalar(conn, "SELECT 3") == 3
 
 
+# === client side: SCRAM-SHA-256-PLUS (channel binding to the proxy's certificate) ===
+
+
+SCRAM_LOGIN = {"user": "scramuser", "password": "scrampass", "db": "testdb",
+               "channel_binding": "require"}
+
+
+class HoldingRelay:
+    """TCP relay to the proxy that holds the client's bytes after its SSLRequest.
+
+    Lets a test act between the proxy's 'S' and the client's TLS ClientHello.
+    """
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(SOCKET_TIMEOUT_S)
+        self.port = self.listener.getsockname()[1]
+        self.answered = threading.Event()   # the proxy's answer to SSLRequest went back
+        self.release = threading.Event()
+        self.sockets: list[socket.socket] = []
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def _accept(self) -> None:
+        try:
+            client, _ = self.listener.accept()
+            upstream = socket.create_connection(("127.0.0.1", self.target_port),
+                                                timeout=SOCKET_TIMEOUT_S)
+        except OSError:
+            return
+        self.sockets += [client, upstream]
+        back = threading.Thread(target=self._pump, args=(upstream, client, self.answered),
+                                daemon=True)
+        back.start()
+        self.threads.append(back)
+        try:
+            upstream.sendall(recv_exactly(client, 8))
+            if self.release.wait(WAIT_S * 2):
+                self._pump(client, upstream, None)
+        except (OSError, EOFError):
+            pass
+        finally:
+            for sock in (client, upstream):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket, first: threading.Event | None):
+        source.settimeout(RUN_TIMEOUT_S)
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+                if first is not None:
+                    first.set()
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.release.set()
+        self.listener.close()
+        for sock in self.sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for thread in self.threads:
+            thread.join(WAIT_S)
+        for sock in self.sockets:
+            sock.close()
+
+
+def test_channel_binding_over_tls(pgmulti, certs):
+    proxy = pgmulti({**client_tls(certs, "require"), "auth_type": "scram-sha-256"})
+    with pconnect(proxy, "verify-full", host="localhost", sslrootcert=certs.ca_file,
+                  **SCRAM_LOGIN) as conn:
+        assert conn.pgconn.ssl_in_use
+        assert scalar(conn, "SELECT current_user") == "scramuser"
+
+
+def test_channel_binding_follows_certificate_reload(pgmulti, certs):
+    proxy = pgmulti({**client_tls(certs, "require"), "auth_type": "scram-sha-256"})
+    with pconnect(proxy, "require", **SCRAM_LOGIN) as old:
+        proxy.write_config({**client_tls(certs, "require", certs.proxy_two),
+                            "auth_type": "scram-sha-256"})
+        proxy.signal(signal.SIGHUP)
+        wait_for(lambda: common_name(proxy_certificate(proxy.port)) == PROXY_CN_TWO,
+                 "the new certificate")
+        with pconnect(proxy, "require", **SCRAM_LOGIN) as new:
+            assert scalar(new, "SELECT 1") == 1
+        assert scalar(old, "SELECT 2") == 2
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: the SCRAM-PLUS binding is taken from "
+                   "app.tls.client_binding when the handshake ends, not from the context the "
+                   "connection was given at SSLRequest time: a reload in between binds to the "
+                   "new certificate while the session uses the old one")
+def test_channel_binding_with_reload_during_the_handshake(pgmulti, certs):
+    proxy = pgmulti({**client_tls(certs, "require"), "auth_type": "scram-sha-256"})
+    relay = HoldingRelay(proxy.port)
+    outcome: list = []
+
+    def connect() -> None:
+        try:
+            with psycopg.connect(conninfo(proxy, port=relay.port, sslmode="require",
+                                          **SCRAM_LOGIN)) as conn:
+                outcome.append(conn.execute("SELECT current_user").fetchone()[0])
+        except psycopg.Error as exc:
+            outcome.append(exc)
+
+    client = threading.Thread(target=connect, daemon=True)
+    try:
+        client.start()
+        assert relay.answered.wait(WAIT_S), "no answer to SSLRequest"
+        proxy.write_config({**client_tls(certs, "require", certs.proxy_two),
+                            "auth_type": "scram-sha-256"})
+        proxy.signal(signal.SIGHUP)
+        wait_for(lambda: common_name(proxy_certificate(proxy.port)) == PROXY_CN_TWO,
+                 "the new certificate")
+        relay.release.set()
+        client.join(RUN_TIMEOUT_S)
+    finally:
+        relay.close()
+    assert outcome == ["scramuser"]
+
+
+def test_channel_binding_with_a_certificate_chain_file(pgmulti, certs, tmp_path):
+    """A cert file holding the chain (leaf first, then the CA), like a fullchain.pem."""
+    chain = tmp_path / "fullchain.crt"
+    chain.write_bytes(certs.proxy.cert_file.read_bytes() + certs.ca_file.read_bytes())
+    proxy = pgmulti({**client_tls(certs, "require", Issued(chain, certs.proxy.key_file)),
+                     "auth_type": "scram-sha-256"})
+    with pconnect(proxy, "verify-full", host="localhost", sslrootcert=certs.ca_file,
+                  **SCRAM_LOGIN) as conn:
+        assert scalar(conn, "SELECT current_user") == "scramuser"
+
+
 # === client side: Unix sockets ===
 
 
