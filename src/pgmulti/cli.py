@@ -1,4 +1,4 @@
-"""Command line: PgBouncer's `pgmulti [-d] [-R] [-q] [-v] [-u USER] [-V] CONFIG` and sub-commands."""
+"""Command line: `pgmulti [-d] [-R] [-q] [-v] [-u USER] [-V] [--check] CONFIG` and sub-commands."""
 
 from __future__ import annotations
 
@@ -9,45 +9,33 @@ import os
 import pwd
 import signal
 import sys
-import time
 
+from . import logs, systemd
 from .__version__ import __version__
+from .logs import PgBouncerFormatter  # noqa: F401  (its former home; kept importable)
 
 log = logging.getLogger("pgmulti")
 
 SUBCOMMANDS = ("demo", "analyze")
 
 
-class PgBouncerFormatter(logging.Formatter):
-    """PgBouncer's log line: time with milliseconds and zone, [pid], level word."""
+def setup_logging(cfg, quiet: bool, verbose: int) -> None:
+    """Log destinations and format from the [pgbouncer] settings (see pgmulti.logs).
 
-    LEVELS = {"INFO": "LOG", "WARNING": "WARNING", "ERROR": "ERROR", "DEBUG": "DEBUG",
-              "CRITICAL": "FATAL"}
-
-    def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created))
-        zone = time.strftime("%Z", time.localtime(record.created))
-        level = self.LEVELS.get(record.levelname, record.levelname)
-        text = f"{stamp}.{int(record.msecs):03d} {zone} [{record.process}] {level} {record.getMessage()}"
-        if record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
-        return text
-
-
-def setup_logging(logfile: str | None, quiet: bool, verbose: int) -> None:
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    formatter = PgBouncerFormatter()
-    if not quiet:
-        stream = logging.StreamHandler(sys.stderr)
-        stream.setFormatter(formatter)
-        root.addHandler(stream)
-    if logfile:
-        handler = logging.FileHandler(logfile)
-        handler.setFormatter(formatter)
-        root.addHandler(handler)
+    Run again on SIGHUP: that reopens the log file (rotation) and applies a changed
+    log_format, syslog or verbose. OSError (log file cannot be opened) keeps the old setup.
+    """
+    warnings = logs.configure(
+        logfile=cfg.logfile or None,
+        stderr=not quiet,
+        level=logging.DEBUG if verbose + cfg.verbose else logging.INFO,
+        log_format=cfg.log_format,
+        syslog=cfg.syslog,
+        syslog_ident=cfg.syslog_ident,
+        syslog_facility=cfg.syslog_facility,
+    )
+    for warning in warnings:
+        log.warning("%s", warning)
 
 
 def pooler_arguments(argv: list[str]) -> argparse.Namespace:
@@ -63,6 +51,9 @@ def pooler_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     parser.add_argument("-u", "--user", help="switch to this OS user after opening sockets")
     parser.add_argument("-V", "--version", action="store_true", help="print version and exit")
+    parser.add_argument("--check", action="store_true",
+                        help="check the configuration (and auth_file, TLS files) and exit: "
+                             "0 if it has no error, 1 otherwise")
     parser.add_argument("config", nargs="?", help="pgbouncer.ini-style configuration file")
     return parser.parse_args(argv)
 
@@ -86,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.config:
         print("pgmulti: a configuration file is required (see pgmulti --help)", file=sys.stderr)
         return 1
+    if args.check:
+        from . import check
+        return check.run(args.config)
     return run_pooler(args)
 
 
@@ -101,12 +95,18 @@ def run_pooler(args: argparse.Namespace) -> int:
     if args.daemon and not cfg.logfile and not cfg.syslog:
         print("pgmulti: in daemon mode set logfile (or syslog) in the config", file=sys.stderr)
         return 1
-    setup_logging(cfg.logfile or None, args.quiet or args.daemon, args.verbose + cfg.verbose)
+    quiet = args.quiet or args.daemon
+    try:
+        setup_logging(cfg, quiet, args.verbose)
+    except OSError as exc:
+        print(f"pgmulti: cannot open logfile: {exc}", file=sys.stderr)
+        return 1
     if args.daemon:
         daemonize()
     try:
         import uvloop
-        return uvloop.run(serve(config, os.path.abspath(args.config), args.user))
+        return uvloop.run(serve(config, os.path.abspath(args.config), args.user,
+                                relog=lambda new_cfg: setup_logging(new_cfg, quiet, args.verbose)))
     except (OSError, ValueError) as exc:  # ValueError: TlsConfigError and friends
         log.error("could not start: %s", exc)
         return 1
@@ -131,7 +131,13 @@ def drop_privileges(user: str) -> None:
     os.setuid(entry.pw_uid)
 
 
-async def serve(config, config_path: str, run_as: str | None) -> int:
+async def serve(config, config_path: str, run_as: str | None, relog=None) -> int:
+    """Run the pooler until it stops.
+
+    relog(cfg), if given, re-applies the logging settings after a SIGHUP reload.
+    systemd (Type=notify, when $NOTIFY_SOCKET is set) hears READY=1 once listening,
+    RELOADING=1 / READY=1 around SIGHUP reloads and STOPPING=1 when shutdown starts.
+    """
     from .app import App
 
     app = App(config, config_path)
@@ -142,11 +148,13 @@ async def serve(config, config_path: str, run_as: str | None) -> int:
     if pidfile:
         with open(pidfile, "w") as handle:
             handle.write(f"{os.getpid()}\n")
-    install_signal_handlers(app)
+    install_signal_handlers(app, relog)
     log.info("pgmulti %s started, pid %d", __version__, os.getpid())
+    systemd.ready()
     try:
         await app.stopped
     finally:
+        systemd.stopping()  # a console SHUTDOWN does not pass through our signal handlers
         app.janitor.stop()
         if pidfile:
             try:
@@ -157,27 +165,41 @@ async def serve(config, config_path: str, run_as: str | None) -> int:
     return 0
 
 
-def install_signal_handlers(app) -> None:
+def install_signal_handlers(app, relog=None) -> None:
     """PgBouncer 1.23+ signals: HUP reload, INT safe, TERM wait for clients, QUIT now."""
     from .errors import PgError
 
     loop = asyncio.get_running_loop()
 
+    def shutdown(wait_for: str | None) -> None:
+        systemd.stopping()
+        app.shutdown(wait_for)
+
     def on_term() -> None:
         if app.shutting_down and app.shutdown_waits_for_clients:
-            app.shutdown(None)  # a second SIGTERM exits at once
+            shutdown(None)  # a second SIGTERM exits at once
         else:
-            app.shutdown("clients")
+            shutdown("clients")
 
     def on_hup() -> None:
+        systemd.reloading()
         try:
             app.reload()
         except PgError:
             pass  # already logged by reload(); the old configuration stays
+        finally:
+            if relog is not None:
+                # Reopen the log file (rotation) and apply changed log settings; with a
+                # failed reload app.config is still the old configuration.
+                try:
+                    relog(app.config.pgbouncer)
+                except OSError as exc:
+                    log.error("could not reopen the log: %s; logging continues as before", exc)
+            systemd.ready()
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
-    loop.add_signal_handler(signal.SIGINT, lambda: app.shutdown("servers"))
+    loop.add_signal_handler(signal.SIGINT, lambda: shutdown("servers"))
     loop.add_signal_handler(signal.SIGTERM, on_term)
-    loop.add_signal_handler(signal.SIGQUIT, lambda: app.shutdown(None))
+    loop.add_signal_handler(signal.SIGQUIT, lambda: shutdown(None))
     loop.add_signal_handler(signal.SIGUSR1, app.pause)
     loop.add_signal_handler(signal.SIGUSR2, app.resume)

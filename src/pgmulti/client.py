@@ -68,6 +68,7 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         self.server: ServerConnection | None = None
         self.admin = False
         self.closed = False
+        self._close_reason = ""
         self.connect_time = time.time()
         self.created = time.monotonic()
         self.request_time = self.connect_time
@@ -130,8 +131,6 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
             log.info("%r closing because: %s (age=%ds)", self, self._close_reason or "client close request",
                      int(time.monotonic() - self.created))
         self.app.client_closed(self)
-
-    _close_reason = ""
 
     def close(self, reason: str) -> None:
         if self.closed:
@@ -231,7 +230,8 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
             # Stop reading now: the ClientHello must reach the TLS layer, not our buffer.
             # start_tls resumes reading once it owns the transport.
             self.transport.pause_reading()
-            self.app.spawn(self._start_tls(context))
+            # The binding belongs to the certificate of this context, even if a reload follows.
+            self.app.spawn(self._start_tls(context, self.app.tls.client_binding))
             return
         if code == protocol.CANCEL_REQUEST_CODE:
             self._cancel_request(rest)
@@ -254,7 +254,7 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         self.hold()
         self.app.spawn(self._login())
 
-    async def _start_tls(self, context) -> None:
+    async def _start_tls(self, context, binding: bytes | None) -> None:
         """Answered 'S' to SSLRequest: handshake, then read the startup packet decrypted."""
         loop = asyncio.get_running_loop()
         timeout = self.app.config.pgbouncer.client_login_timeout or None
@@ -270,7 +270,7 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
             return
         self.attach_transport(transport)
         self.tls = tls.describe(transport.get_extra_info("ssl_object"))
-        self.tls_binding = self.app.tls.client_binding
+        self.tls_binding = binding
         self.resume()
 
     def _accept_startup_params(self, params: dict[str, str]) -> None:

@@ -32,6 +32,7 @@ __all__ = [
     "DEFAULT_AUTH_QUERY",
     "Database",
     "LoadBalanceHosts",
+    "LogFormat",
     "Peer",
     "Pgbouncer",
     "PoolMode",
@@ -45,6 +46,7 @@ PoolMode = Literal["session", "transaction", "statement"]
 AuthType = Literal["any", "trust", "plain", "md5", "cert", "hba", "ldap", "pam", "scram-sha-256"]
 SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
 LoadBalanceHosts = Literal["disable", "round-robin"]
+LogFormat = Literal["text", "json"]
 
 DEFAULT_AUTH_QUERY = (
     "SELECT rolname, CASE WHEN rolvaliduntil < now() THEN NULL ELSE rolpassword END "
@@ -82,10 +84,6 @@ UNSUPPORTED_KEYS: frozenset[str] = frozenset(
         "tcp_user_timeout",
         # PgBouncer event-loop internals with no equivalent here.
         "sbuf_loopcnt",
-        # Logging to syslog (logfile and stderr are supported).
-        "syslog",
-        "syslog_ident",
-        "syslog_facility",
     }
 )
 """``[pgbouncer]`` keys that pgmulti accepts but does not act on yet.
@@ -126,7 +124,10 @@ class _Struct(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=T
 
 
 class Pgbouncer(_Struct):
-    """The ``[pgbouncer]`` section: every PgBouncer 1.25 setting with its default."""
+    """The ``[pgbouncer]`` section: every PgBouncer 1.25 setting with its default.
+
+    One key is pgmulti's own: ``log_format`` (PgBouncer rejects it as unknown).
+    """
 
     _secret_fields = frozenset({"auth_ldap_options"})
 
@@ -227,6 +228,8 @@ class Pgbouncer(_Struct):
     """Log aggregated statistics every stats_period."""
     verbose: int = 0
     """Verbosity level (0-3), like repeating -v."""
+    log_format: LogFormat = "text"
+    """pgmulti-specific: ``text`` (PgBouncer's lines) or ``json`` (one object per line)."""
 
     # --- Console access control ---
     admin_users: str = ""

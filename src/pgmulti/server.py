@@ -113,31 +113,28 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
     async def _connect_negotiating_tls(self, loop) -> None:
         """SSLRequest on a fresh socket; TLS if the server says 'S' (server_tls_sslmode)."""
         host, port = self.pool.host, self.pool.port
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        family, kind, proto, _, address = infos[0]
-        sock = socket.socket(family, kind, proto)
-        sock.setblocking(False)
+        sock = await _connected_socket(loop, host, port)
+        tls = self.app.tls
         try:
-            await loop.sock_connect(sock, address)
             await loop.sock_sendall(sock, protocol.ssl_request())
             answer = await loop.sock_recv(sock, 1)
-        except OSError:
-            sock.close()
+            if answer == b"S":
+                context = tls.server
+                # "" sends no SNI and checks no name; verify-full checks the configured host.
+                hostname = host if context.check_hostname else ""
+                await loop.create_connection(lambda: self, sock=sock, ssl=context,
+                                             server_hostname=hostname)
+                self.tls = describe_tls(self.transport.get_extra_info("ssl_object"))
+            elif answer == b"N" and not tls.server_tls_required:
+                await loop.create_connection(lambda: self, sock=sock)
+            else:
+                what = "refused TLS" if answer == b"N" else "sent an invalid answer to SSLRequest"
+                raise errors.fatal(errors.CONNECTION_FAILURE, f"server {what}",
+                                   detail=f"server_tls_sslmode = {tls.server_mode}")
+        except BaseException:
+            if self.transport is None:
+                sock.close()
             raise
-        tls = self.app.tls
-        if answer == b"S":
-            context = tls.server
-            hostname = host if context.check_hostname else None
-            await loop.create_connection(lambda: self, sock=sock, ssl=context,
-                                         server_hostname=hostname)
-            self.tls = describe_tls(self.transport.get_extra_info("ssl_object"))
-        elif answer == b"N" and not tls.server_tls_required:
-            await loop.create_connection(lambda: self, sock=sock)
-        else:
-            sock.close()
-            what = "refused TLS" if answer == b"N" else "sent an invalid answer to SSLRequest"
-            raise errors.fatal(errors.CONNECTION_FAILURE, f"server {what}",
-                               detail=f"server_tls_sslmode = {tls.server_mode}")
 
     def connection_made(self, transport) -> None:
         self.attach_transport(transport)
@@ -437,6 +434,22 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
         except (OSError, asyncio.TimeoutError) as exc:
             log.warning("%r cancel request failed: %s", self, exc)
         del loop
+
+
+async def _connected_socket(loop, host: str, port: int) -> socket.socket:
+    """A non-blocking TCP socket connected to the first address of host that answers."""
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    last_error: OSError | None = None
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            last_error = exc
+    raise last_error or OSError(f"no address for {host}")
 
 
 def _extended_query(sql: str, params: list[str]) -> bytes:

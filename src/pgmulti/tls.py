@@ -142,7 +142,10 @@ def _end_point_binding(cert_file: str) -> bytes | None:
     from .auth import AuthError, tls_server_end_point
     try:
         with open(cert_file) as handle:
-            der = ssl.PEM_cert_to_DER_cert(handle.read())
+            pem = handle.read()
+        # The leaf is the first certificate of a chain file.
+        end = pem.find("-----END CERTIFICATE-----")
+        der = ssl.PEM_cert_to_DER_cert(pem[:end + len("-----END CERTIFICATE-----")] if end >= 0 else pem)
         return tls_server_end_point(der)
     except (OSError, ValueError, AuthError) as exc:
         log.warning("SCRAM channel binding disabled: %s", exc)

@@ -43,17 +43,6 @@ PROXY_CN_TWO = "pgmulti-proxy-two"
 CERT_ROLE = "certuser"  # logs in to the ssl cluster with a client certificate only
 TLS_COLUMN = re.compile(r"^TLSv1\.[23]/\S+")
 
-# server.py _connect_negotiating_tls passes server_hostname=None unless check_hostname is on;
-# create_connection(sock=..., ssl=...) refuses that, so every server TLS mode but verify-full
-# fails against a PostgreSQL that answers 'S'.
-SERVER_HOSTNAME_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: server_tls_sslmode prefer/require/verify-ca against an ssl=on server: "
-           "create_connection(sock=, ssl=, server_hostname=None) raises ValueError 'You must "
-           "set server_hostname when using ssl without a host'; client gets XX000 "
-           "'internal error during login'")
-
-
 # --- certificates ---
 
 
@@ -386,7 +375,7 @@ def test_client_tls_protocols_limits_the_version(pgmulti, certs):
         pconnect(proxy, "require", ssl_min_protocol_version="TLSv1.3")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: direct TLS (libpq 17+ sslnegotiation=direct, "
+@pytest.mark.xfail(strict=True, reason="NOT YET: direct TLS (libpq 17+ sslnegotiation=direct, "
                    "supported by PgBouncer) is not recognised: the ClientHello is parsed as a "
                    "startup packet, 08P01 'message too long' in plain text, client sees "
                    "'SSL error: wrong version number'")
@@ -723,10 +712,6 @@ def test_channel_binding_follows_certificate_reload(pgmulti, certs):
         assert scalar(old, "SELECT 2") == 2
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the SCRAM-PLUS binding is taken from "
-                   "app.tls.client_binding when the handshake ends, not from the context the "
-                   "connection was given at SSLRequest time: a reload in between binds to the "
-                   "new certificate while the session uses the old one")
 def test_channel_binding_with_reload_during_the_handshake(pgmulti, certs):
     proxy = pgmulti({**client_tls(certs, "require"), "auth_type": "scram-sha-256"})
     relay = HoldingRelay(proxy.port)
@@ -892,7 +877,6 @@ def test_ssl_cluster_really_offers_tls(ssl_pg_good, certs):
         assert conn.pgconn.ssl_in_use
 
 
-@SERVER_HOSTNAME_BUG
 def test_server_tls_require_uses_tls(pgmulti, ssl_pg_good):
     proxy = pgmulti(server_tls(ssl_pg_good, "require"))
     ssl_on, version = server_leg(proxy)
@@ -908,7 +892,6 @@ def test_server_tls_disable_is_plain(pgmulti, ssl_pg_good):
     assert servers and all(row["tls"] == "" for row in servers), servers
 
 
-@SERVER_HOSTNAME_BUG
 def test_server_tls_default_prefer_uses_tls_when_offered(pgmulti, ssl_pg_good):
     proxy = pgmulti(server_tls(ssl_pg_good, None))
     assert server_leg(proxy)[0] is True
@@ -917,7 +900,7 @@ def test_server_tls_default_prefer_uses_tls_when_offered(pgmulti, ssl_pg_good):
 @pytest.mark.parametrize("mode, host", [
     ("verify-full", "127.0.0.1"),
     ("verify-full", "localhost"),
-    pytest.param("verify-ca", "127.0.0.1", marks=SERVER_HOSTNAME_BUG),
+    pytest.param("verify-ca", "127.0.0.1"),
 ])
 def test_server_tls_verify_with_ca(pgmulti, ssl_pg_good, certs, mode, host):
     proxy = pgmulti(server_tls(ssl_pg_good, mode, certs.ca_file, host=host))
@@ -952,14 +935,12 @@ def test_server_tls_verify_full_with_wrong_host_name_fails(pgmulti, ssl_pg_wrong
     assert "CERTIFICATE_VERIFY_FAILED" in proxy.log_text()
 
 
-@SERVER_HOSTNAME_BUG
 def test_server_tls_verify_ca_ignores_the_host_name(pgmulti, ssl_pg_wrong, certs):
     proxy = pgmulti(server_tls(ssl_pg_wrong, "verify-ca", certs.ca_file))
     assert server_leg(proxy)[0] is True
 
 
-@pytest.mark.parametrize("mode", ["verify-full", pytest.param("verify-ca",
-                                                                marks=SERVER_HOSTNAME_BUG)])
+@pytest.mark.parametrize("mode", ["verify-full", pytest.param("verify-ca")])
 def test_server_tls_verify_with_an_unknown_ca_fails(pgmulti, ssl_pg_good, certs, mode):
     proxy = pgmulti(server_tls(ssl_pg_good, mode, certs.rogue_ca.cert_file))
     fields = plain_login_error(proxy.port, db="sslpg")
@@ -985,7 +966,7 @@ class FakeServer:
         except OSError:
             return
         with conn:
-            # Short: a proxy that never closes (the SERVER_HOSTNAME_BUG path leaks the
+            # Short: a proxy that never closes (the bug fixed in _connect_negotiating_tls leaked the
             # socket) must not slow the test down much.
             conn.settimeout(1.5)
             try:
@@ -1002,8 +983,8 @@ class FakeServer:
 
 @pytest.mark.parametrize("mode", [
     "verify-full",
-    pytest.param("require", marks=SERVER_HOSTNAME_BUG),
-    pytest.param("prefer", marks=SERVER_HOSTNAME_BUG),
+    pytest.param("require"),
+    pytest.param("prefer"),
 ])
 def test_server_tls_ignores_plain_bytes_stuffed_after_s(pgmulti, certs, mode):
     """A 'server' answering 'S' followed by a plaintext AuthenticationOk/ReadyForQuery must
@@ -1099,7 +1080,7 @@ def bench_tables(ssl_pg):
 @pytest.mark.parametrize("pool_mode", ["session", "transaction", "statement"])
 def test_pgbench_over_tls(pgmulti, certs, bench_tables, pool_mode):
     bench_tables.use("good")
-    # Both legs encrypted; verify-full because other server modes hit SERVER_HOSTNAME_BUG.
+    # Both legs encrypted.
     proxy = pgmulti({**client_tls(certs, "require"),
                      **server_tls(bench_tables, "verify-full", certs.ca_file),
                      "pool_mode": pool_mode})
