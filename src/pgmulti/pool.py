@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import errors, session
+from ._codec import link_pair
 from .client import PREPARED_RELAY_ACTIONS as CLIENT_PREPARED_ACTIONS
 from .client import RELAY_ACTIONS as CLIENT_RELAY_ACTIONS
 from .errors import PgError
@@ -108,6 +109,7 @@ class Pool:
         # Prepared statements need mapping only where a client can change servers.
         self.prepared_limit = cfg.max_prepared_statements if mode != session.SESSION else 0
         statement = mode == session.STATEMENT
+        self.release_at_ready = mode != session.SESSION
         if self.prepared_limit:
             self.relay_actions = (PREPARED_STATEMENT_RELAY_ACTIONS if statement
                                   else PREPARED_RELAY_ACTIONS)
@@ -191,7 +193,17 @@ class Pool:
             if now - server.last_used <= self.check_delay or not self.check_enabled:
                 server.state = "active"
                 self.active.add(server)
-                self._link(client, server, now)
+                # session.link() and client.attached(), inlined: this runs per transaction.
+                client.server = server
+                server.client = client
+                link_pair(client, server, self.relay_actions, self.release_at_ready)
+                if client.statements is not None:
+                    client.set_actions(self.client_prepared_actions)
+                if client.params.items() <= server.params.items():
+                    self.stats.assignments += 1
+                    client.link_time = now
+                    return True
+                self._sync_parameters(client, server)
                 return True
             server.state = "popped"
             self.waiting.appendleft(client)
@@ -222,12 +234,15 @@ class Pool:
     def _link(self, client: ClientConnection, server: ServerConnection, now: float = 0.0) -> None:
         """Link a server already in `active`; sync parameters first if they differ."""
         session.link(client, server, self.relay_actions)
-        sync = session.parameter_sync_sql(client, server)
-        if sync is None:
+        if session.parameter_sync_sql(client, server) is None:
             client.attached(server, now or time.monotonic())
             return
-        client.hold()  # the client's bytes wait until the server shows its parameters
-        done = server.run_query(sync)
+        self._sync_parameters(client, server)
+
+    def _sync_parameters(self, client: ClientConnection, server: ServerConnection) -> None:
+        """SET the client's tracked parameters on the server before its bytes flow."""
+        client.hold()
+        done = server.run_query(session.parameter_sync_sql(client, server))
         done.add_done_callback(lambda fut: self._synced(client, server, fut))
 
     def _synced(self, client: ClientConnection, server: ServerConnection, fut) -> None:
@@ -256,6 +271,14 @@ class Pool:
             return
         if server.pending or server.ready_status != session.READY_IDLE or server.buffered:
             server.close("client disconnect while server was not ready")
+            return
+        if (not reset and not self.waiting and server.state == "active" and not self.paused
+                and not self.app.paused and server.generation == self.reconnect_generation
+                and not self._expired(server, now)):
+            # The common case of transaction pooling, without server_ready()'s generality.
+            self.active.discard(server)
+            server.state = "idle"
+            self.idle.append(server)
             return
         reset_query = self.app.config.pgbouncer.server_reset_query
         if reset and reset_query:

@@ -28,7 +28,7 @@ def link(client: ClientConnection, server: ServerConnection, server_actions: byt
     client.server = server
     server.client = client
     # Session mode never releases at ReadyForQuery: spare the Python call per transaction.
-    link_pair(client, server, server_actions, client.pool.settings.pool_mode != SESSION)
+    link_pair(client, server, server_actions, client.pool.release_at_ready)
     if client.statements is not None:
         client.set_actions(client.pool.client_prepared_actions)
 

@@ -1,12 +1,13 @@
 // The PostgreSQL JDBC driver against pgmulti in transaction pooling (or PostgreSQL directly).
 //
 //     javac -cp postgresql.jar -d OUT PgmultiJdbcCheck.java
-//     java -cp postgresql.jar:OUT PgmultiJdbcCheck JDBC_URL TABLE
+//     java -cp postgresql.jar:OUT PgmultiJdbcCheck JDBC_URL TABLE [SCENARIO]
 //
 // JDBC_URL should set prepareThreshold (the tests use 5): from that many executions on, a
 // PreparedStatement is a named server-side statement, which a transaction pooler must carry
 // from server to server. TABLE is an existing table (id int primary key, val text, grp text)
-// that this program fills; its final contents are checked by the caller.
+// that this program fills; its final contents are checked by the caller. SCENARIO is "main"
+// (the default) or "aborted-transaction".
 //
 // Prints one line per check ("name: ok ...") and "ALL OK" at the end; on any mismatch prints
 // "FAIL: ..." and exits 1.
@@ -44,19 +45,21 @@ public final class PgmultiJdbcCheck {
 
     private final String url;
     private final String table;
+    private final String scenario;
 
-    private PgmultiJdbcCheck(String url, String table) {
+    private PgmultiJdbcCheck(String url, String table, String scenario) {
         this.url = url;
         this.table = table;
+        this.scenario = scenario;
     }
 
     public static void main(String[] args) {
-        if (args.length != 2) {
-            System.err.println("usage: PgmultiJdbcCheck JDBC_URL TABLE");
+        if (args.length < 2 || args.length > 3) {
+            System.err.println("usage: PgmultiJdbcCheck JDBC_URL TABLE [main|aborted-transaction]");
             System.exit(2);
         }
         try {
-            new PgmultiJdbcCheck(args[0], args[1]).run();
+            new PgmultiJdbcCheck(args[0], args[1], args.length > 2 ? args[2] : "main").run();
             System.out.println("ALL OK");
             System.out.flush();
             System.exit(0);
@@ -105,6 +108,11 @@ public final class PgmultiJdbcCheck {
     }
 
     void run() throws Exception {
+        if (scenario.equals("aborted-transaction")) {
+            abortedTransaction();
+            return;
+        }
+        check(scenario.equals("main"), "unknown scenario " + scenario);
         try (Connection conn = connect()) {
             autocommitLoop(conn);
             transactions(conn);
@@ -329,6 +337,48 @@ public final class PgmultiJdbcCheck {
             }
             System.out.println("cross-servers: ok b-servers=" + bPids.size()
                                + " b1-is-c=" + (pidB1 == pidC) + " b2-is-a=" + (pidB2 == pidA));
+        }
+    }
+
+    // A named statement run inside a failed transaction on a server it was never prepared on
+    // fails (25P02, as PostgreSQL says); after the rollback it must work on that server.
+    void abortedTransaction() throws SQLException {
+        try (Connection a = connect(); Connection b = connect(); Connection c = connect();
+             PreparedStatement bStmt = b.prepareStatement("SELECT pg_backend_pid(), ?::int + 1");
+             PreparedStatement aPid = a.prepareStatement("SELECT pg_backend_pid()");
+             PreparedStatement cPid = c.prepareStatement("SELECT pg_backend_pid()");
+             Statement bPlain = b.createStatement()) {
+            a.setAutoCommit(false);
+            long pidA = scalarLong(aPid);        // A holds one server
+            long pidB = -1;
+            int n = 0;
+            for (; n < 6; n++) {
+                pidB = runB(bStmt, n);           // B: the other one, named from the 5th run
+            }
+            check(serverPrepared(bStmt), "B's statement is server-prepared");
+            c.setAutoCommit(false);
+            scalarLong(cPid);                    // C holds B's server
+            a.commit();
+            b.setAutoCommit(false);              // B: on A's server, where the statement is not
+            try {
+                bPlain.executeQuery("SELECT 1 / 0");
+                throw new Mismatch("division by zero: expected an error");
+            } catch (SQLException e) {
+                checkEquals("22012", e.getSQLState(), "division by zero in the transaction");
+            }
+            bStmt.setInt(1, n);
+            expectSqlState("25P02", bStmt, "named statement in the failed transaction");
+            b.rollback();
+            long pidAfter = runB(bStmt, n++);    // B: on A's server again, C holds the other
+            b.commit();
+            c.commit();
+            for (int i = 0; i < 5; i++) {
+                runB(bStmt, n++);
+                b.commit();
+            }
+            b.setAutoCommit(true);
+            System.out.println("aborted-transaction: ok b-first-on-a=" + (pidB == pidA)
+                               + " b-after-on-a=" + (pidAfter == pidA));
         }
     }
 
