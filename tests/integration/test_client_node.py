@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import uuid
@@ -28,6 +29,7 @@ CLIENT_DIR = Path(__file__).resolve().parents[1] / "clients" / "node"
 SCRIPT = CLIENT_DIR / "check.js"
 PACKAGE_JSON = CLIENT_DIR / "package.json"
 
+MIN_NODE_MAJOR = 16
 NPM_TIMEOUT_S = 120
 RUN_TIMEOUT_S = 25
 # The first test of a session may run npm install; the script itself takes a second or two.
@@ -60,8 +62,14 @@ def _installed(directory: Path) -> bool:
 @pytest.fixture(scope="session")
 def node_modules() -> Path:
     """node_modules with pg installed from package.json, cached across runs."""
-    if shutil.which("node") is None:
+    node = shutil.which("node")
+    if node is None:
         pytest.skip("Node.js (node) is not installed")
+    version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=10,
+                             check=False).stdout.strip()
+    match = re.match(r"v(\d+)\.", version)
+    if match is None or int(match.group(1)) < MIN_NODE_MAJOR:
+        pytest.skip(f"node-postgres 8 needs Node.js {MIN_NODE_MAJOR}+, `node --version` says {version!r}")
     npm = shutil.which("npm")
     if npm is None:
         pytest.skip("npm is not installed")
@@ -136,6 +144,11 @@ def check_main_output(lines: list[str]) -> None:
         assert any(line.startswith(expected) for line in lines), (expected, lines)
 
 
+def servers_used(line: str) -> int:
+    """The N of a "... servers=N" line: distinct backend pids seen."""
+    return int(re.search(r"servers=(\d+)", line).group(1))
+
+
 def rows_by_group(pg, table: str) -> dict[str, int]:
     with psycopg.connect(pg.dsn(db="testdb"), autocommit=True) as conn:
         return dict(conn.execute(f"SELECT grp, count(*) FROM {table} GROUP BY grp").fetchall())
@@ -145,7 +158,8 @@ def test_node_direct_control(node_modules, pg, table):
     lines = run_check(node_modules, pg.host, pg.port, table)
     check_main_output(lines)
     assert "b-servers=1 " in line_for(lines, "cross-servers:")  # one backend per client
-    assert line_for(lines, "pool:") == "pool: ok queries=50 servers=5"
+    assert servers_used(line_for(lines, "concurrent-named:")) == 3
+    assert servers_used(line_for(lines, "pool:")) == 5
     assert rows_by_group(pg, table) == {"committed": 5}
 
 
@@ -155,8 +169,9 @@ def test_node_through_transaction_pooling(node_modules, pgmulti, pg, table):
     check_main_output(lines)
     # B's named statement ran on both servers, prepared on the second one on demand.
     assert line_for(lines, "cross-servers:") == "cross-servers: ok b-servers=2 b1-is-c=true b2-is-a=true"
-    assert line_for(lines, "concurrent-named:").endswith("servers=2")
-    assert line_for(lines, "pool:") == "pool: ok queries=50 servers=2"  # five clients, two servers
+    # Never more backends than the pool has (PostgreSQL directly: one per client).
+    assert servers_used(line_for(lines, "concurrent-named:")) <= 2
+    assert servers_used(line_for(lines, "pool:")) <= 2
     assert rows_by_group(pg, table) == {"committed": 5}
     assert "Traceback" not in proxy.log_text()
     result = proxy.psql("SELECT 41 + 1", db="testdb")
