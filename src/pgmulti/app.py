@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 
-from . import auth, errors, loader, prepared
+from . import auth, errors, loader, prepared, systemd
 from .admin import AdminConsole
 from .errors import PgError
 from .janitor import Janitor
@@ -78,11 +78,13 @@ class App:
 
     def reload(self) -> None:
         """SIGHUP / RELOAD: re-read the config and auth file; pools pick up new limits."""
+        systemd.reloading()
         try:
             config = loader.load_config(self.config_path)
             tls = TlsContexts(config.pgbouncer)  # new certificates apply to new connections
         except (loader.ConfigError, TlsConfigError, OSError) as exc:
             log.error("reload failed, keeping the old configuration: %s", exc)
+            systemd.ready()
             raise PgError("F0000", f"RELOAD failed: {exc}") from None
         self._apply_config(config, tls)
         self.load_userlist()
@@ -98,6 +100,7 @@ class App:
             pool.settings = self.pool_settings(db, pool.user)
             pool.configure(config.pgbouncer)
         log.info("configuration reloaded from %s", self.config_path)
+        systemd.ready()
 
     def pool_settings(self, db, user: str) -> PoolSettings:
         """Effective limits with PgBouncer's precedence (user, then database, then global)."""
@@ -291,6 +294,7 @@ class App:
         client (SIGINT, SHUTDOWN WAIT_FOR_SERVERS), "clients" once every client has left
         (SIGTERM, SHUTDOWN WAIT_FOR_CLIENTS), as PgBouncer 1.23+ does.
         """
+        systemd.stopping()
         if not self.shutting_down:
             log.info("shutting down%s", f" (waiting for {wait_for})" if wait_for else "")
         self.shutting_down = True

@@ -19,7 +19,6 @@ connection strings with ``password`` masked.  Exit status 0 when there was no er
 from __future__ import annotations
 
 import logging
-import os
 import re
 import sys
 from typing import Any, TextIO
@@ -239,8 +238,3 @@ def _quote_value(text: str) -> str:
     if _PLAIN_VALUE.fullmatch(text):
         return text
     return "'" + text.replace("'", "''") + "'"
-
-
-def main(path: str) -> int:
-    """Entry point for ``pgmulti --check``."""
-    return run(os.fspath(path))

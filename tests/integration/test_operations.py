@@ -208,7 +208,8 @@ def notify_socket(monkeypatch) -> Iterator[socket.socket]:
         yield sock
     finally:
         sock.close()
-        os.unlink(path) if os.path.exists(path) else None
+        if os.path.exists(path):
+            os.unlink(path)
         os.rmdir(directory)
 
 
