@@ -20,6 +20,8 @@ _statement_ids = itertools.count(1)
 # What to do with the next ParseComplete / CloseComplete from a server, in send order.
 FORWARD = 0
 SWALLOW = 1
+PARSE = "P"
+CLOSE = "C"
 
 
 class Statement:
@@ -60,7 +62,12 @@ class ServerStatements:
     def __init__(self, limit: int):
         self.limit = limit
         self.prepared: collections.OrderedDict[bytes, Statement] = collections.OrderedDict()
-        self.expected: collections.deque = collections.deque()   # FORWARD/SWALLOW or ("sync", n)
+        # In send order: (FORWARD or SWALLOW, PARSE or CLOSE, statement or None) for each
+        # Parse/Close sent, and ("sync", n) for the n-th ReadyForQuery of the connection.
+        self.expected: collections.deque = collections.deque()
+
+    def expect(self, action: int, kind: str, stmt: Statement | None = None) -> None:
+        self.expected.append((action, kind, stmt))
 
     def has(self, stmt: Statement) -> bool:
         if stmt.server_name in self.prepared:
@@ -74,7 +81,7 @@ class ServerStatements:
         while len(self.prepared) > self.limit:
             _, old = self.prepared.popitem(last=False)
             out.append(old.close_message())
-            self.expected.append(SWALLOW)
+            self.expect(SWALLOW, CLOSE, old)
 
     def forget_all(self) -> None:
         """After DISCARD ALL / a reset the server has none of them."""
@@ -86,22 +93,32 @@ class ServerStatements:
         self._drop_finished_syncs(ready_count)
         while self.expected:
             entry = self.expected.popleft()
-            if entry == FORWARD or entry == SWALLOW:
-                return entry
+            if entry[0] != "sync":
+                return entry[0]
         return FORWARD
 
     def error(self, ready_count: int) -> None:
-        """The server skips to the next Sync: so do the expectations of this cycle."""
+        """The server skips to the next Sync: so do the expectations of this cycle, and the
+        Parses and Closes it skipped did not happen."""
         self._drop_finished_syncs(ready_count)
+        still_there: set[bytes] = set()   # their Close was skipped too
         while self.expected:
             entry = self.expected.popleft()
-            if isinstance(entry, tuple):
+            if entry[0] == "sync":
                 self.expected.appendleft(entry)
                 return
+            _, kind, stmt = entry
+            if stmt is None:
+                continue
+            if kind == CLOSE:
+                self.prepared[stmt.server_name] = stmt
+                still_there.add(stmt.server_name)
+            elif stmt.server_name not in still_there:
+                self.prepared.pop(stmt.server_name, None)
 
     def _drop_finished_syncs(self, ready_count: int) -> None:
         expected = self.expected
-        while expected and isinstance(expected[0], tuple) and expected[0][1] <= ready_count:
+        while expected and expected[0][0] == "sync" and expected[0][1] <= ready_count:
             expected.popleft()
 
 
@@ -122,18 +139,18 @@ class ClientStatements:
         name, pos = split_name(body)
         if not name:
             out.append(protocol.message(protocol.PARSE, body))
-            server.expected.append(FORWARD)
+            server.expect(FORWARD, PARSE)
             return
         stmt = self.registry.statement(body[pos:])
         self.by_name[name] = stmt
         if server.has(stmt):
             # Already there: re-prepare in place so the client's ParseComplete comes in order.
             out.append(stmt.close_message())
-            server.expected.append(SWALLOW)
+            server.expect(SWALLOW, CLOSE, stmt)
         else:
             server.add(stmt, out)
         out.append(stmt.parse_message())
-        server.expected.append(FORWARD)
+        server.expect(FORWARD, PARSE, stmt)
 
     def _ensure(self, name: bytes, server: ServerStatements, out: list[bytes]) -> tuple[bytes, bool]:
         """The server name for a client statement name, prepared on this server if needed;
@@ -148,7 +165,7 @@ class ClientStatements:
         self.registry.misses += 1
         server.add(stmt, out)
         out.append(stmt.parse_message())
-        server.expected.append(SWALLOW)
+        server.expect(SWALLOW, PARSE, stmt)
         return stmt.server_name, True
 
     def bind(self, body: bytes, server: ServerStatements, out: list[bytes]) -> bool:
@@ -178,4 +195,4 @@ class ClientStatements:
             # (never prepared) name on the server still answers CloseComplete in order.
             self.by_name.pop(name, None)
         out.append(protocol.message(protocol.CLOSE, body))
-        server.expected.append(FORWARD)
+        server.expect(FORWARD, CLOSE)

@@ -48,6 +48,7 @@ EXPECTED_LINES = (
     "cross-servers: ok",
     "concurrent: ok threads=4 iterations=40",
 )
+CROSSED = "cross-servers: ok b-servers=2 b1-is-c=true b2-is-a=true"
 EXPECTED_ROWS = {"batch": 260, "kept": 6}  # the "tx" rows are all rolled back
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(FIRST_RUN_TIMEOUT_S)]
@@ -106,7 +107,8 @@ def table(pg):
     """A fresh, ordinary (not temporary) table for the program to fill; dropped afterwards."""
     name = f"jdbc_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(pg.dsn(db="testdb"), autocommit=True) as conn:
-        conn.execute(f"CREATE TABLE {name} (id int PRIMARY KEY, val text NOT NULL, grp text NOT NULL)")
+        conn.execute(f"CREATE TABLE {name} (id int PRIMARY KEY, val text NOT NULL,"
+                     " grp text NOT NULL)")
     yield name
     with psycopg.connect(pg.dsn(db="testdb"), autocommit=True) as conn:
         conn.execute(f"DROP TABLE IF EXISTS {name}")
@@ -164,7 +166,7 @@ def test_jdbc_through_transaction_pooling(jdbc_classpath, pgmulti, pg, table):
     proxy = pgmulti(PROXY_CONFIG)
     lines = run_check(jdbc_classpath, jdbc_url(proxy.host, proxy.port), table)
     # B's named statement ran on both servers, the second one prepared on demand.
-    assert line_for(lines, "cross-servers:") == "cross-servers: ok b-servers=2 b1-is-c=true b2-is-a=true"
+    assert line_for(lines, "cross-servers:") == CROSSED
     # Never more backends than the pool has (PostgreSQL directly: one per connection).
     assert servers_used(line_for(lines, "concurrent:")) <= 2
     assert rows_by_group(pg, table) == EXPECTED_ROWS
@@ -174,11 +176,6 @@ def test_jdbc_through_transaction_pooling(jdbc_classpath, pgmulti, pg, table):
     assert result.stdout.strip() == "42", result.stderr
 
 
-ABORTED_TRANSACTION_BUG = (
-    "BUG: a Parse that pgmulti puts in front of a Bind and that the server rejects (25P02 in a "
-    "failed transaction) still marks the statement as prepared on that server; after ROLLBACK "
-    "the next Bind there gets 26000 prepared statement \"PGMULTI_n\" does not exist"
-)
 
 
 def test_jdbc_named_statement_after_failed_transaction_direct_control(jdbc_classpath, pg, table):
@@ -186,8 +183,9 @@ def test_jdbc_named_statement_after_failed_transaction_direct_control(jdbc_class
     assert "aborted-transaction: ok b-first-on-a=false b-after-on-a=false" in lines
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=ABORTED_TRANSACTION_BUG)
-def test_jdbc_named_statement_after_failed_transaction_through_pooling(jdbc_classpath, pgmulti, table):
+def test_jdbc_named_statement_after_failed_transaction_through_pooling(jdbc_classpath, pgmulti,
+                                                                       table):
     proxy = pgmulti(PROXY_CONFIG)
-    lines = run_check(jdbc_classpath, jdbc_url(proxy.host, proxy.port), table, "aborted-transaction")
+    url = jdbc_url(proxy.host, proxy.port)
+    lines = run_check(jdbc_classpath, url, table, "aborted-transaction")
     assert "aborted-transaction: ok b-first-on-a=false b-after-on-a=true" in lines

@@ -44,6 +44,8 @@ EXPECTED_LINES = (
     "pool: ok queries=50",
 )
 
+CROSSED = "cross-servers: ok b-servers=2 b1-is-c=true b2-is-a=true"
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(FIRST_RUN_TIMEOUT_S)]
 
 
@@ -69,7 +71,8 @@ def node_modules() -> Path:
                              check=False).stdout.strip()
     match = re.match(r"v(\d+)\.", version)
     if match is None or int(match.group(1)) < MIN_NODE_MAJOR:
-        pytest.skip(f"node-postgres 8 needs Node.js {MIN_NODE_MAJOR}+, `node --version` says {version!r}")
+        pytest.skip(f"node-postgres 8 needs Node.js {MIN_NODE_MAJOR}+; "
+                    f"`node --version` says {version!r}")
     npm = shutil.which("npm")
     if npm is None:
         pytest.skip("npm is not installed")
@@ -111,7 +114,8 @@ def table(pg):
     """A fresh, ordinary (not temporary) table for the script; dropped afterwards."""
     name = f"node_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(pg.dsn(db="testdb"), autocommit=True) as conn:
-        conn.execute(f"CREATE TABLE {name} (id int PRIMARY KEY, val text NOT NULL, grp text NOT NULL)")
+        conn.execute(f"CREATE TABLE {name} (id int PRIMARY KEY, val text NOT NULL,"
+                     " grp text NOT NULL)")
     yield name
     with psycopg.connect(pg.dsn(db="testdb"), autocommit=True) as conn:
         conn.execute(f"DROP TABLE IF EXISTS {name}")
@@ -168,7 +172,7 @@ def test_node_through_transaction_pooling(node_modules, pgmulti, pg, table):
     lines = run_check(node_modules, proxy.host, proxy.port, table)
     check_main_output(lines)
     # B's named statement ran on both servers, prepared on the second one on demand.
-    assert line_for(lines, "cross-servers:") == "cross-servers: ok b-servers=2 b1-is-c=true b2-is-a=true"
+    assert line_for(lines, "cross-servers:") == CROSSED
     # Never more backends than the pool has (PostgreSQL directly: one per client).
     assert servers_used(line_for(lines, "concurrent-named:")) <= 2
     assert servers_used(line_for(lines, "pool:")) <= 2
@@ -178,11 +182,6 @@ def test_node_through_transaction_pooling(node_modules, pgmulti, pg, table):
     assert result.stdout.strip() == "42", result.stderr
 
 
-ABORTED_TRANSACTION_BUG = (
-    "BUG: a Parse that pgmulti puts in front of a Bind and that the server rejects (25P02 in a "
-    "failed transaction) still marks the statement as prepared on that server; after ROLLBACK "
-    "the next Bind there gets 26000 prepared statement \"PGMULTI_n\" does not exist"
-)
 
 
 def test_node_named_statement_after_failed_transaction_direct_control(node_modules, pg, table):
@@ -190,8 +189,8 @@ def test_node_named_statement_after_failed_transaction_direct_control(node_modul
     assert "aborted-transaction: ok b-first-on-a=false b-after-on-a=false" in lines
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=ABORTED_TRANSACTION_BUG)
-def test_node_named_statement_after_failed_transaction_through_pooling(node_modules, pgmulti, table):
+def test_node_named_statement_after_failed_transaction_through_pooling(node_modules, pgmulti,
+                                                                       table):
     proxy = pgmulti(PROXY_CONFIG)
     lines = run_check(node_modules, proxy.host, proxy.port, table, "aborted-transaction")
     assert "aborted-transaction: ok b-first-on-a=false b-after-on-a=true" in lines

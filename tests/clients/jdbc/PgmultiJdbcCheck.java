@@ -138,7 +138,8 @@ public final class PgmultiJdbcCheck {
                     check(!rs.next(), "autocommit one row " + i);
                 }
             }
-            check(serverPrepared(ps), "statement is server-prepared after " + AUTOCOMMIT_RUNS + " runs");
+            check(serverPrepared(ps),
+                  "statement is server-prepared after " + AUTOCOMMIT_RUNS + " runs");
             System.out.println("autocommit: ok runs=" + AUTOCOMMIT_RUNS + " server-prepared=true");
         }
     }
@@ -161,7 +162,8 @@ public final class PgmultiJdbcCheck {
                     insert.setString(3, "tx");
                     checkEquals(1, insert.executeUpdate(), "tx insert count");
                     count.setString(1, "tx");
-                    checkEquals((long) k + 1, scalarLong(count), "tx rows seen inside the transaction");
+                    checkEquals((long) k + 1, scalarLong(count),
+                                "tx rows seen inside the transaction");
                     long backend = scalarLong(pid);
                     if (firstPid < 0) {
                         firstPid = backend;
@@ -173,7 +175,8 @@ public final class PgmultiJdbcCheck {
                 checkEquals(6, update.executeUpdate(), "tx update count");
                 if (round == 2) {
                     long onServer = scalarLong(conn, "SELECT count(*) FROM pg_prepared_statements");
-                    check(onServer > 0, "named statements exist on the server inside the transaction");
+                    check(onServer > 0,
+                          "named statements exist on the server inside the transaction");
                     System.out.println("prepared-on-server: ok count=" + onServer);
                 }
                 conn.rollback();

@@ -120,7 +120,8 @@ async function crossServers() {
   await c.query('COMMIT');
   bPids.add(pidB1).add(pidB2);
   for (let i = 0; i < 5; i++) bPids.add(await getOnePid(b, n++));
-  console.log(`cross-servers: ok b-servers=${bPids.size} b1-is-c=${pidB1 === pidC} b2-is-a=${pidB2 === pidA}`);
+  console.log(`cross-servers: ok b-servers=${bPids.size} b1-is-c=${pidB1 === pidC}`
+    + ` b2-is-a=${pidB2 === pidA}`);
 }
 
 async function transactions() {
@@ -216,7 +217,8 @@ async function abortedTransaction() {
   const pidAfter = await getOnePid(b, 3); // B: on A's server again, C still holds the other
   await c.query('COMMIT');
   for (let i = 0; i < 5; i++) await getOnePid(b, i);
-  console.log(`aborted-transaction: ok b-first-on-a=${pidB === pidA} b-after-on-a=${pidAfter === pidA}`);
+  console.log(`aborted-transaction: ok b-first-on-a=${pidB === pidA}`
+    + ` b-after-on-a=${pidAfter === pidA}`);
 }
 
 const SCENARIOS = {
