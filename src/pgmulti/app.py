@@ -164,22 +164,20 @@ class App:
         return None
 
     def below_db_limit(self, pool: Pool) -> bool:
-        limit = pool.settings.max_db_connections
-        if limit <= 0:
-            return True
-        count = sum(p.server_count for p in self.pools.values() if p.name == pool.name)
-        if count < limit:
-            return True
-        return self._evict_idle(lambda p: p.name == pool.name and p is not pool)
+        return self._below_server_limit(pool, pool.settings.max_db_connections,
+                                        lambda p: p.name == pool.name)
 
     def below_user_limit(self, pool: Pool) -> bool:
-        limit = pool.settings.max_user_connections
+        return self._below_server_limit(pool, pool.settings.max_user_connections,
+                                        lambda p: p.server_user == pool.server_user)
+
+    def _below_server_limit(self, pool: Pool, limit: int, shares_limit) -> bool:
+        """Room for one more server among the pools that share a limit (0: unlimited)."""
         if limit <= 0:
             return True
-        count = sum(p.server_count for p in self.pools.values() if p.server_user == pool.server_user)
-        if count < limit:
+        if sum(p.server_count for p in self.pools.values() if shares_limit(p)) < limit:
             return True
-        return self._evict_idle(lambda p: p.server_user == pool.server_user and p is not pool)
+        return self._evict_idle(lambda p: shares_limit(p) and p is not pool)
 
     def _evict_idle(self, match) -> bool:
         """Close an idle server of another pool sharing the limit, so this pool can grow later."""
