@@ -269,7 +269,8 @@ class Pool:
         session.unlink(client, server, INSPECT_ALL)
         if server.closed:
             return
-        if server.pending or server.ready_status != session.READY_IDLE or server.buffered:
+        if (server.pending or server.ready_status != session.READY_IDLE or server.buffered
+                or server.running_internal_query):
             server.close("client disconnect while server was not ready")
             return
         if (not reset and not self.waiting and server.state == "active" and not self.paused

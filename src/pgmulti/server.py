@@ -66,7 +66,6 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
         self.connect_time = time.time()
         self.created = time.monotonic()
         self.last_used = self.created
-        self.link_time = 0.0
         self.logged_in = False
         self.generation = pool.reconnect_generation
         self.closed = False
@@ -183,9 +182,15 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
     # -- linking -------------------------------------------------------------------------
 
     @property
+    def running_internal_query(self) -> bool:
+        """A pooler query (parameter SET, check, reset) has not finished yet."""
+        return self._internal is not None
+
+    @property
     def is_ready(self) -> bool:
         """Idle at a transaction boundary with no answers outstanding."""
-        return self.ready_status == 73 and self.pending == 0 and self.buffered == 0
+        return (self.ready_status == 73 and self.pending == 0 and self.buffered == 0
+                and self._internal is None)
 
     # -- codec callbacks -----------------------------------------------------------------
 
