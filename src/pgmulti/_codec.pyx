@@ -182,6 +182,8 @@ cdef class Relay:
             want = max(self._need, MIN_READ + self._end - self._start)
             if self._cap - self._start < want or self._cap - self._end < MIN_READ:
                 self._reclaim(want)
+        if self._end == 0:
+            return self._view  # the whole buffer: no new view per read in the common case
         return self._view[self._end:self._cap]
 
     def buffer_updated(self, Py_ssize_t nbytes):

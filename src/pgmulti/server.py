@@ -230,7 +230,8 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
         if client is None or self.pending:
             return  # more answers are on their way
         if status == session.READY_IDLE:
-            self.pool.release(client, self, reset=self.pool.reset_always)
+            pool = self.pool
+            pool.release(client, self, pool.reset_always)
         else:
             client.refuse_transaction(self)
 
