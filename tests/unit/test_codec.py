@@ -492,6 +492,7 @@ def check_server_stream(chunks, peer_backlog):
         peer.assert_lent_views_intact()
 
 
+@pytest.mark.timeout(120)  # ~10^5 splits of a stream with a 100 kB row: seconds, not minutes
 @PEER_BACKLOGS
 @FRAGMENTATIONS
 def test_server_stream_relayed_at_any_fragmentation(fragment, peer_backlog):
