@@ -498,9 +498,18 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         """Parse/Bind/Describe/Close/Sync with statement names mapped to the server's."""
         server = self.server
         statements = server.statements
+        stats = self.pool.stats
+        # Unnamed statements need no mapping: forward the message as it came.
+        if msg_type == protocol.BIND and view[5] == 0 and view[6] == 0:
+            stats.bind_count += 1
+            server.transport.write(bytes(view))
+            return
+        if msg_type == protocol.PARSE and view[5] == 0:
+            statements.expect(prepared.FORWARD, prepared.PARSE)
+            server.transport.write(bytes(view))
+            return
         out: list[bytes] = []
         body = bytes(view[5:])
-        stats = self.pool.stats
         if msg_type == protocol.PARSE:
             self.statements.parse(body, statements, out)
             stats.client_parse_count += 1
