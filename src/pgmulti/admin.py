@@ -18,7 +18,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgmulti.admin")
 
-ADMIN_ERROR = ref.ADMIN_ERROR_SQLSTATE
 SHUTDOWN_MODES = {"wait_for_servers": "servers", "wait_for_clients": "clients"}
 
 

@@ -410,23 +410,27 @@ def _param_type(oid: int) -> str:
     return "unspecified" if oid == 0 else type_name(oid)
 
 
+def _values(r: _Reader, format_codes: list[int]) -> list[str | None]:
+    """A count and that many length-prefixed values (Bind parameters, FunctionCall arguments)."""
+    count = r.int16()
+    formats = _formats_for(format_codes, count)
+    values: list[str | None] = []
+    for i in range(count):
+        size = r.int32(signed=True)
+        if size < 0:
+            values.append(None)
+            continue
+        data, size = r.value(size)
+        values.append(render_value(data, size, formats[i] == 1 if i < len(formats) else None))
+    return values
+
+
 def _bind(r: _Reader, f: dict, ctx) -> None:
     f["portal"] = r.cstring()
     f["statement"] = r.cstring()
     codes = [r.int16() for _ in range(r.int16())]
     f["param_formats"] = [_format_name(code) for code in codes]
-    count = r.int16()
-    formats = _formats_for(codes, count)
-    params: list[str | None] = []
-    f["params"] = params
-    for i in range(count):
-        size = r.int32(signed=True)
-        if size < 0:
-            params.append(None)
-            continue
-        data, size = r.value(size)
-        binary = formats[i] == 1 if i < len(formats) else None
-        params.append(render_value(data, size, binary))
+    f["params"] = _values(r, codes)
     results = [r.int16() for _ in range(r.int16())]
     f["result_formats"] = [_format_name(code) for code in results]
 
@@ -455,17 +459,7 @@ def _function_call(r: _Reader, f: dict, ctx) -> None:
     f["function_oid"] = r.int32()
     codes = [r.int16() for _ in range(r.int16())]
     f["arg_formats"] = [_format_name(code) for code in codes]
-    count = r.int16()
-    formats = _formats_for(codes, count)
-    args: list[str | None] = []
-    f["args"] = args
-    for i in range(count):
-        size = r.int32(signed=True)
-        if size < 0:
-            args.append(None)
-            continue
-        data, size = r.value(size)
-        args.append(render_value(data, size, formats[i] == 1 if i < len(formats) else None))
+    f["args"] = _values(r, codes)
     f["result_format"] = _format_name(r.int16())
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from . import auth, errors, loader, prepared, systemd
 from .admin import AdminConsole
@@ -43,7 +42,6 @@ class App:
         self.disabled_databases: set[str] = set()
         self.shutting_down = False
         self.shutdown_waits_for_clients = False
-        self.started = time.time()
         self.errors_by_sqlstate: dict[str, int] = {}
         self.listener = Listener(self)
         self.janitor = Janitor(self)

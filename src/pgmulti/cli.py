@@ -16,7 +16,6 @@ from .logs import PgBouncerFormatter  # noqa: F401  (its former home; kept impor
 
 log = logging.getLogger("pgmulti")
 
-SUBCOMMANDS = ("demo", "analyze")
 
 
 def setup_logging(cfg, quiet: bool, verbose: int) -> None:

@@ -543,9 +543,6 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         self.state = "waiting"
         self.wait_start = time.monotonic()
 
-    def stop_waiting(self) -> None:
-        self.state = "active"
-
     def attached(self, server: ServerConnection, now: float) -> None:
         """The server is linked and in step with our parameters: let the bytes flow."""
         stats = self.pool.stats

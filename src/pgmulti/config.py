@@ -79,9 +79,26 @@ UNSUPPORTED_KEYS: frozenset[str] = frozenset(
         "peer_id",
         # Parameter tracking beyond PgBouncer's fixed set.
         "track_extra_parameters",
-        # Socket options not applied yet.
+        # Socket options not applied yet (the kernel's defaults hold).
         "tcp_defer_accept",
         "tcp_user_timeout",
+        "tcp_socket_buffer",
+        "tcp_keepalive",
+        "tcp_keepcnt",
+        "tcp_keepidle",
+        "tcp_keepintvl",
+        "unix_socket_group",
+        # Pool behaviours not built yet: read, not acted on.
+        "server_round_robin",
+        "server_fast_close",
+        "autodb_idle_timeout",
+        "auth_dbname",
+        "scram_iterations",
+        "disable_pqexec",
+        "application_name_add_host",
+        "query_wait_notify",
+        "cancel_wait_timeout",
+        "suspend_timeout",
         # PgBouncer event-loop internals with no equivalent here.
         "sbuf_loopcnt",
     }

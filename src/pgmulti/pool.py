@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import errors, session
-from ._codec import link_pair, unlink_pair
 from .client import PREPARED_RELAY_ACTIONS as CLIENT_PREPARED_ACTIONS
 from .client import RELAY_ACTIONS as CLIENT_RELAY_ACTIONS
 from .errors import PgError
@@ -193,17 +192,7 @@ class Pool:
             if now - server.last_used <= self.check_delay or not self.check_enabled:
                 server.state = "active"
                 self.active.add(server)
-                # session.link() and client.attached(), inlined: this runs per transaction.
-                client.server = server
-                server.client = client
-                link_pair(client, server, self.relay_actions, self.release_at_ready)
-                if client.statements is not None:
-                    client.set_actions(self.client_prepared_actions)
-                if client.params.items() <= server.params.items():
-                    self.stats.assignments += 1
-                    client.link_time = now
-                    return True
-                self._sync_parameters(client, server)
+                self._link(client, server, now)
                 return True
             server.state = "popped"
             self.waiting.appendleft(client)
@@ -266,25 +255,12 @@ class Pool:
         now = time.monotonic()
         self.stats.linked_seconds += now - client.link_time
         client.last_active = server.last_used = now
-        # session.unlink(), inlined: this runs per transaction.
-        client.server = None
-        server.client = None
-        unlink_pair(client, server, INSPECT_ALL)
-        if client.statements is not None:
-            client.set_actions(self.client_relay_actions)
+        session.unlink(client, server, INSPECT_ALL)
         if server.closed:
             return
         if (server.pending or server.ready_status != session.READY_IDLE or server.buffered
                 or server.running_internal_query):
             server.close("client disconnect while server was not ready")
-            return
-        if (not reset and not self.waiting and server.state == "active" and not self.paused
-                and not self.app.paused and server.generation == self.reconnect_generation
-                and not self._expired(server, now)):
-            # The common case of transaction pooling, without server_ready()'s generality.
-            self.active.discard(server)
-            server.state = "idle"
-            self.idle.append(server)
             return
         reset_query = self.app.config.pgbouncer.server_reset_query
         if reset and reset_query:

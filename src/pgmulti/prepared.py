@@ -46,8 +46,6 @@ class Registry:
 
     def __init__(self):
         self.by_definition: dict[bytes, Statement] = {}
-        self.hits = 0
-        self.misses = 0
 
     def statement(self, definition: bytes) -> Statement:
         stmt = self.by_definition.get(definition)
@@ -160,9 +158,7 @@ class ClientStatements:
             return name, False  # unknown: let the server report it does not exist
         stmt.uses += 1
         if server.has(stmt):
-            self.registry.hits += 1
             return stmt.server_name, False
-        self.registry.misses += 1
         server.add(stmt, out)
         out.append(stmt.parse_message())
         server.expect(SWALLOW, PARSE, stmt)

@@ -61,8 +61,3 @@ def quote_literal(value: str) -> str:
     return "'" + escaped + "'"
 
 
-def releases_after(mode: str, status: int) -> bool:
-    """Whether a server goes back to the pool when the client's last request is answered."""
-    if mode == TRANSACTION or mode == STATEMENT:
-        return status == READY_IDLE
-    return False
