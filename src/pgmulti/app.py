@@ -209,7 +209,7 @@ class App:
         self.login_clients.add(client)
 
     def admission_error(self, client) -> PgError | None:
-        if self.shutting_down:
+        if self.shutting_down and not self.shutdown_waits_for_clients:
             return errors.shutting_down()
         if len(self.clients) > self.config.pgbouncer.max_client_conn:
             return errors.too_many_clients()
@@ -296,8 +296,11 @@ class App:
         self.shutting_down = True
         self.shutdown_waits_for_clients = wait_for == "clients"
         self.listener.close()
-        for client in list(self.login_clients):
-            client.report(errors.shutting_down())
+        if wait_for != "clients":
+            # Waiting for clients (SIGTERM, rolling restarts) lets the ones already accepted
+            # finish logging in; the other modes turn them away.
+            for client in list(self.login_clients):
+                client.report(errors.shutting_down())
         if wait_for is None:
             self.finish()
             return

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import pwd
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -416,3 +418,55 @@ def test_sigquit_exits_at_once(pgmulti):
             conn.execute("SELECT 2")
     finally:
         conn.close()
+
+
+def test_sigusr1_pauses_and_sigusr2_resumes(pgmulti):
+    proc = pgmulti()
+    with client(proc, autocommit=True) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        proc.signal(signal.SIGUSR1)
+        wait_for(lambda: show_state(proc)["paused"] == "yes", 5, "SHOW STATE paused")
+        result: list = []
+        worker = threading.Thread(target=lambda: result.append(
+            conn.execute("SELECT 2").fetchone()))
+        worker.start()
+        worker.join(0.7)
+        assert worker.is_alive(), "a query ran while the pooler was paused"
+        proc.signal(signal.SIGUSR2)
+        worker.join(5)
+        assert result == [(2,)]
+        assert show_state(proc)["paused"] == "no"
+
+
+def show_state(proc) -> dict[str, str]:
+    with console(proc) as admin:
+        return {row[0]: row[1] for row in admin.execute("SHOW STATE").fetchall()}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+def test_dash_u_switches_to_the_given_user(pgmulti):
+    proc = pgmulti(args=("-u", "postgres"))
+    uid = {line.split(":")[0]: line.split()[1] for line in
+           Path(f"/proc/{proc.pid}/status").read_text().splitlines() if line.startswith("Uid")}
+    assert int(uid["Uid"]) == pwd.getpwnam("postgres").pw_uid
+    assert proc.psql("SELECT 1", db="testdb").stdout.strip() == "1"
+
+
+def test_so_reuseport_rolling_restart_loses_no_transaction(pgmulti, pg):
+    old = pgmulti({"so_reuseport": 1})
+    new = pgmulti({"so_reuseport": 1}, port=old.port)  # both listen on one port
+    env = clean_env()
+    init = subprocess.run(["pgbench", "-i", "-q", "-s", "1", "-h", "127.0.0.1", "-p",
+                           str(pg.port), "-U", "postgres", "testdb"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert init.returncode == 0, init.stderr
+    bench = subprocess.Popen(["pgbench", "-T", "4", "-C", "-c", "4", "-j", "2", "-S", "-h",
+                              "127.0.0.1", "-p", str(old.port), "-U", "postgres", "testdb"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(1.5)
+    old.signal(signal.SIGTERM)  # stop listening, finish with its clients, exit
+    out, err = bench.communicate(timeout=30)
+    assert bench.returncode == 0, out + err
+    assert "number of failed transactions: 0" in out, out
+    assert old.wait(10) == 0
+    assert "login attempt" in new.log_text()  # the new process took over new connections
