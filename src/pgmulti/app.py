@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 
 from . import auth, errors, loader, prepared, systemd
 from .admin import AdminConsole
@@ -14,6 +15,9 @@ from .pool import Credentials, Pool, PoolSettings
 from .tls import TlsConfigError, TlsContexts
 
 log = logging.getLogger("pgmulti")
+
+# Cancel keys' pid field: bits 24-30 carry the worker number (up to 128 workers).
+WORKER_SHIFT = 24
 
 SUPPORTED_AUTH_TYPES = ("any", "trust", "plain", "md5", "scram-sha-256")
 
@@ -33,6 +37,7 @@ class App:
     def __init__(self, config, config_path: str):
         self.config = config
         self.config_path = config_path
+        self.worker_index = 0            # this process's number among the workers
         self.userlist: dict[str, str] = {}
         self.pools: dict[tuple[str, str], Pool] = {}
         self.clients: set = set()
@@ -214,6 +219,11 @@ class App:
         if len(self.clients) > self.config.pgbouncer.max_client_conn:
             return errors.too_many_clients()
         return None
+
+    def new_cancel_pid(self) -> int:
+        """The "process id" of a client's cancel key: random, with this worker's number in
+        the top bits so any worker receiving the CancelRequest knows whose client it is."""
+        return (self.worker_index << WORKER_SHIFT) | (secrets.randbits(WORKER_SHIFT) or 1)
 
     def client_logged_in(self, client) -> None:
         self.login_clients.discard(client)

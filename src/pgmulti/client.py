@@ -78,7 +78,7 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         self.xact_since = 0.0            # janitor's clock for transaction_timeout
         self.wait_start = 0.0
         self.link_time = 0.0
-        self.cancel_pid = secrets.randbits(31) or 1
+        self.cancel_pid = app.new_cancel_pid()
         self.cancel_key = secrets.randbits(32)
         self.scram_keys: tuple[bytes, bytes] | None = None
         self.tls = ""                    # "" for plain text, else protocol/cipher

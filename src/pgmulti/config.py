@@ -143,7 +143,8 @@ class _Struct(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=T
 class Pgbouncer(_Struct):
     """The ``[pgbouncer]`` section: every PgBouncer 1.25 setting with its default.
 
-    One key is pgmulti's own: ``log_format`` (PgBouncer rejects it as unknown).
+    Keys that are pgmulti's own (PgBouncer rejects them as unknown): ``log_format``,
+    ``workers``, ``metrics_addr`` and ``metrics_port``.
     """
 
     _secret_fields = frozenset({"auth_ldap_options"})
@@ -247,6 +248,13 @@ class Pgbouncer(_Struct):
     """Verbosity level (0-3), like repeating -v."""
     log_format: LogFormat = "text"
     """pgmulti-specific: ``text`` (PgBouncer's lines) or ``json`` (one object per line)."""
+    workers: int = 0
+    """pgmulti-specific: worker processes sharing the listen sockets; 0 means one per CPU core.
+    Pool limits are divided among the workers so the totals hold."""
+    metrics_port: int = 0
+    """pgmulti-specific: serve Prometheus metrics on this TCP port (GET /metrics); 0 is off."""
+    metrics_addr: str = "127.0.0.1"
+    """pgmulti-specific: address the metrics endpoint listens on."""
 
     # --- Console access control ---
     admin_users: str = ""

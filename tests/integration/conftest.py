@@ -44,6 +44,8 @@ DEFAULT_SETTINGS = {
     "pool_mode": "transaction",
     "default_pool_size": "5",
     "logfile": "",
+    # One process, so pool limits and SHOW output are exact; worker tests set their own.
+    "workers": "1",
 }
 # userlist.txt entries; passwords in plain text (PgBouncer also takes md5 and SCRAM secrets).
 DEFAULT_USERS = {
