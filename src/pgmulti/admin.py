@@ -360,10 +360,10 @@ class AdminConsole:
 
     def cmd_shutdown(self, client: ClientConnection, args) -> None:
         if not args:
-            self.app.shutdown(None)  # plain SHUTDOWN sends no reply: the process exits
+            self.app.request_shutdown(None)  # plain SHUTDOWN sends no reply: the process exits
             return
         self._done(client, "SHUTDOWN")
-        self.app.shutdown(SHUTDOWN_MODES[args[0].lower()])
+        self.app.request_shutdown(SHUTDOWN_MODES[args[0].lower()])
 
     def cmd_kill(self, client: ClientConnection, args) -> None:
         name = self._database_arg(args, "cannot_kill_admin_db")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
+import signal
 
-from . import auth, errors, loader, prepared, systemd
+from . import aggregate, auth, errors, loader, peers, prepared, supervisor, systemd
 from .admin import AdminConsole
 from .errors import PgError
 from .janitor import Janitor
@@ -31,6 +33,20 @@ def _names(value) -> set[str]:
     return {part.strip() for part in str(value).split(",") if part.strip()}
 
 
+def check_auth_type(config) -> None:
+    method = config.pgbouncer.auth_type
+    if method not in SUPPORTED_AUTH_TYPES:
+        # Every login would fail: refuse to start rather than run a pooler nobody can use.
+        raise OSError(f"auth_type = {method} is not supported by pgmulti yet "
+                      f"(supported: {', '.join(SUPPORTED_AUTH_TYPES)})")
+
+
+def preflight(config) -> None:
+    """What would stop every worker from serving, checked once before they start."""
+    check_auth_type(config)
+    TlsContexts(config.pgbouncer)  # raises TlsConfigError (a ValueError) for bad files
+
+
 class App:
     """Everything one pgmulti process serves."""
 
@@ -38,6 +54,8 @@ class App:
         self.config = config
         self.config_path = config_path
         self.worker_index = 0            # this process's number among the workers
+        self.worker_count = 1
+        self.peers = None                # pgmulti.peers.Peers when there are several workers
         self.userlist: dict[str, str] = {}
         self.pools: dict[tuple[str, str], Pool] = {}
         self.clients: set = set()
@@ -51,6 +69,7 @@ class App:
         self.listener = Listener(self)
         self.janitor = Janitor(self)
         self.admin = AdminConsole(self)
+        self.console = self.admin          # admin queries enter here (see become_worker)
         self._tasks: set[asyncio.Task] = set()
         self.prepared_registry = prepared.Registry()
         self.stopped = asyncio.get_running_loop().create_future()
@@ -109,21 +128,28 @@ class App:
         """Effective limits with PgBouncer's precedence (user, then database, then global)."""
         config = self.config
         user_cfg = config.users.get(user)
+        part = self.limit_share
         return PoolSettings(
             pool_mode=config.effective_pool_mode(db, user_cfg),
-            pool_size=config.effective_pool_size(db, user_cfg),
-            min_pool_size=config.effective_min_pool_size(db, user_cfg),
-            reserve_pool_size=config.effective_reserve_pool_size(db, user_cfg),
-            max_db_connections=config.effective_max_db_connections(db, user_cfg),
-            max_user_connections=config.effective_max_user_connections(db, user_cfg),
+            pool_size=part(config.effective_pool_size(db, user_cfg)),
+            min_pool_size=part(config.effective_min_pool_size(db, user_cfg), at_least_one=False),
+            reserve_pool_size=part(config.effective_reserve_pool_size(db, user_cfg),
+                                   at_least_one=False),
+            max_db_connections=part(config.effective_max_db_connections(db, user_cfg)),
+            max_user_connections=part(config.effective_max_user_connections(db, user_cfg)),
             server_lifetime=config.effective_server_lifetime(db, user_cfg),
-            max_db_client_connections=config.effective_max_db_client_connections(db, user_cfg),
-            max_user_client_connections=config.effective_max_user_client_connections(db, user_cfg),
+            max_db_client_connections=part(config.effective_max_db_client_connections(db, user_cfg)),
+            max_user_client_connections=part(
+                config.effective_max_user_client_connections(db, user_cfg)),
             client_idle_timeout=config.effective_client_idle_timeout(db, user_cfg),
             idle_transaction_timeout=config.effective_idle_transaction_timeout(db, user_cfg),
             query_timeout=config.effective_query_timeout(db, user_cfg),
             transaction_timeout=config.effective_transaction_timeout(db, user_cfg),
         )
+
+    def limit_share(self, limit: int, at_least_one: bool = True) -> int:
+        """This worker's part of a connection limit (all of it with a single process)."""
+        return supervisor.share(limit, self.worker_index, self.worker_count, at_least_one)
 
     def admin_parameters(self) -> dict[str, str]:
         return {"server_version": "1.25.0 (pgmulti)", "server_encoding": "UTF8",
@@ -216,7 +242,7 @@ class App:
     def admission_error(self, client) -> PgError | None:
         if self.shutting_down and not self.shutdown_waits_for_clients:
             return errors.shutting_down()
-        if len(self.clients) > self.config.pgbouncer.max_client_conn:
+        if len(self.clients) > self.limit_share(self.config.pgbouncer.max_client_conn):
             return errors.too_many_clients()
         return None
 
@@ -237,6 +263,11 @@ class App:
             self.janitor.check_shutdown()
 
     def forward_cancel(self, pid: int, key: int) -> None:
+        owner = pid >> WORKER_SHIFT
+        if owner != self.worker_index and self.peers is not None:
+            if owner < self.worker_count:
+                self.peers.tell(self, owner, "cancel", pid=pid, key=key)
+            return
         client = self.cancel_keys.get((pid, key))
         if client is None:
             log.info("cancel request for an unknown key ignored")
@@ -257,18 +288,29 @@ class App:
 
     # -- process lifecycle ---------------------------------------------------------------
 
-    async def start(self) -> None:
-        method = self.config.pgbouncer.auth_type
-        if method not in SUPPORTED_AUTH_TYPES:
-            # Every login would fail: refuse to start rather than run a pooler nobody can use.
-            raise OSError(f"auth_type = {method} is not supported by pgmulti yet "
-                          f"(supported: {', '.join(SUPPORTED_AUTH_TYPES)})")
+    def become_worker(self, index: int, count: int, control_dir: str) -> None:
+        """One of `count` processes sharing the listen sockets (see pgmulti.supervisor)."""
+        self.worker_index = index
+        self.worker_count = count
+        self.peers = peers.Peers(control_dir, index, count)
+        self.console = aggregate.ConsoleAcrossWorkers(self)
+        self.peers.handlers.update(self.console.peer_handlers())
+        self.peers.handlers["cancel"] = self._peer_cancel
+
+    async def _peer_cancel(self, request: dict) -> None:
+        self.forward_cancel(request["pid"], request["key"])
+
+    async def start(self, sockets=None, control_socket=None) -> None:
+        """Listen (on `sockets` a parent bound for this worker, if given) and start the janitor."""
+        check_auth_type(self.config)
         for warning in self.config.warnings:
             log.warning("%s", warning)
         if self.config.unsupported:
             log.warning("settings not supported by pgmulti (ignored): %s",
                         ", ".join(self.config.unsupported))
-        await self.listener.start()
+        await self.listener.start(sockets)
+        if self.peers is not None:
+            await self.peers.start(control_socket)
         self.janitor.start()
 
     def database_paused(self, name: str) -> bool:
@@ -320,11 +362,21 @@ class App:
                     client.report(errors.shutting_down())
         self.janitor.check_shutdown()
 
+    def request_shutdown(self, wait_for: str | None) -> None:
+        """A console SHUTDOWN: with several workers the parent tells every one of them."""
+        if self.peers is None:
+            self.shutdown(wait_for)
+            return
+        signo = {None: signal.SIGQUIT, "servers": signal.SIGINT, "clients": signal.SIGTERM}[wait_for]
+        os.kill(os.getppid(), signo)
+
     def finish(self) -> None:
         for client in list(self.clients):
             client.report(errors.shutting_down())
         for pool in self.pools.values():
             pool.close_all("pgmulti is shutting down")
         self.listener.close()
+        if self.peers is not None:
+            self.peers.close()
         if not self.stopped.done():
             self.stopped.set_result(None)

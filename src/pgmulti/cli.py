@@ -10,7 +10,7 @@ import pwd
 import signal
 import sys
 
-from . import logs, systemd
+from . import logs, supervisor, systemd
 from .__version__ import __version__
 from .logs import PgBouncerFormatter  # noqa: F401  (its former home; kept importable)
 
@@ -102,13 +102,64 @@ def run_pooler(args: argparse.Namespace) -> int:
         return 1
     if args.daemon:
         daemonize()
+    config_path = os.path.abspath(args.config)
+
+    def relog(new_cfg) -> None:
+        setup_logging(new_cfg, quiet, args.verbose)
+
+    count = supervisor.worker_count(cfg.workers)
     try:
+        if count > 1:
+            return run_workers(config, config_path, args.user, count, relog)
         import uvloop
-        return uvloop.run(serve(config, os.path.abspath(args.config), args.user,
-                                relog=lambda new_cfg: setup_logging(new_cfg, quiet, args.verbose)))
+        return uvloop.run(serve(config, config_path, args.user, relog=relog))
     except (OSError, ValueError) as exc:  # ValueError: TlsConfigError and friends
         log.error("could not start: %s", exc)
         return 1
+
+
+def run_workers(config, config_path: str, run_as: str | None, count: int, relog) -> int:
+    """Several worker processes behind the same sockets (pgmulti.supervisor)."""
+    from .app import preflight
+
+    preflight(config)  # fail here, once, rather than in every worker
+    workers = supervisor.Supervisor(config, config_path, count, start_worker=None)
+
+    def start_worker(index: int, sockets, control_dir: str) -> int:
+        import uvloop
+        try:
+            return uvloop.run(serve(config, config_path, None, relog=relog,
+                                    worker=(index, count, sockets, control_dir)))
+        except (OSError, ValueError) as exc:
+            log.error("worker %d could not start: %s", index, exc)
+            return 1
+
+    workers.start_worker = start_worker
+    try:
+        workers.bind()
+        if run_as:
+            entry = pwd.getpwnam(run_as)
+            for path in [workers.control_dir] + [os.path.join(workers.control_dir, name)
+                                                  for name in os.listdir(workers.control_dir)]:
+                os.chown(path, entry.pw_uid, entry.pw_gid)
+            drop_privileges(run_as)
+    except OSError:
+        workers.cleanup()
+        raise
+    pidfile = config.pgbouncer.pidfile
+    if pidfile:
+        with open(pidfile, "w") as handle:
+            handle.write(f"{os.getpid()}\n")
+    log.info("pgmulti %s started, pid %d, %d workers", __version__, os.getpid(), count)
+    try:
+        return workers.run()
+    finally:
+        if pidfile:
+            try:
+                os.unlink(pidfile)
+            except OSError:
+                pass
+        log.info("pgmulti stopped")
 
 
 def daemonize() -> None:
@@ -130,26 +181,39 @@ def drop_privileges(user: str) -> None:
     os.setuid(entry.pw_uid)
 
 
-async def serve(config, config_path: str, run_as: str | None, relog=None) -> int:
+async def serve(config, config_path: str, run_as: str | None, relog=None, worker=None) -> int:
     """Run the pooler until it stops.
 
     relog(cfg), if given, re-applies the logging settings after a SIGHUP reload.
     systemd (Type=notify, when $NOTIFY_SOCKET is set) hears READY=1 once listening,
     RELOADING=1 / READY=1 around SIGHUP reloads and STOPPING=1 when shutdown starts.
+    worker: (index, count, sockets, control directory) in a worker process; the parent then
+    owns the pid file, the privileges and systemd, and passes signals on to us.
     """
     from .app import App
 
     app = App(config, config_path)
-    await app.start()
-    if run_as:
-        drop_privileges(run_as)
-    pidfile = config.pgbouncer.pidfile
-    if pidfile:
-        with open(pidfile, "w") as handle:
-            handle.write(f"{os.getpid()}\n")
-    install_signal_handlers(app, relog)
-    log.info("pgmulti %s started, pid %d", __version__, os.getpid())
-    systemd.ready()
+    actions = signal_actions(app, relog)
+    if worker is not None:
+        index, count, sockets, control_dir = worker
+        app.become_worker(index, count, control_dir)
+        app.peers.handlers["signal"] = lambda request: _act_on(actions, request["signo"])
+        await app.start(sockets.listening, sockets.control)
+        app.spawn(_stop_when_orphaned(app, os.getppid()))
+        pidfile = None
+    else:
+        await app.start()
+        if run_as:
+            drop_privileges(run_as)
+        pidfile = config.pgbouncer.pidfile
+        if pidfile:
+            with open(pidfile, "w") as handle:
+                handle.write(f"{os.getpid()}\n")
+        loop = asyncio.get_running_loop()
+        for signo, action in actions.items():
+            loop.add_signal_handler(signo, action)
+        log.info("pgmulti %s started, pid %d", __version__, os.getpid())
+        systemd.ready()
     try:
         await app.stopped
     finally:
@@ -164,11 +228,25 @@ async def serve(config, config_path: str, run_as: str | None, relog=None) -> int
     return 0
 
 
-def install_signal_handlers(app, relog=None) -> None:
-    """PgBouncer 1.23+ signals: HUP reload, INT safe, TERM wait for clients, QUIT now."""
-    from .errors import PgError
+async def _act_on(actions, signo: int) -> None:
+    action = actions.get(signo)
+    if action is not None:
+        action()
 
-    loop = asyncio.get_running_loop()
+
+async def _stop_when_orphaned(app, parent: int) -> None:
+    """A worker whose parent was killed outright stops safely instead of serving on alone."""
+    while not app.stopped.done():
+        await asyncio.sleep(1.0)
+        if os.getppid() != parent and not app.shutting_down:
+            log.error("the pgmulti parent process is gone; worker %d shuts down", app.worker_index)
+            app.shutdown("servers")
+
+
+def signal_actions(app, relog=None) -> dict:
+    """PgBouncer 1.23+ signals: HUP reload, INT safe, TERM wait for clients, QUIT now,
+    USR1 pause, USR2 resume."""
+    from .errors import PgError
 
     def shutdown(wait_for: str | None) -> None:
         systemd.stopping()
@@ -196,9 +274,6 @@ def install_signal_handlers(app, relog=None) -> None:
                     log.error("could not reopen the log: %s; logging continues as before", exc)
             systemd.ready()
 
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
-    loop.add_signal_handler(signal.SIGINT, lambda: shutdown("servers"))
-    loop.add_signal_handler(signal.SIGTERM, on_term)
-    loop.add_signal_handler(signal.SIGQUIT, lambda: shutdown(None))
-    loop.add_signal_handler(signal.SIGUSR1, app.pause)
-    loop.add_signal_handler(signal.SIGUSR2, app.resume)
+    return {signal.SIGHUP: on_hup, signal.SIGINT: lambda: shutdown("servers"),
+            signal.SIGTERM: on_term, signal.SIGQUIT: lambda: shutdown(None),
+            signal.SIGUSR1: app.pause, signal.SIGUSR2: app.resume}

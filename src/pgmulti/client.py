@@ -54,7 +54,8 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
 
     def __init__(self, app: App, listener_kind: str):
         self.app = app
-        self.id = next(_client_ids)
+        # Unique across worker processes: SHOW CLIENTS merges them and KILL_CLIENT takes one.
+        self.id = next(_client_ids) * app.worker_count + app.worker_index
         self.listener_kind = listener_kind  # "tcp" or "unix"
         self.transport = None
         self.addr = ("unix", 0)
@@ -205,7 +206,7 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
             elif msg_type == protocol.PASSWORD_MESSAGE:
                 self._password_message(view)
             elif msg_type == protocol.QUERY and self.admin:
-                self.app.admin.handle_query(self, bytes(view[5:]))
+                self.app.console.handle_query(self, bytes(view[5:]))
             elif msg_type in PREPARED_TYPES and self.server is not None:
                 self._prepared_message(msg_type, view)
         except PgError as exc:

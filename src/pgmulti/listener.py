@@ -81,7 +81,12 @@ class Listener:
         self.unix_path: str | None = None
         self.addresses: list[str] = []
 
-    async def start(self) -> None:
+    async def start(self, sockets=None) -> None:
+        """Open the configured sockets, or serve `sockets` (kind, label, socket) that a
+        parent process bound for this worker (pgmulti.supervisor); those it does not unlink."""
+        if sockets is not None:
+            await self._serve_inherited(sockets)
+            return
         cfg = self.app.config.pgbouncer
         loop = asyncio.get_running_loop()
         for host in listen_addresses(cfg.listen_addr):
@@ -91,7 +96,7 @@ class Listener:
             self.addresses.append(f"{host}:{cfg.listen_port}")
             log.info("listening on %s:%d", host, cfg.listen_port)
         if cfg.unix_socket_dir:
-            mode = _socket_mode(cfg.unix_socket_mode)
+            mode = socket_mode(cfg.unix_socket_mode)
             sock, path = unix_socket(cfg.unix_socket_dir, cfg.listen_port, cfg.listen_backlog, mode)
             server = await loop.create_server(lambda: ClientConnection(self.app, "unix"), sock=sock)
             self.servers.append(server)
@@ -99,6 +104,14 @@ class Listener:
             log.info("listening on unix:%s", path)
         if not self.servers:
             raise OSError("nothing to listen on: set listen_addr or unix_socket_dir")
+
+    async def _serve_inherited(self, sockets) -> None:
+        loop = asyncio.get_running_loop()
+        for kind, label, sock in sockets:
+            server = await loop.create_server(
+                lambda kind=kind: ClientConnection(self.app, kind), sock=sock)
+            self.servers.append(server)
+            self.addresses.append(label)
 
     def close(self) -> None:
         for server in self.servers:
@@ -112,7 +125,7 @@ class Listener:
             self.unix_path = None
 
 
-def _socket_mode(value) -> int:
+def socket_mode(value) -> int:
     if isinstance(value, int):
         return value
     return int(str(value), 0) if str(value).startswith("0") else int(str(value), 8)
