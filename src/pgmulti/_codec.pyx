@@ -13,6 +13,7 @@ from cpython.bytearray cimport PyByteArray_AS_STRING
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport uint32_t
 from libc.string cimport memcpy, memmove
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 cdef extern from *:
     """
@@ -47,7 +48,31 @@ cdef Py_ssize_t MIN_READ = 2048
 # written as views into the buffer, without copying.
 cdef Py_ssize_t COPY_WRITE_MAX = 2048
 
-cdef bytes _TRACKED_REQUESTS = b"QSF"
+# Upper bounds (microseconds, inclusive) of the transaction and query time histograms; one
+# more bucket after the last counts everything slower (+Inf).
+TIMING_BUCKETS_US = (50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000,
+                     500000, 1000000, 2500000, 5000000, 10000000)
+DEF N_BUCKETS = 17
+cdef long long _bucket_bounds[N_BUCKETS]
+for _i, _bound in enumerate(TIMING_BUCKETS_US):
+    _bucket_bounds[_i] = _bound
+assert len(TIMING_BUCKETS_US) == N_BUCKETS
+
+READY_IDLE = 73  # 'I'
+
+
+cdef inline long long _now_us() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <long long>ts.tv_sec * 1000000 + ts.tv_nsec // 1000
+
+
+cdef inline int _bucket(long long elapsed_us) noexcept nogil:
+    """Index of the first bucket whose upper bound is >= elapsed_us (N_BUCKETS: +Inf)."""
+    cdef int i = 0
+    while i < N_BUCKETS and elapsed_us > _bucket_bounds[i]:
+        i += 1
+    return i
 
 
 cdef inline uint32_t _be32(const unsigned char* p) noexcept nogil:
@@ -97,7 +122,7 @@ cdef class Relay:
     cdef public Py_ssize_t buffer_size
     cdef public Py_ssize_t max_inspect
     cdef public long long max_packet
-    cdef public int pending         # requests sent to this server not yet answered by 'Z'
+    cdef int _pending               # requests sent to this server not yet answered by 'Z'
     cdef public int ready_status    # last ReadyForQuery status byte
     cdef public Relay request_sink  # client side: the linked server's relay (counts requests)
     cdef public unsigned long long rx_bytes
@@ -105,6 +130,15 @@ cdef class Relay:
     cdef public unsigned long long ready_count
     cdef public unsigned long long idle_ready_count
     cdef public bint notify_ready   # call on_ready() after reads with ReadyForQuery
+    # Server side: timing of transactions and queries (0 start = none running).
+    cdef long long _xact_start_us
+    cdef long long _query_start_us
+    cdef readonly long long xact_time_us    # running totals of finished ones
+    cdef readonly long long query_time_us
+    cdef readonly unsigned long long xact_count
+    cdef readonly unsigned long long query_count
+    cdef unsigned long long _xact_buckets[N_BUCKETS + 1]
+    cdef unsigned long long _query_buckets[N_BUCKETS + 1]
 
     def __cinit__(self, *args, **kwargs):
         self.buffer_size = DEF_BUFFER_SIZE
@@ -114,6 +148,70 @@ cdef class Relay:
         self.notify_ready = True
         for i in range(256):
             self._actions[i] = ACT_PASS
+
+    # -- requests, answers and their timing ------------------------------------------------
+
+    @property
+    def pending(self):
+        """Requests (Query, Sync, FunctionCall) sent to this server not yet answered."""
+        return self._pending
+
+    @pending.setter
+    def pending(self, int value):
+        # Python counts the requests it forwards itself (prepared-statement Sync) this way.
+        while self._pending < value:
+            self._request_sent()
+        self._pending = value
+
+    cdef inline void _request_sent(self) noexcept:
+        """A request goes to this server: the clocks start if it was at rest."""
+        cdef long long now
+        if self._pending == 0:
+            now = _now_us()
+            self._query_start_us = now
+            if self.ready_status == READY_IDLE and self._xact_start_us == 0:
+                self._xact_start_us = now
+        self._pending += 1
+
+    cdef inline void _ready_seen(self, unsigned char status) noexcept:
+        """ReadyForQuery from this server: answer counted, clocks stopped where due."""
+        cdef long long now = 0
+        cdef long long elapsed
+        self.ready_status = status
+        self.ready_count += 1
+        if self._pending > 0:
+            self._pending -= 1
+            if self._pending == 0 and self._query_start_us:
+                now = _now_us()
+                elapsed = now - self._query_start_us
+                self._query_start_us = 0
+                self.query_time_us += elapsed
+                self.query_count += 1
+                self._query_buckets[_bucket(elapsed)] += 1
+        if status == READY_IDLE:
+            self.idle_ready_count += 1
+            if self._xact_start_us:
+                if now == 0:
+                    now = _now_us()
+                elapsed = now - self._xact_start_us
+                self._xact_start_us = 0
+                self.xact_time_us += elapsed
+                self.xact_count += 1
+                self._xact_buckets[_bucket(elapsed)] += 1
+
+    def ready_seen(self, int status):
+        """Account a ReadyForQuery that Python read itself (statement pooling inspects 'Z')."""
+        self._ready_seen(<unsigned char>status)
+
+    def stop_timing(self):
+        """Forget running clocks (the client left): an unfinished transaction is not counted."""
+        self._xact_start_us = 0
+        self._query_start_us = 0
+
+    def timing_histograms(self):
+        """(transaction, query) counts per bucket of TIMING_BUCKETS_US, +Inf last; not cumulative."""
+        return (tuple([self._xact_buckets[i] for i in range(N_BUCKETS + 1)]),
+                tuple([self._query_buckets[i] for i in range(N_BUCKETS + 1)]))
 
     # -- configuration -------------------------------------------------------------------
 
@@ -350,16 +448,11 @@ cdef class Relay:
                         break
                     if avail < 6:
                         break
-                    self.ready_status = d[start + 5]
-                    self.ready_count += 1
-                    if self.ready_status == 73:  # 'I'
-                        self.idle_ready_count += 1
-                    if self.pending > 0:
-                        self.pending -= 1
+                    self._ready_seen(d[start + 5])
                     saw_ready = True
                 elif self.request_sink is not None and (t == 81 or t == 83 or t == 70):
                     # Query, Sync, FunctionCall: each is answered by one ReadyForQuery.
-                    self.request_sink.pending += 1
+                    self.request_sink._request_sent()
                 if avail >= total:
                     start += total
                 else:
@@ -440,6 +533,8 @@ def unlink_pair(Relay client not None, Relay server not None, bytes server_actio
     client.request_sink = None
     server._out = None
     server.writer = None
+    server._xact_start_us = 0
+    server._query_start_us = 0
     memcpy(server._actions, <const char*>server_actions, 256)
 
 

@@ -269,13 +269,9 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
             self._held_reply = None  # the refusal replaces the reply to BEGIN
         elif self._held_reply is not None:
             self._release_held_reply()
-        self.ready_status = status
-        self.ready_count += 1
-        if self.pending > 0:
-            self.pending -= 1
+        self.ready_seen(status)  # counts and timing, as the codec does for a passed 'Z'
         client = self.client
         if status == session.READY_IDLE:
-            self.idle_ready_count += 1
             client.transport.write(bytes(view))
             if not self.pending:
                 self.pool.release(client, self, reset=self.pool.reset_always)
