@@ -21,7 +21,7 @@ log = logging.getLogger("pgmulti")
 # Cancel keys' pid field: bits 24-30 carry the worker number (up to 128 workers).
 WORKER_SHIFT = 24
 
-SUPPORTED_AUTH_TYPES = ("any", "trust", "plain", "md5", "scram-sha-256")
+SUPPORTED_AUTH_TYPES = ("any", "trust", "plain", "md5", "scram-sha-256", "hba")
 
 
 def _names(value) -> set[str]:

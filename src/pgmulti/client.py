@@ -11,7 +11,7 @@ import ssl
 import time
 from typing import TYPE_CHECKING
 
-from . import auth, errors, prepared, protocol, session, tls
+from . import auth, errors, hba, prepared, protocol, session, tls
 from ._codec import Relay
 from .errors import PgError
 
@@ -390,11 +390,29 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
 
     async def _authenticate(self, secret: str | None) -> None:
         method = self.app.config.pgbouncer.auth_type
+        if method == "hba":
+            method = hba.method_for(self.app.config, unix=self.listener_kind == "unix",
+                                    address=str(self.addr[0]), tls=bool(self.tls),
+                                    database=self.database, user=self.user)
         if method == "any":
             return
         if method == "trust":
             if secret is None:
                 raise errors.no_such_user(self.user)
+            return
+        if method == "cert":
+            # Known users only (as PgBouncer); the name must be in the verified certificate.
+            ssl_object = self.transport.get_extra_info("ssl_object")
+            cert = ssl_object.getpeercert() if ssl_object is not None else None
+            if secret is None or not hba.certificate_matches(cert, self.user):
+                raise hba.certificate_failed(self.user)
+            return
+        if method == "peer":
+            peer = None
+            if self.listener_kind == "unix":
+                peer = hba.peer_user_name(self.transport.get_extra_info("socket"))
+            if secret is None or peer != self.user:
+                raise hba.peer_failed(self.user)
             return
         if secret is None:
             # Ask an unknown user for a password like a known one, so the answer does not
