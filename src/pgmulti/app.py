@@ -50,7 +50,8 @@ def preflight(config) -> None:
 class App:
     """Everything one pgmulti process serves."""
 
-    def __init__(self, config, config_path: str):
+    def __init__(self, config, config_path: str, userlist: dict[str, str] | None = None):
+        """userlist: the auth_file as a parent process read it before -u dropped privileges."""
         self.config = config
         self.config_path = config_path
         self.worker_index = 0            # this process's number among the workers
@@ -74,7 +75,10 @@ class App:
         self.prepared_registry = prepared.Registry()
         self.stopped = asyncio.get_running_loop().create_future()
         self._apply_config(config)
-        self.load_userlist()
+        if userlist is None:
+            self.load_userlist()
+        else:
+            self.userlist = userlist
 
     # -- configuration -------------------------------------------------------------------
 

@@ -120,16 +120,20 @@ def run_pooler(args: argparse.Namespace) -> int:
 
 def run_workers(config, config_path: str, run_as: str | None, count: int, relog) -> int:
     """Several worker processes behind the same sockets (pgmulti.supervisor)."""
+    import uvloop  # imported before -u drops privileges: the new user may not read it
+
     from .app import preflight
 
     preflight(config)  # fail here, once, rather than in every worker
     workers = supervisor.Supervisor(config, config_path, count, start_worker=None)
+    # Read now: after -u the new user may not be allowed to (as with PgBouncer).
+    userlist = read_userlist(config)
 
     def start_worker(index: int, sockets, control_dir: str) -> int:
-        import uvloop
         try:
             return uvloop.run(serve(config, config_path, None, relog=relog,
-                                    worker=(index, count, sockets, control_dir)))
+                                    worker=(index, count, sockets, control_dir),
+                                    userlist=userlist))
         except (OSError, ValueError) as exc:
             log.error("worker %d could not start: %s", index, exc)
             return 1
@@ -162,6 +166,19 @@ def run_workers(config, config_path: str, run_as: str | None, count: int, relog)
         log.info("pgmulti stopped")
 
 
+def read_userlist(config) -> dict[str, str]:
+    from . import auth
+
+    path = config.pgbouncer.auth_file
+    if not path:
+        return {}
+    try:
+        return auth.load_userlist(path)
+    except (OSError, auth.AuthFileError) as exc:
+        log.error("could not load auth_file: %s", exc)
+        return {}
+
+
 def daemonize() -> None:
     """Classic double fork so the pooler is not a session leader and has no terminal."""
     if os.fork():
@@ -181,18 +198,20 @@ def drop_privileges(user: str) -> None:
     os.setuid(entry.pw_uid)
 
 
-async def serve(config, config_path: str, run_as: str | None, relog=None, worker=None) -> int:
+async def serve(config, config_path: str, run_as: str | None, relog=None, worker=None,
+                userlist=None) -> int:
     """Run the pooler until it stops.
 
     relog(cfg), if given, re-applies the logging settings after a SIGHUP reload.
     systemd (Type=notify, when $NOTIFY_SOCKET is set) hears READY=1 once listening,
     RELOADING=1 / READY=1 around SIGHUP reloads and STOPPING=1 when shutdown starts.
     worker: (index, count, sockets, control directory) in a worker process; the parent then
-    owns the pid file, the privileges and systemd, and passes signals on to us.
+    owns the pid file, the privileges and systemd, and passes signals on to us; userlist is
+    the auth_file as the parent read it before dropping privileges.
     """
     from .app import App
 
-    app = App(config, config_path)
+    app = App(config, config_path, userlist)
     actions = signal_actions(app, relog)
     if worker is not None:
         index, count, sockets, control_dir = worker

@@ -113,8 +113,10 @@ class Supervisor:
         if pid == 0:
             try:
                 self._become_worker(index)
+            except BaseException:
+                log.exception("worker %d failed", index)
             finally:
-                os._exit(1)  # start_worker never returns normally
+                os._exit(1)  # _become_worker leaves through os._exit
         self.pids[pid] = index
         self.started_at[index] = time.monotonic()
         log.info("worker %d started, pid %d", index, pid)

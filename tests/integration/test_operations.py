@@ -222,8 +222,10 @@ def receive(sock: socket.socket) -> dict[str, str]:
     return dict(line.split("=", 1) for line in data.decode().split("\n") if line)
 
 
-def test_notify_ready_reloading_stopping(pg, notify_socket, pgmulti):
-    proc = pgmulti()
+@pytest.mark.parametrize("workers", [1, 2])
+def test_notify_ready_reloading_stopping(pg, notify_socket, pgmulti, workers):
+    """With workers, the parent speaks to systemd (NotifyAccess=main) and the workers never do."""
+    proc = pgmulti({"workers": workers})
     assert receive(notify_socket) == {"READY": "1"}
     assert proc.psql("SELECT 1", db="testdb").stdout.strip() == "1"
 

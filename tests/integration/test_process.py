@@ -296,9 +296,10 @@ def test_listen_on_ipv4_only_refuses_ipv6(pgmulti):
     assert refuses_connections("::1", proc.port, socket.AF_INET6)
 
 
-def test_daemon_mode(pgmulti):
-    proc = pgmulti({"logfile": "{tmp}/daemon.log", "pidfile": "{tmp}/daemon.pid"},
-                   args=("-d",), wait=False)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_daemon_mode(pgmulti, workers):
+    proc = pgmulti({"logfile": "{tmp}/daemon.log", "pidfile": "{tmp}/daemon.pid",
+                    "workers": workers}, args=("-d",), wait=False)
     pidfile = proc.workdir / "daemon.pid"
     logfile = proc.workdir / "daemon.log"
     assert proc.wait(10) == 0  # the foreground process returns at once
@@ -314,8 +315,10 @@ def test_daemon_mode(pgmulti):
         assert os.getsid(daemon_pid) != os.getsid(0)
         assert os.readlink(f"/proc/{daemon_pid}/fd/1") == os.devnull
         assert "started" in logfile.read_text()
+        tree = process_tree(daemon_pid)
+        assert len(tree) == (1 if workers == 1 else 1 + workers)
         os.kill(daemon_pid, signal.SIGTERM)
-        wait_for(lambda: not pid_alive(daemon_pid), 10, "the daemon to exit")
+        wait_for(lambda: not any(pid_alive(pid) for pid in tree), 10, "the daemon to exit")
         assert not pidfile.exists()
         assert "pgmulti stopped" in logfile.read_text()
     finally:
@@ -444,23 +447,29 @@ def show_state(proc) -> dict[str, str]:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
-def test_dash_u_switches_to_the_given_user(pgmulti):
-    proc = pgmulti(args=("-u", "postgres"))
-    uid = {line.split(":")[0]: line.split()[1] for line in
-           Path(f"/proc/{proc.pid}/status").read_text().splitlines() if line.startswith("Uid")}
-    assert int(uid["Uid"]) == pwd.getpwnam("postgres").pw_uid
-    assert proc.psql("SELECT 1", db="testdb").stdout.strip() == "1"
+@pytest.mark.parametrize("workers", [1, 2])
+def test_dash_u_switches_to_the_given_user(pgmulti, workers):
+    proc = pgmulti({"workers": workers}, args=("-u", "postgres"))
+    for pid in process_tree(proc.pid):  # the parent and every worker
+        uid = {line.split(":")[0]: line.split()[1] for line in
+               Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("Uid")}
+        assert int(uid["Uid"]) == pwd.getpwnam("postgres").pw_uid
+    for _ in range(4):  # whichever worker answers
+        assert proc.psql("SELECT 1", db="testdb").stdout.strip() == "1"
+    with console(proc) as admin:  # the workers reach each other's control sockets
+        assert admin.execute("SHOW POOLS").fetchall()
 
 
-def test_so_reuseport_rolling_restart_loses_no_transaction(pgmulti, pg):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_so_reuseport_rolling_restart_loses_no_transaction(pgmulti, pg, workers):
     """A new pgmulti on the same port, then SIGTERM to the old one: the old one serves its
     clients to the end, new connections reach the new one, no transaction fails.
 
     (Connections that are in the old listener's accept queue at the very moment it closes
     are reset by Linux unless net.ipv4.tcp_migrate_req = 1, so pgbench keeps its
     connections here rather than reconnecting per transaction.)"""
-    old = pgmulti({"so_reuseport": 1})
-    new = pgmulti({"so_reuseport": 1}, port=old.port)  # both listen on one port
+    old = pgmulti({"so_reuseport": 1, "workers": workers})
+    new = pgmulti({"so_reuseport": 1, "workers": workers}, port=old.port)  # both listen on one port
     env = clean_env()
     init = subprocess.run(["pgbench", "-i", "-q", "-s", "1", "-h", "127.0.0.1", "-p",
                            str(pg.port), "-U", "postgres", "testdb"],

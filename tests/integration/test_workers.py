@@ -154,9 +154,14 @@ def test_console_commands_reach_every_worker(workers):
             conn.close()
 
 
-def test_cancel_reaches_the_worker_that_owns_the_client(workers):
+def sleeping_backends(pg) -> int:
+    return int(pg.psql("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+                       "AND query = 'SELECT pg_sleep(20)'").strip())
+
+
+def test_cancel_reaches_the_worker_that_owns_the_client(workers, pg):
     """A CancelRequest is a new connection: the kernel may give it to any worker."""
-    proxy = workers(pool_mode="session")
+    proxy = workers()  # transaction pooling: each query gets a server, however many clients
     conns = connections_in_every_worker(proxy)
     try:
         for conn in conns[:10]:
@@ -171,7 +176,7 @@ def test_cancel_reaches_the_worker_that_owns_the_client(workers):
             thread = threading.Thread(target=sleep)
             started = time.monotonic()
             thread.start()
-            time.sleep(0.3)
+            wait_for(lambda: sleeping_backends(pg) == 1, 10, "the query to run")
             conn.cancel_safe(timeout=5)
             thread.join(10)
             assert not thread.is_alive() and errors, "the query was not cancelled"
