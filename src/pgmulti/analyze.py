@@ -1,7 +1,7 @@
 """Protocol analyzer: relay sessions to a PostgreSQL server and print every message decoded.
 
 `pgmulti analyze --listen HOST:PORT --target HOST:PORT [--json] [--output FILE]
-[--tls-cert FILE --tls-key FILE [--target-ca FILE]]`
+[--tls-cert FILE --tls-key FILE [--target-ca FILE] [--target-sslmode MODE]]`
 
 Bytes are forwarded unchanged the moment they are read; decoding works on a copy. Each
 direction has a small incremental framer that keeps at most PREFIX_MAX bytes of a message
@@ -11,6 +11,20 @@ reported with its full length and a decoded prefix.
 The only bytes the analyzer writes itself are the answers to the client's SSLRequest and
 GSSENCRequest: 'N' (or 'S' when it terminates TLS with --tls-cert), so that the session goes on
 in a form that can be read. Both are recorded with `origin: analyzer`.
+
+One message can be rewritten, and the output says so (a `Rewrite` event per session): when
+the analyzer terminates TLS and its server leg is TLS with another certificate than the
+analyzer's, SCRAM-SHA-256-PLUS is removed from the AuthenticationSASL mechanisms the client
+receives. Channel binding ties SCRAM to the server's certificate, which the client does not
+see through a TLS-terminating relay, so PLUS can never succeed there; without it the client
+picks SCRAM-SHA-256. A client that supports binding then sends the gs2 flag 'y' ("I could
+bind, you did not offer it"), which PostgreSQL refuses on a TLS connection because it did
+offer PLUS: the flag cannot be changed either, as it is inside the signed SCRAM exchange.
+So through a TLS server leg only clients with channel_binding=disable log in with SCRAM
+(require fails at the client: no binding offered). Two ways keep binding working unchanged:
+give the analyzer the server's own certificate and key (--tls-cert/--tls-key; the binding
+then matches and nothing is rewritten), or use a plain server leg (--target-sslmode disable:
+PostgreSQL offers no PLUS without TLS and accepts 'y').
 
 The decoders are pure functions (`decode(direction, msg_type, body)`); secrets are never
 shown: password messages, SASL/SCRAM attribute values, the MD5 salt and cancel keys are
@@ -44,6 +58,8 @@ TEXT_FIELDS_MAX = 600       # text output: characters of the fields part of a li
 STARTUP_MAX = 10000         # PostgreSQL's MAX_STARTUP_PACKET_LENGTH
 PENDING_MAX = 256 * 1024    # client bytes buffered while the server connection opens
 CONNECT_TIMEOUT_S = 10.0
+AUTH_SCAN_MAX = 8192        # login messages held whole while looking for AuthenticationSASL
+SCRAM_PLUS = "SCRAM-SHA-256-PLUS"
 TLS_HANDSHAKE_TIMEOUT_S = 10.0
 
 CLIENT = "client"
@@ -915,6 +931,7 @@ class Settings(msgspec.Struct, frozen=True):
     tls_cert: str | None = None
     tls_key: str | None = None
     target_ca: str | None = None
+    target_sslmode: str = "prefer"  # server leg when the client's is TLS: disable/prefer/require
 
 
 def make_tls_contexts(settings: Settings) -> tuple[ssl.SSLContext, ssl.SSLContext] | None:
@@ -939,6 +956,22 @@ def make_tls_contexts(settings: Settings) -> tuple[ssl.SSLContext, ssl.SSLContex
     return client_leg, server_leg
 
 
+def leaf_certificate_der(cert_file: str | None) -> bytes | None:
+    """The first certificate of a PEM file as DER (what a TLS peer of ours receives)."""
+    if not cert_file:
+        return None
+    try:
+        with open(cert_file) as handle:
+            pem = handle.read()
+        end = pem.find(PEM_END)
+        return ssl.PEM_cert_to_DER_cert(pem[:end + len(PEM_END)] if end >= 0 else pem)
+    except (OSError, ValueError):
+        return None
+
+
+PEM_END = "-----END CERTIFICATE-----"
+
+
 class Analyzer:
     """Accepts clients, opens a server connection per session, owns the output."""
 
@@ -950,6 +983,9 @@ class Analyzer:
         self._ids = itertools.count(1)
         # (context for the client leg, context for the server leg), or None: TLS refused.
         self.client_tls, self.server_tls = tls if tls is not None else (None, None)
+        # Channel binding (tls-server-end-point) hashes the server certificate the client
+        # sees: it survives the relay only if that is the server's own certificate.
+        self.own_certificate = leaf_certificate_der(settings.tls_cert)
 
     def new_client(self) -> ClientSide:
         session = Session(self, next(self._ids))
@@ -977,6 +1013,9 @@ class Session:
         self.ended = False
         self.bytes = {CLIENT: 0, SERVER: 0}
         self._now = 0.0
+        self.strip_scram_plus = False   # see the module docstring: the one rewrite
+        self.scram_plus_stripped: list[str] | None = None  # the mechanisms the client got
+        self.copy_data = {CLIENT: [0, 0], SERVER: [0, 0]}  # CopyData messages, bytes
 
     # -- recording --
 
@@ -998,8 +1037,38 @@ class Session:
         fields = decoded["fields"]
         if extra:
             fields.update(extra)
+        self._copy_totals(direction, decoded["type"], fields)
         self.event(direction, decoded["type"], fields, length, self._now)
+        if decoded["type"] == "AuthenticationSASL" and self.scram_plus_stripped is not None:
+            # ServerSide removed PLUS from these very bytes before the framer saw them.
+            self.event(ANALYZER, "Rewrite", {
+                "message": "AuthenticationSASL", "removed": SCRAM_PLUS,
+                "sent_to_client": self.scram_plus_stripped,
+                "reason": "channel binding cannot pass a TLS-terminating relay whose "
+                          "certificate differs from the server's"}, ts=self._now)
+        elif (decoded["type"] == "SASLInitialResponse" and self.scram_plus_stripped is not None
+                and fields.get("channel_binding") == "y"):
+            self.event(ANALYZER, "Note", {
+                "note": "the client supports channel binding (gs2 flag 'y') and PostgreSQL, "
+                        "which offered SCRAM-SHA-256-PLUS over its TLS connection, will "
+                        "refuse that; use channel_binding=disable, the server's own "
+                        "certificate for --tls-cert, or --target-sslmode disable"},
+                ts=self._now)
         return decoded
+
+    def _copy_totals(self, direction: str, name: str, fields: dict[str, Any]) -> None:
+        """CopyData sizes add up per direction; CopyDone and CopyFail show the totals."""
+        if name == "CopyData":
+            totals = self.copy_data[direction]
+            totals[0] += 1
+            totals[1] += fields.get("size", 0)
+        elif name in ("CopyDone", "CopyFail"):
+            count, size = self.copy_data[direction]
+            fields["data_messages"] = count
+            fields["data_bytes"] = size
+            self.copy_data[direction] = [0, 0]
+        elif name in ("CopyInResponse", "CopyOutResponse", "CopyBothResponse"):
+            self.copy_data = {CLIENT: [0, 0], SERVER: [0, 0]}
 
     def client_message(self, msg_type: int, length: int, body: bytes) -> None:
         self.message(CLIENT, msg_type, length, body)
@@ -1041,7 +1110,7 @@ class Session:
             else:
                 connect = loop.create_unix_connection(lambda: server, settings.target_host)
             await asyncio.wait_for(connect, CONNECT_TIMEOUT_S)
-            if self.client_tls:
+            if self.client_tls and settings.target_sslmode != "disable":
                 await self._server_tls(server)
         except asyncio.CancelledError:
             raise
@@ -1073,6 +1142,8 @@ class Session:
         answer = await asyncio.wait_for(server.answer, CONNECT_TIMEOUT_S)
         self.event(SERVER, "SSLResponse", {"answer": answer}, None)
         if answer == "N":
+            if self.analyzer.settings.target_sslmode == "require":
+                raise ConnectionError("the target has no TLS (--target-sslmode require)")
             return  # the server has no TLS: this leg stays plain (recorded above)
         if answer != "S":
             raise ConnectionError(f"unexpected answer to SSLRequest: {answer!r}")
@@ -1082,6 +1153,11 @@ class Session:
         server.transport = transport
         server.tls = True
         self.event(ANALYZER, "TLSHandshake", _tls_fields(SERVER, transport))
+        ssl_object = transport.get_extra_info("ssl_object")
+        server_certificate = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+        self.strip_scram_plus = server_certificate != self.analyzer.own_certificate
+        if self.strip_scram_plus:
+            server.auth_scan = bytearray()
 
     def _refuse_client(self, text: str) -> None:
         """The target cannot be reached: tell a client waiting for its login, then close."""
@@ -1314,6 +1390,9 @@ class ServerSide(_Side):
         self.answer: asyncio.Future | None = None
         self.early: list[bytes] = []  # bytes the server sent before the session was set up
         self.framer = Framer(session.server_message, self._framing_error)
+        # While not None: the login's messages are held until whole, to remove
+        # SCRAM-SHA-256-PLUS from AuthenticationSASL (see Session.strip_scram_plus).
+        self.auth_scan: bytearray | None = None
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -1356,10 +1435,53 @@ class ServerSide(_Side):
         self.relay(data)
 
     def relay(self, data: bytes) -> None:
-        client = self.session.client
-        if not client.closed:
-            client.transport.write(data)
-        self.framer.feed(data)
+        session = self.session
+        client = session.client
+        out = data if self.auth_scan is None else self._scan_login(data)
+        if out and not client.closed:
+            client.transport.write(out)
+        self.framer.feed(data)  # the record shows what the server sent
+
+    def _scan_login(self, data: bytes) -> bytes:
+        """Whole login messages, AuthenticationSASL without PLUS; scanning ends at the
+        first Authentication or ErrorResponse (or anything unexpected)."""
+        buf = self.auth_scan
+        buf += data
+        out = bytearray()
+        done = False
+        while len(buf) >= 5:
+            length = int.from_bytes(buf[1:5], "big")
+            if length < 4 or length > AUTH_SCAN_MAX:
+                done = True  # not a login message we can handle: pass it on untouched
+                break
+            if len(buf) < 1 + length:
+                break
+            message = bytes(buf[:1 + length])
+            del buf[:1 + length]
+            if message[0] == protocol.AUTHENTICATION:
+                message = self._without_scram_plus(message)
+                done = True
+            elif message[0] != protocol.NEGOTIATE_PROTOCOL_VERSION:
+                done = True
+            out += message
+            if done:
+                break
+        if done or len(buf) > AUTH_SCAN_MAX:
+            out += buf
+            self.auth_scan = None
+        return bytes(out)
+
+    def _without_scram_plus(self, message: bytes) -> bytes:
+        code = int.from_bytes(message[5:9], "big") if len(message) >= 9 else -1
+        if code != protocol.AUTH_SASL:
+            return message
+        mechanisms = [name for name in message[9:].split(b"\0") if name]
+        kept = [name for name in mechanisms if name != SCRAM_PLUS.encode()]
+        if len(kept) == len(mechanisms):
+            return message
+        sent = [name.decode("utf-8", "replace") for name in kept]
+        self.session.scram_plus_stripped = sent
+        return protocol.auth_sasl(sent)
 
 
 # --- command line -------------------------------------------------------------------------
@@ -1392,7 +1514,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pgmulti analyze",
         description="Relay PostgreSQL sessions to a server and print every message of both "
-                    "directions decoded (secrets redacted). Traffic is forwarded unchanged.")
+                    "directions decoded (secrets redacted). Traffic is forwarded unchanged, "
+                    "with one exception when TLS is terminated (see --tls-cert).")
     parser.add_argument("--listen", required=True, metavar="HOST:PORT",
                         help="address to accept clients on ('*:PORT' for all interfaces)")
     parser.add_argument("--target", required=True, metavar="HOST:PORT",
@@ -1402,12 +1525,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", metavar="FILE", help="write to FILE instead of stdout")
     parser.add_argument("--tls-cert", metavar="FILE",
                         help="terminate TLS: answer the client's SSLRequest with 'S' and use this "
-                             "certificate (PEM); the server leg then asks the target for TLS")
+                             "certificate (PEM); the server leg then asks the target for TLS. "
+                             "If the target's certificate is another one, SCRAM channel "
+                             "binding cannot work: SCRAM-SHA-256-PLUS is removed from the "
+                             "mechanisms sent to the client (a Rewrite line says so) and "
+                             "libpq clients need channel_binding=disable. With the server's "
+                             "own certificate and key nothing is rewritten and binding works")
     parser.add_argument("--tls-key", metavar="FILE",
                         help="private key for --tls-cert (default: in the certificate file)")
     parser.add_argument("--target-ca", metavar="FILE",
                         help="verify the target's certificate against this CA (verify-ca); "
                              "without it the target's certificate is not checked")
+    parser.add_argument("--target-sslmode", choices=("disable", "prefer", "require"),
+                        default="prefer",
+                        help="server leg of a TLS client session: prefer (TLS if the target "
+                             "has it, the default), require, or disable (plain: PostgreSQL "
+                             "then offers no SCRAM-SHA-256-PLUS and clients keep their "
+                             "default channel_binding=prefer)")
     return parser
 
 
@@ -1427,9 +1561,12 @@ def settings_from_args(argv: list[str]) -> Settings:
         parser.error("--tls-key needs --tls-cert")
     if args.target_ca and not args.tls_cert:
         parser.error("--target-ca needs --tls-cert (the server leg uses TLS when the client's does)")
+    if args.target_sslmode != "prefer" and not args.tls_cert:
+        parser.error("--target-sslmode needs --tls-cert (without it the server leg is plain)")
     return Settings(listen_host=listen_host, listen_port=listen_port, target_host=target_host,
                     target_port=target_port, json_lines=args.json, output=args.output,
-                    tls_cert=args.tls_cert, tls_key=args.tls_key, target_ca=args.target_ca)
+                    tls_cert=args.tls_cert, tls_key=args.tls_key, target_ca=args.target_ca,
+                    target_sslmode=args.target_sslmode)
 
 
 async def serve(settings: Settings, output: Output,

@@ -575,8 +575,12 @@ def make_certificate(directory: Path, name: str) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def ssl_pg() -> Iterator[tuple[Cluster, Path]]:
-    """A PostgreSQL cluster with ssl = on (trust auth), and its certificate."""
-    cluster = Cluster(tempfile.mkdtemp(prefix="pgmulti-ssl-pg-"), auth_setup=False)
+    """A PostgreSQL cluster with ssl = on and its certificate (the key is next to it, .key).
+
+    The test roles log in as on the `pg` cluster: scramuser with scram-sha-256, postgres
+    trusted.
+    """
+    cluster = Cluster(tempfile.mkdtemp(prefix="pgmulti-ssl-pg-"))
     try:
         cluster.init()
         cert, key = make_certificate(cluster.base_dir, "server")
@@ -585,7 +589,7 @@ def ssl_pg() -> Iterator[tuple[Cluster, Path]]:
         with open(cluster.data_dir / "postgresql.conf", "a") as conf:
             conf.write(f"\nssl = on\nssl_cert_file = '{cert}'\nssl_key_file = '{key}'\n")
         cluster.start()
-        cluster.psql("CREATE DATABASE testdb")
+        cluster.create_test_roles()
     except BaseException:
         cluster.destroy()
         raise
@@ -674,3 +678,111 @@ def test_tls_target_certificate_checked(analyzer, ssl_pg, tmp_path):
     assert proc.stop() == 0
     failed = find(proc.records(), "analyzer", "ServerConnectFailed")
     assert "certificate" in failed["fields"]["error"].lower()
+
+
+# --- SCRAM channel binding through a TLS-terminating analyzer ---
+
+
+def scram_login(proc, channel_binding: str, **params) -> str:
+    """psycopg as scramuser over TLS; the current_user, or the login error's text."""
+    dsn = proc.dsn(user="scramuser", password="scrampass", sslmode="require",
+                   channel_binding=channel_binding, gssencmode="disable", **params)
+    try:
+        with psycopg.connect(dsn, connect_timeout=CONNECT_TIMEOUT_S) as conn:
+            return conn.execute("select current_user").fetchone()[0]
+    except psycopg.OperationalError as exc:
+        return f"error: {exc}"
+
+
+def test_scram_plus_removed_when_the_analyzer_has_its_own_certificate(analyzer, ssl_pg,
+                                                                         tmp_path):
+    cluster, server_cert = ssl_pg
+    cert, key = make_certificate(tmp_path, "analyzer")
+    proc = analyzer("--tls-cert", str(cert), "--tls-key", str(key),
+                    target=f"127.0.0.1:{cluster.port}")
+    # Without binding, SCRAM works through the relay.
+    assert scram_login(proc, "disable") == "scramuser"
+    # require: no PLUS offered any more, so libpq itself refuses, before any password.
+    required = scram_login(proc, "require")
+    assert "channel binding is required, but server did not offer an authentication " \
+           "method that supports channel binding" in required
+    # prefer: libpq sends 'y', which PostgreSQL refuses because it offered PLUS over TLS.
+    preferred = scram_login(proc, "prefer")
+    assert "SCRAM channel binding negotiation error" in preferred
+    # psql, with libpq's default channel_binding (prefer) and disable.
+    result = psql(cluster, proc.port, "-A", "-t", "-U", "scramuser", "-c", "select 1",
+                  env={"PGSSLMODE": "require", "PGPASSWORD": "scrampass",
+                       "PGCHANNELBINDING": "disable"})
+    assert (result.returncode, result.stdout.strip()) == (0, "1"), result.stderr
+    assert proc.stop() == 0
+
+    records = proc.records()
+    assert "scrampass" not in proc.text()
+    sessions = by_session(records)
+    for number in sorted(sessions):
+        session = sessions[number]
+        if not any(r["type"] == "SASLInitialResponse" for r in session):
+            continue  # 'require' never got that far
+        # The record shows what the server offered; one Rewrite line says what the client got.
+        sasl = find(session, "server", "AuthenticationSASL")
+        assert sasl["fields"]["mechanisms"] == ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]
+        rewrites = [r for r in session if r["type"] == "Rewrite"]
+        assert len(rewrites) == 1
+        assert rewrites[0]["fields"]["removed"] == "SCRAM-SHA-256-PLUS"
+        assert rewrites[0]["fields"]["sent_to_client"] == ["SCRAM-SHA-256"]
+        assert session.index(rewrites[0]) == session.index(sasl) + 1
+    flags = [find(session, "client", "SASLInitialResponse")["fields"]["channel_binding"]
+             for session in sessions.values()
+             if any(r["type"] == "SASLInitialResponse" for r in session)]
+    assert flags == ["n", "y", "n"]
+    refused = next(session for session in sessions.values()
+                   if any(r["type"] == "Note" for r in session))
+    assert "gs2 flag 'y'" in find(refused, "analyzer", "Note")["fields"]["note"]
+    assert find(refused, "server", "ErrorResponse")["fields"]["message"] == \
+        "SCRAM channel binding negotiation error"
+    # The session 'require' ended at the client, after the (rewritten) mechanism list.
+    early = sessions[2]
+    assert [r["type"] for r in messages(early)][-1] == "AuthenticationSASL"
+    find(early, "analyzer", "Rewrite")
+
+
+def test_scram_plus_passes_with_the_servers_own_certificate(analyzer, ssl_pg):
+    cluster, server_cert = ssl_pg
+    proc = analyzer("--tls-cert", str(server_cert), "--tls-key",
+                    str(server_cert.with_suffix(".key")), target=f"127.0.0.1:{cluster.port}")
+    assert scram_login(proc, "require") == "scramuser"
+    assert scram_login(proc, "prefer") == "scramuser"
+    assert proc.stop() == 0
+    records = proc.records()
+    assert not [r for r in records if r["type"] in ("Rewrite", "Note")]
+    initial = [r["fields"] for r in records if r["type"] == "SASLInitialResponse"]
+    assert [(f["mechanism"], f["channel_binding"]) for f in initial] == [
+        ("SCRAM-SHA-256-PLUS", "p=tls-server-end-point")] * 2
+    assert len([r for r in records if r["type"] == "AuthenticationOk"]) == 2
+
+
+def test_plain_server_leg_keeps_default_channel_binding_working(analyzer, ssl_pg, tmp_path):
+    cluster, _ = ssl_pg
+    cert, key = make_certificate(tmp_path, "analyzer")
+    proc = analyzer("--tls-cert", str(cert), "--tls-key", str(key), "--target-sslmode",
+                    "disable", target=f"127.0.0.1:{cluster.port}")
+    assert scram_login(proc, "prefer") == "scramuser"
+    assert "channel binding is required" in scram_login(proc, "require")
+    assert proc.stop() == 0
+    records = proc.records()
+    assert find(records, "analyzer", "ServerConnected")["fields"]["tls"] is False
+    assert find(records, "server", "AuthenticationSASL")["fields"]["mechanisms"] == [
+        "SCRAM-SHA-256"]
+    assert find(records, "client", "SASLInitialResponse")["fields"]["channel_binding"] == "y"
+    assert not [r for r in records if r["type"] == "Rewrite"]
+
+
+def test_target_sslmode_require_refuses_a_plain_target(analyzer, pg, tmp_path):
+    cert, key = make_certificate(tmp_path, "analyzer")
+    proc = analyzer("--tls-cert", str(cert), "--tls-key", str(key), "--target-sslmode",
+                    "require")
+    result = psql(pg, proc.port, "-c", "select 1", env={"PGSSLMODE": "require"})
+    assert result.returncode != 0 and "has no TLS" in result.stderr
+    assert proc.stop() == 0
+    failed = find(proc.records(), "analyzer", "ServerConnectFailed")
+    assert "--target-sslmode require" in failed["fields"]["error"]

@@ -10,7 +10,6 @@ import struct
 import subprocess
 import tempfile
 import time
-from pathlib import Path
 
 import psycopg
 import pytest

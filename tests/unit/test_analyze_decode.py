@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 
@@ -12,11 +13,18 @@ from hypothesis import strategies as st
 
 from pgmulti import protocol
 from pgmulti.analyze import (
+    CLIENT,
     PREFIX_MAX,
+    SERVER,
     VALUE_MAX,
+    Analyzer,
     DecodeContext,
     Framer,
+    Output,
     Record,
+    ServerSide,
+    Session,
+    Settings,
     decode,
     format_text,
     parse_address,
@@ -738,14 +746,216 @@ def test_settings_from_args():
     assert s.json_lines and s.output == "out.jsonl" and s.tls_cert is None
     s = settings_from_args(["--listen", "7000", "--target", "/run/pg/.s.PGSQL.5432"])
     assert (s.target_host, s.target_port) == ("/run/pg/.s.PGSQL.5432", 0)
+    assert s.target_sslmode == "prefer"
+    s = settings_from_args(["--listen", "7000", "--target", "h:1", "--tls-cert", "c.pem",
+                            "--target-sslmode", "disable"])
+    assert (s.tls_cert, s.target_sslmode) == ("c.pem", "disable")
 
 
 @pytest.mark.parametrize("argv", [
     [], ["--listen", "1:2"], ["--listen", "nope", "--target", "h:1"],
     ["--listen", "1", "--target", "h:1", "--tls-key", "k"],
     ["--listen", "1", "--target", "h:1", "--target-ca", "ca"],
+    ["--listen", "1", "--target", "h:1", "--target-sslmode", "disable"],
+    ["--listen", "1", "--target", "h:1", "--tls-cert", "c", "--target-sslmode", "allow"],
 ])
 def test_settings_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         settings_from_args(argv)
     assert exc.value.code == 2
+
+
+# --- a scripted session, decoded end to end ---------------------------------------------------
+
+
+class _Transport:
+    def __init__(self):
+        self.written = bytearray()
+
+    def write(self, data) -> None:
+        self.written += data
+
+
+def new_session() -> tuple[Session, io.BytesIO]:
+    stream = io.BytesIO()
+    analyzer = Analyzer(Settings(listen_host=None, listen_port=1, target_host="h",
+                                 target_port=2, json_lines=True), Output(stream, True))
+    session = Session(analyzer, 7)
+    session.client.transport = _Transport()
+    return session, stream
+
+
+def recorded(stream: io.BytesIO) -> list[tuple[str, str, int | None, dict]]:
+    return [(r["direction"], r["type"], r["length"], r["fields"])
+            for r in map(json.loads, stream.getvalue().decode().splitlines())]
+
+
+def typed(t: str, payload: bytes) -> bytes:
+    return t.encode() + be32(4 + len(payload)) + payload
+
+
+def startup_packet(params: dict[str, str]) -> bytes:
+    payload = be32(3 << 16) + b"".join(cstr(k) + cstr(v) for k, v in params.items()) + b"\0"
+    return be32(4 + len(payload)) + payload
+
+
+def test_scripted_session_decodes_to_the_expected_messages():
+    """Both directions of a whole session, fed in awkward pieces, read back as records."""
+    session, stream = new_session()
+    client_stream = [
+        startup_packet({"user": "alice", "database": "shop", "application_name": "script"}),
+        protocol.sasl_initial_response("SCRAM-SHA-256", f"n,,n=,r=nonce{SECRET}".encode()),
+        protocol.password_message(f"c=biws,r=nonce{SECRET}xyz,p=proof{SECRET}".encode()),
+        protocol.query("select id, name from items"),
+        typed("P", cstr("s1") + cstr("select $1::int4, $2::bytea") + be16(2) + be32(23)
+              + be32(17)),
+        typed("B", bind("", "s1", (0, 1), (b"42", b"\x00\x01" * 40), (1, 0))),
+        typed("E", cstr("") + be32(0)),
+        typed("S", b""),
+        protocol.query("copy items from stdin"),
+        typed("d", b"1\tone\n"), typed("d", b"2\ttwo\n3\tthree\n"), typed("c", b""),
+        typed("X", b""),
+    ]
+    server_stream = [
+        protocol.auth_sasl(["SCRAM-SHA-256"]),
+        protocol.authentication(protocol.AUTH_SASL_CONTINUE,
+                                f"r=nonce{SECRET}xyz,s=c2FsdA==,i=4096".encode()),
+        protocol.authentication(protocol.AUTH_SASL_FINAL, f"v=sig{SECRET}".encode()),
+        protocol.authentication(protocol.AUTH_OK),
+        protocol.parameter_status("server_version", "15.8"),
+        protocol.backend_key_data(4242, 99),
+        protocol.ready_for_query("I"),
+        protocol.row_description([("id", 23), ("name", 25)]),
+        protocol.data_row(["1", None]),
+        protocol.command_complete("SELECT 1"),
+        protocol.ready_for_query("I"),
+        typed("1", b""), typed("2", b""),
+        protocol.data_row([b"\x00\x00\x00\x2a", b"x" * 100]),
+        protocol.command_complete("SELECT 1"),
+        protocol.ready_for_query("T"),
+        typed("G", b"\x00" + be16(2) + be16(0) + be16(0)),
+        protocol.error_response("ERROR", "22P02", "invalid input syntax for type integer",
+                                "detail here", "hint here"),
+        protocol.ready_for_query("E"),
+    ]
+    client_framer = Framer(session.client_message)
+    server_framer = Framer(session.server_message)
+    # The startup packet as ClientSide hands it over, then the rest in 3-byte pieces.
+    first = client_stream[0]
+    session.message(CLIENT, 0, len(first), first[4:])
+    order = [(SERVER, 0, 1), (CLIENT, 1, 2), (SERVER, 1, 2), (CLIENT, 2, 3), (SERVER, 2, 7),
+             (CLIENT, 3, 4), (SERVER, 7, 11), (CLIENT, 4, 8), (SERVER, 11, 16), (CLIENT, 8, 9),
+             (SERVER, 16, 17), (CLIENT, 9, 12), (SERVER, 17, 19), (CLIENT, 12, 13)]
+    for direction, start, end in order:
+        data = b"".join((client_stream if direction == CLIENT else server_stream)[start:end])
+        framer = client_framer if direction == CLIENT else server_framer
+        for pos in range(0, len(data), 3):
+            framer.feed(data[pos:pos + 3])
+    got = recorded(stream)
+    assert SECRET not in stream.getvalue().decode()
+    expected = [
+        ("client", "StartupMessage", 58, {"protocol": "3.0", "params": {
+            "user": "alice", "database": "shop", "application_name": "script"}}),
+        ("server", "AuthenticationSASL", 23, {"mechanisms": ["SCRAM-SHA-256"]}),
+        ("client", "SASLInitialResponse", 46, {
+            "mechanism": "SCRAM-SHA-256", "channel_binding": "n", "authzid": "none",
+            "attributes": ["n", "r"], "data": "<redacted> (24 bytes)"}),
+        ("server", "AuthenticationSASLContinue", 47, {
+            "attributes": ["r", "s", "i"], "data": "<redacted> (39 bytes)"}),
+        ("client", "SASLResponse", 51, {"attributes": ["c", "r", "p"],
+                                        "data": "<redacted> (47 bytes)"}),
+        ("server", "AuthenticationSASLFinal", 24, {"attributes": ["v"],
+                                                   "data": "<redacted> (16 bytes)"}),
+        ("server", "AuthenticationOk", 8, {}),
+        ("server", "ParameterStatus", 24, {"name": "server_version", "value": "15.8"}),
+        ("server", "BackendKeyData", 12, {"pid": 4242, "key": "<redacted> (4 bytes)"}),
+        ("server", "ReadyForQuery", 5, {"status": "idle"}),
+        ("client", "Query", 31, {"query": "select id, name from items"}),
+        ("server", "RowDescription", 50, {"columns": [
+            {"name": "id", "type": "int4", "type_oid": 23, "table_oid": 0, "column": 0,
+             "size": -1, "typmod": -1, "format": "text"},
+            {"name": "name", "type": "text", "type_oid": 25, "table_oid": 0, "column": 0,
+             "size": -1, "typmod": -1, "format": "text"}]}),
+        ("server", "DataRow", 15, {"values": ["1", None]}),
+        ("server", "CommandComplete", 13, {"tag": "SELECT 1"}),
+        ("server", "ReadyForQuery", 5, {"status": "idle"}),
+        ("client", "Parse", 44, {"statement": "s1", "query": "select $1::int4, $2::bytea",
+                                 "param_types": ["int4", "bytea"]}),
+        ("client", "Bind", 112, {"portal": "", "statement": "s1",
+                                 "param_formats": ["text", "binary"],
+                                 "params": ["42", "\\x" + "0001" * 16 + "… [80 bytes]"],
+                                 "result_formats": ["binary", "text"]}),
+        ("client", "Execute", 9, {"portal": "", "max_rows": 0}),
+        ("client", "Sync", 4, {}),
+        ("server", "ParseComplete", 4, {}),
+        ("server", "BindComplete", 4, {}),
+        # Bind asked for a binary first column: shown as hex, the text one as text.
+        ("server", "DataRow", 118, {"values": ["\\x0000002a", "x" * 64 + "… [100 bytes]"]}),
+        ("server", "CommandComplete", 13, {"tag": "SELECT 1"}),
+        ("server", "ReadyForQuery", 5, {"status": "in transaction"}),
+        ("client", "Query", 26, {"query": "copy items from stdin"}),
+        ("server", "CopyInResponse", 11, {"format": "text", "column_formats": ["text", "text"]}),
+        ("client", "CopyData", 10, {"size": 6}),
+        ("client", "CopyData", 18, {"size": 14}),
+        ("client", "CopyDone", 4, {"data_messages": 2, "data_bytes": 20}),
+        ("server", "ErrorResponse", 89, {
+            "severity": "ERROR", "severity_nonlocalized": "ERROR", "code": "22P02",
+            "message": "invalid input syntax for type integer", "detail": "detail here",
+            "hint": "hint here"}),
+        ("server", "ReadyForQuery", 5, {"status": "failed"}),
+        ("client", "Terminate", 4, {}),
+    ]
+    assert got == expected
+
+
+def _strip_session(split: int | None):
+    session, stream = new_session()
+    session.strip_scram_plus = True
+    server = ServerSide(session)
+    server.auth_scan = bytearray()
+    login = (typed("v", be32(0) + be32(0))
+             + protocol.auth_sasl(["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"])
+             + protocol.authentication(protocol.AUTH_SASL_CONTINUE, b"r=x,s=c2FsdA==,i=1")
+             + protocol.ready_for_query("I"))
+    pieces = [login] if split is None else [login[:split], login[split:]]
+    for piece in pieces:
+        server.relay(piece)
+    return session, server, stream, login
+
+
+@pytest.mark.parametrize("split", range(0, 72, 1))
+def test_scram_plus_removed_from_what_the_client_receives(split):
+    session, server, stream, login = _strip_session(split)
+    plus = protocol.auth_sasl(["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"])
+    assert bytes(session.client.transport.written) == login.replace(
+        plus, protocol.auth_sasl(["SCRAM-SHA-256"]))
+    assert server.auth_scan is None  # the rest of the session passes untouched
+    got = recorded(stream)
+    assert [t for _, t, _, _ in got] == [
+        "NegotiateProtocolVersion", "AuthenticationSASL", "Rewrite",
+        "AuthenticationSASLContinue", "ReadyForQuery"][:len(got)]
+    assert got[1][3] == {"mechanisms": ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]}
+    assert got[2][3]["removed"] == "SCRAM-SHA-256-PLUS"
+    assert got[2][3]["sent_to_client"] == ["SCRAM-SHA-256"]
+
+
+def test_login_without_scram_plus_is_passed_unchanged():
+    session, stream = new_session()
+    server = ServerSide(session)
+    server.auth_scan = bytearray()
+    login = protocol.authentication(protocol.AUTH_MD5, b"salt") + protocol.ready_for_query("I")
+    server.relay(login)
+    assert bytes(session.client.transport.written) == login
+    assert server.auth_scan is None
+    assert "Rewrite" not in [t for _, t, _, _ in recorded(stream)]
+
+
+def test_oversized_login_message_stops_the_scan_and_passes_through():
+    session, stream = new_session()
+    server = ServerSide(session)
+    server.auth_scan = bytearray()
+    big = typed("N", b"x" * 10000)
+    server.relay(big[:100])
+    server.relay(big[100:])
+    assert bytes(session.client.transport.written) == big
+    assert server.auth_scan is None
