@@ -8,7 +8,7 @@ import os
 import secrets
 import signal
 
-from . import aggregate, auth, errors, loader, peers, prepared, supervisor, systemd
+from . import aggregate, auth, errors, loader, metrics, peers, prepared, supervisor, systemd
 from .admin import AdminConsole
 from .errors import PgError
 from .janitor import Janitor
@@ -69,6 +69,7 @@ class App:
         self.errors_by_sqlstate: dict[str, int] = {}
         self.listener = Listener(self)
         self.janitor = Janitor(self)
+        self.metrics: metrics.MetricsServer | None = None
         self.admin = AdminConsole(self)
         self.console = self.admin          # admin queries enter here (see become_worker)
         self._tasks: set[asyncio.Task] = set()
@@ -316,6 +317,7 @@ class App:
         if self.peers is not None:
             await self.peers.start(control_socket)
         self.janitor.start()
+        self.metrics = await metrics.start(self)
 
     def database_paused(self, name: str) -> bool:
         return self.paused or any(p.paused for p in self.pools.values() if p.name == name)
@@ -380,6 +382,8 @@ class App:
         for pool in self.pools.values():
             pool.close_all("pgmulti is shutting down")
         self.listener.close()
+        if self.metrics is not None:
+            self.metrics.close()
         if self.peers is not None:
             self.peers.close()
         if not self.stopped.done():

@@ -1,16 +1,21 @@
-"""Counters behind SHOW STATS: totals per pool, averages per stats_period.
+"""Counters behind SHOW STATS and the metrics endpoint: totals per pool, averages per stats_period.
 
-The relays count bytes and ReadyForQuery messages in the codec; a pool's totals are its live
-connections' counters plus what its closed connections had counted, summed when asked (SHOW
-STATS, the janitor's stats period), so nothing is accounted per transaction in Python except
-the assignment count and the linked time.
+The relays count bytes, transactions, queries and their times (with histograms) in the codec;
+a pool's totals are its live connections' counters plus what its closed connections had
+counted, summed when asked (SHOW STATS, the janitor's stats period, a metrics scrape), so
+nothing is accounted per transaction in Python except the assignment count. A client that had
+to queue for a server also records its wait.
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, fields
 
+from ._codec import TIMING_BUCKETS_US
+
 US = 1_000_000
+BUCKET_COUNT = len(TIMING_BUCKETS_US) + 1   # the last one is +Inf
 
 
 @dataclass
@@ -32,46 +37,96 @@ class Totals:
                          for f in fields(self)})
 
 
+@dataclass
+class Histograms:
+    """Per-bucket counts (not cumulative) over TIMING_BUCKETS_US, +Inf last."""
+    xact: list[int]
+    query: list[int]
+    wait: list[int]
+
+
+def add_counts(into: list[int], counts) -> None:
+    for i, count in enumerate(counts):
+        into[i] += count
+
+
 class PoolStats:
     """Pool-level counters that outlive connections."""
 
     def __init__(self):
         self.assignments = 0
-        self.linked_seconds = 0.0     # client-server linked time (transactions in flight)
+        self.linked_seconds = 0.0     # still added to by pool.py; nothing reads it any more
         self.wait_seconds = 0.0       # clients' time queued for a server
+        self.wait_buckets = [0] * BUCKET_COUNT  # only clients that really queued
         self.closed_queries = 0
         self.closed_xacts = 0
+        self.closed_xact_us = 0
+        self.closed_query_us = 0
+        self.closed_xact_buckets = [0] * BUCKET_COUNT
+        self.closed_query_buckets = [0] * BUCKET_COUNT
         self.closed_received = 0
         self.closed_sent = 0
+        self.closed_client_relayed = 0  # bytes the codec passed from closed clients to servers
         self.client_parse_count = 0   # Parse messages from clients (named statements)
         self.server_parse_count = 0   # Parse messages sent to servers, on-demand ones included
         self.bind_count = 0
         self.previous = Totals()      # totals at the start of the last stats period
         self.averages = Totals()
 
+    def record_wait(self, seconds: float) -> None:
+        """A client queued for `seconds` before it got a server (not on the hot path)."""
+        self.wait_seconds += seconds
+        self.wait_buckets[bisect.bisect_left(TIMING_BUCKETS_US, int(seconds * US))] += 1
+
     def server_closed(self, server) -> None:
-        self.closed_queries += server.ready_count
-        self.closed_xacts += server.idle_ready_count
+        self.closed_queries += server.query_count
+        self.closed_xacts += server.xact_count
+        self.closed_query_us += server.query_time_us
+        self.closed_xact_us += server.xact_time_us
+        xacts, queries = server.timing_histograms()
+        add_counts(self.closed_xact_buckets, xacts)
+        add_counts(self.closed_query_buckets, queries)
         self.closed_sent += server.tx_bytes
 
     def client_closed(self, client) -> None:
         self.closed_received += client.rx_bytes
+        self.closed_client_relayed += client.tx_bytes
 
     def totals(self, pool) -> Totals:
         queries = self.closed_queries
         xacts = self.closed_xacts
+        query_us = self.closed_query_us
+        xact_us = self.closed_xact_us
         sent = self.closed_sent
         for server in pool.all_servers():
-            queries += server.ready_count
-            xacts += server.idle_ready_count
+            queries += server.query_count
+            xacts += server.xact_count
+            query_us += server.query_time_us
+            xact_us += server.xact_time_us
             sent += server.tx_bytes
         received = self.closed_received + sum(client.rx_bytes for client in pool.clients)
-        linked_us = int(self.linked_seconds * US)
         return Totals(server_assignment_count=self.assignments, xact_count=xacts,
-                      query_count=queries, received=received, sent=sent, xact_time=linked_us,
-                      query_time=linked_us, wait_time=int(self.wait_seconds * US),
+                      query_count=queries, received=received, sent=sent, xact_time=xact_us,
+                      query_time=query_us, wait_time=int(self.wait_seconds * US),
                       client_parse_count=self.client_parse_count,
                       server_parse_count=self.server_parse_count, bind_count=self.bind_count)
+
+    def histograms(self, pool) -> Histograms:
+        """Transaction, query and client wait time histograms of the pool."""
+        xact = list(self.closed_xact_buckets)
+        query = list(self.closed_query_buckets)
+        for server in pool.all_servers():
+            xacts, queries = server.timing_histograms()
+            add_counts(xact, xacts)
+            add_counts(query, queries)
+        wait = list(self.wait_buckets)
+        # Clients served at once are not recorded one by one: they are the zero-wait bucket.
+        wait[0] += max(self.assignments - sum(self.wait_buckets), 0)
+        return Histograms(xact=xact, query=query, wait=wait)
+
+    def client_relayed(self, pool) -> int:
+        """Bytes the codec passed from this pool's clients to servers."""
+        return self.closed_client_relayed + sum(client.tx_bytes for client in pool.clients)
 
     def roll_period(self, pool, seconds: float) -> None:
         """Averages over the period that just ended (PgBouncer's stats_period)."""
