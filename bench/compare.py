@@ -58,7 +58,7 @@ QUICK = {"duration": 2, "rounds": 1, "warmup": 1, "scale": 1, "idle_clients": 10
          "stream_bytes": 64 << 20, "big_row_bytes": 16 << 20, "rows": 1_000_000}
 # Rough wall time of the memory tables (start, logins, streaming), for the estimate.
 MEMORY_ESTIMATE_S = {"memory-idle": 30, "memory-stream": 60}
-SETUP_ESTIMATE_S = 30
+SETUP_ESTIMATE_S = 20
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -126,7 +126,7 @@ def split_choices(parser: argparse.ArgumentParser, option: str, text: str, choic
 
 def estimate_seconds(args: argparse.Namespace) -> float:
     """Wall time the tables should take: every pair runs warm-up + rounds x duration."""
-    per_pair = args.warmup + args.rounds * args.duration + 1  # +1: pgbench's own start and stop
+    per_pair = args.warmup + (args.rounds + 1) * 0.2 + args.rounds * args.duration  # 0.2: pgbench start, stop
     total = SETUP_ESTIMATE_S + 3 * args.scale
     for name in args.tables:
         if name == "custom":
@@ -134,7 +134,7 @@ def estimate_seconds(args: argparse.Namespace) -> float:
         elif name in MEMORY_ESTIMATE_S:
             total += MEMORY_ESTIMATE_S[name] * (0.2 if args.quick else 1)
         else:
-            total += per_pair * TABLES[name][1] + 5
+            total += per_pair * TABLES[name][1] + 2  # 2: starting the targets
     return total
 
 
