@@ -567,7 +567,7 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         stats = self.pool.stats
         stats.assignments += 1
         if self.state == "waiting":
-            stats.wait_seconds += now - self.wait_start
+            stats.record_wait(now - self.wait_start)
             self.state = "active"
         self.link_time = now
         if self._reading_paused:
