@@ -40,6 +40,9 @@ ERR_TYPE = 3        # message type rejected by the action table
 
 # PostgreSQL's own limit for untyped startup packets (MAX_STARTUP_PACKET_LENGTH).
 STARTUP_MAX = 10000
+# First byte of a TLS handshake record: a ClientHello sent without SSLRequest (direct TLS,
+# PostgreSQL 17+). No startup packet starts with it: its length would exceed STARTUP_MAX.
+DEF TLS_HANDSHAKE_RECORD = 0x16
 DEF_BUFFER_SIZE = 16384
 # Reads smaller than this would waste a syscall; reclaim buffer space below it.
 cdef Py_ssize_t MIN_READ = 2048
@@ -97,6 +100,8 @@ cdef class Relay:
       on_ready(status)             after a read that contained ReadyForQuery
       on_protocol_error(code, msg_type)
       on_backlog()                 held with more than buffer_size bytes waiting: stop reading
+      on_direct_tls()              startup phase, a TLS handshake record instead of a packet:
+                                   called held, the record still buffered (take_buffered)
     """
 
     cdef bytearray _buf
@@ -383,6 +388,13 @@ cdef class Relay:
                 continue
 
             if self.startup_phase:
+                if avail and d[start] == TLS_HANDSHAKE_RECORD:
+                    self._flush(run_start, start)
+                    self._start = start
+                    self.held = True
+                    self.on_direct_tls()
+                    start = run_start = self._start
+                    break
                 if avail < 4:
                     break
                 length = _be32(d + start)
@@ -505,6 +517,9 @@ cdef class Relay:
         pass
 
     def on_backlog(self):
+        pass
+
+    def on_direct_tls(self):
         pass
 
 

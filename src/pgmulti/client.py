@@ -40,6 +40,10 @@ PREPARED_TYPES = frozenset(map(ord, "PBDCS"))
 # Admin console: simple query protocol only, as in PgBouncer.
 ADMIN_ACTIONS = protocol.action_table(protocol.REJECT, Q=protocol.INSPECT, X=protocol.INSPECT)
 
+# Cancel key length for protocol 3.2 clients (3.2 allows up to 256 bytes; PostgreSQL 18
+# sends 32). Protocol 3.0 keys are 4 bytes.
+LONG_CANCEL_KEY_BYTES = 32
+
 # Startup parameters PostgreSQL clients send that the pooler understands.
 KNOWN_STARTUP_PARAMETERS = {"user", "database", "options", "replication"} | set(session.TRACKED_BY_LOWER)
 
@@ -80,7 +84,8 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         self.wait_start = 0.0
         self.link_time = 0.0
         self.cancel_pid = app.new_cancel_pid()
-        self.cancel_key = secrets.randbits(32)
+        self.cancel_key = b""            # made at login, as long as the protocol version allows
+        self.protocol_version = protocol.PROTOCOL_3_0
         self.scram_keys: tuple[bytes, bytes] | None = None
         self.tls = ""                    # "" for plain text, else protocol/cipher
         self.tls_binding: bytes | None = None   # tls-server-end-point data for SCRAM-PLUS
@@ -243,25 +248,48 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         if code >> 16 != 3:
             raise errors.protocol_violation(
                 f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: "
-                "server supports 3.0 to 3.0")
+                "server supports 3.0 to 3.2")
         self.startup_phase = False
         params = protocol.parse_startup_params(rest)
         unsupported_options = [name for name in params if name.startswith("_pq_.")]
-        if code & 0xFFFF or unsupported_options:
+        self.protocol_version = min(code, protocol.PROTOCOL_LATEST)
+        if code > protocol.PROTOCOL_LATEST or unsupported_options:
             # A newer minor version or protocol options: tell the client what we speak.
-            self.transport.write(protocol.negotiate_protocol_version(protocol.PROTOCOL_3_0,
+            self.transport.write(protocol.negotiate_protocol_version(self.protocol_version,
                                                                      unsupported_options))
         self._accept_startup_params(params)
         self.hold()
         self.app.spawn(self._login())
 
-    async def _start_tls(self, context, binding: bytes | None) -> None:
-        """Answered 'S' to SSLRequest: handshake, then read the startup packet decrypted."""
+    def on_direct_tls(self) -> None:
+        """A TLS ClientHello instead of a startup packet: direct TLS (libpq 17+
+        sslnegotiation=direct). The codec has stopped at it, the record still buffered."""
+        if self.rx_bytes != self.buffered:
+            # Not the first byte of the connection: only a fresh connection may start TLS.
+            self.report(errors.protocol_violation("invalid length of startup packet"))
+            return
+        context = self.app.tls.client
+        if context is None or self.listener_kind == "unix":
+            # A TLS client cannot read a plain-text ErrorResponse: closing is the clear answer.
+            log.info("%r direct TLS connection refused: TLS is off for this listener", self)
+            self.close("direct TLS refused")
+            return
+        client_hello = self.take_buffered()
+        self.transport.pause_reading()  # the rest of the handshake is for the TLS layer
+        self.app.spawn(self._start_tls(context, self.app.tls.client_binding, client_hello))
+
+    async def _start_tls(self, context, binding: bytes | None,
+                         client_hello: bytes | None = None) -> None:
+        """Answered 'S' to SSLRequest, or read the first bytes of a direct TLS handshake
+        (`client_hello`): handshake, then read the startup packet decrypted."""
         loop = asyncio.get_running_loop()
         timeout = self.app.config.pgbouncer.client_login_timeout or None
+        if client_hello is None:
+            handshake = loop.start_tls(self.transport, self, context, server_side=True)
+        else:
+            handshake = tls.accept_after_read(self.transport, self, context, client_hello)
         try:
-            transport = await asyncio.wait_for(
-                loop.start_tls(self.transport, self, context, server_side=True), timeout)
+            transport = await asyncio.wait_for(handshake, timeout)
         except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
             log.info("%r TLS handshake failed: %s", self, exc or "timeout")
             self.close("TLS handshake failed")
@@ -269,8 +297,17 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         if transport is None or self.closed:
             self.close("TLS handshake failed")
             return
+        ssl_object = transport.get_extra_info("ssl_object")
+        if client_hello is not None and ssl_object.selected_alpn_protocol() != tls.ALPN_POSTGRESQL:
+            # As PostgreSQL: direct TLS without ALPN could be another protocol's client
+            # talking to us by mistake (ALPACA), so it is refused.
+            log.info("%r direct TLS connection refused: no ALPN protocol \"%s\"", self,
+                     tls.ALPN_POSTGRESQL)
+            self.attach_transport(transport)
+            self.close("direct TLS without ALPN")
+            return
         self.attach_transport(transport)
-        self.tls = tls.describe(transport.get_extra_info("ssl_object"))
+        self.tls = tls.describe(ssl_object)
         self.tls_binding = binding
         self.resume()
 
@@ -321,11 +358,11 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
             self.startup_params[session.TRACKED_BY_LOWER[lower]] = val
 
     def _cancel_request(self, rest: bytes) -> None:
-        if len(rest) != 8:
+        # Process id, then the key: 4 bytes in protocol 3.0, up to 256 since 3.2.
+        if not 4 < len(rest) <= 4 + protocol.MAX_CANCEL_KEY_LENGTH:
             raise errors.protocol_violation("invalid cancel request length")
         pid = int.from_bytes(rest[0:4], "big")
-        key = int.from_bytes(rest[4:8], "big")
-        self.app.forward_cancel(pid, key)
+        self.app.forward_cancel(pid, rest[4:])
         self.state = "cancel"
         self.close("cancel request")
 
@@ -501,6 +538,8 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         self.params = {name: params[name] for name in session.TRACKED_PARAMETERS if name in params}
         out = [protocol.authentication(protocol.AUTH_OK)]
         out += [protocol.parameter_status(name, value) for name, value in params.items()]
+        key_length = LONG_CANCEL_KEY_BYTES if self.protocol_version >= protocol.PROTOCOL_3_2 else 4
+        self.cancel_key = secrets.token_bytes(key_length)
         out.append(protocol.backend_key_data(self.cancel_pid, self.cancel_key))
         out.append(protocol.ready_for_query("I"))
         self.transport.write(b"".join(out))

@@ -1,13 +1,16 @@
 """Message-type names and cold-path decoders of the PostgreSQL v3 protocol."""
 
 from ._codec import (  # noqa: F401  (builders live in the compiled codec)
-    action_table, authentication, auth_sasl, backend_key_data, cancel_request, command_complete,
+    action_table, authentication, auth_sasl, command_complete,
     data_row, empty_query_response, error_response, message, parameter_status, password_message,
     query, ready_for_query, row_description, sasl_initial_response, startup_message, terminate,
     PASS, INSPECT, REJECT, ERR_LENGTH, ERR_TOO_LONG, ERR_TYPE,
 )
 
 PROTOCOL_3_0 = 3 << 16
+PROTOCOL_3_2 = (3 << 16) | 2     # PostgreSQL 18: cancel keys longer than 4 bytes
+PROTOCOL_LATEST = PROTOCOL_3_2   # the newest version pgmulti speaks, on both sides
+MAX_CANCEL_KEY_LENGTH = 256      # protocol 3.2's limit for the key in BackendKeyData
 CANCEL_REQUEST_CODE = 80877102
 SSL_REQUEST_CODE = 80877103
 GSSENC_REQUEST_CODE = 80877104
@@ -132,6 +135,35 @@ def parse_data_row(body) -> list[bytes | None]:
 
 def ssl_request() -> bytes:
     return (8).to_bytes(4, "big") + SSL_REQUEST_CODE.to_bytes(4, "big")
+
+
+def parse_negotiate_protocol_version(body) -> tuple[int, list[str]]:
+    """NegotiateProtocolVersion body: the newest version the server speaks, options it refused."""
+    raw = bytes(body)
+    if len(raw) < 8:
+        raise DecodeError("NegotiateProtocolVersion too short")
+    version = int.from_bytes(raw[0:4], "big")
+    count = int.from_bytes(raw[4:8], "big")
+    options, pos = [], 8
+    for _ in range(count):
+        name, pos = cstring(raw, pos)
+        options.append(name)
+    return version, options
+
+
+def cancel_key_bytes(key: bytes | int) -> bytes:
+    """A cancel key as sent: bytes as they are; an int is protocol 3.0's 32-bit key."""
+    return key if isinstance(key, bytes) else (key & 0xFFFFFFFF).to_bytes(4, "big")
+
+
+def backend_key_data(pid: int, key: bytes | int) -> bytes:
+    return message(BACKEND_KEY_DATA, (pid & 0xFFFFFFFF).to_bytes(4, "big") + cancel_key_bytes(key))
+
+
+def cancel_request(pid: int, key: bytes | int) -> bytes:
+    key = cancel_key_bytes(key)
+    return ((12 + len(key)).to_bytes(4, "big") + CANCEL_REQUEST_CODE.to_bytes(4, "big")
+            + (pid & 0xFFFFFFFF).to_bytes(4, "big") + key)
 
 
 def negotiate_protocol_version(newest_minor: int, unsupported: list[str]) -> bytes:

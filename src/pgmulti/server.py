@@ -140,7 +140,10 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
         sock = transport.get_extra_info("sockname")
         if isinstance(sock, tuple):
             self.local_addr = sock[:2]
-        transport.write(protocol.startup_message(self.pool.startup_params()))
+        # Ask for the newest protocol; an older server answers NegotiateProtocolVersion.
+        self.protocol_version = protocol.PROTOCOL_LATEST
+        transport.write(protocol.startup_message(self.pool.startup_params(),
+                                                 protocol.PROTOCOL_LATEST))
 
     def connection_lost(self, exc) -> None:
         was_closed = self.closed
@@ -308,8 +311,18 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
             name, value = protocol.parse_parameter_status(body)
             self.params[name] = value
         elif msg_type == protocol.BACKEND_KEY_DATA:
+            # The key is 4 bytes in protocol 3.0, up to 256 since 3.2: kept as sent.
+            key = bytes(body[4:])
+            if not 0 < len(key) <= protocol.MAX_CANCEL_KEY_LENGTH:
+                raise errors.protocol_violation(f"BackendKeyData with a {len(key)}-byte key")
             self.backend_pid = int.from_bytes(body[0:4], "big")
-            self.backend_key = int.from_bytes(body[4:8], "big")
+            self.backend_key = key
+        elif msg_type == protocol.NEGOTIATE_PROTOCOL_VERSION:
+            version, options = protocol.parse_negotiate_protocol_version(body)
+            if options or not protocol.PROTOCOL_3_0 <= version < protocol.PROTOCOL_LATEST:
+                raise errors.protocol_violation(
+                    f"server cannot speak protocol {version >> 16}.{version & 0xFFFF}")
+            self.protocol_version = version  # the downgrade PostgreSQL before 18 answers
         elif msg_type == protocol.ERROR_RESPONSE:
             fields = protocol.parse_fields(body)
             raise PgError(fields.get("C", errors.CONNECTION_FAILURE),
@@ -319,7 +332,7 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
             self.ready_status = body[0]
             if not self._login_done.done():
                 self._login_done.set_result(None)
-        elif msg_type in (protocol.NOTICE_RESPONSE, protocol.NEGOTIATE_PROTOCOL_VERSION):
+        elif msg_type == protocol.NOTICE_RESPONSE:
             pass
         else:
             raise errors.protocol_violation(f"unexpected message {chr(msg_type)!r} during server login")

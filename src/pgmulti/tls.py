@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
+
+from uvloop.loop import SSLProtocol
 
 log = logging.getLogger("pgmulti.tls")
 
@@ -28,6 +31,8 @@ _CIPHER_ALIASES = {
 
 # PostgreSQL 17's ALPN protocol name (required for direct TLS, sent by libpq 17 always).
 ALPN_POSTGRESQL = "postgresql"
+# Bytes handed to the TLS layer per call (uvloop's SSLProtocol buffer holds 256 KiB).
+_FEED_CHUNK = 65536
 
 VERIFYING_MODES = ("verify-ca", "verify-full")
 REQUIRING_MODES = ("require", "verify-ca", "verify-full")
@@ -115,6 +120,8 @@ def server_context(cfg) -> ssl.SSLContext | None:
         except (OSError, ssl.SSLError) as exc:
             raise TlsConfigError(f"cannot load server TLS client certificate: {exc}") from None
     _apply_common(ctx, cfg.server_tls_protocols, cfg.server_tls_ciphers)
+    # As libpq 17+ does; PostgreSQL 17+ refuses a TLS client naming another protocol.
+    ctx.set_alpn_protocols([ALPN_POSTGRESQL])
     return ctx
 
 
@@ -150,6 +157,36 @@ def _end_point_binding(cert_file: str) -> bytes | None:
     except (OSError, ValueError, AuthError) as exc:
         log.warning("SCRAM channel binding disabled: %s", exc)
         return None
+
+
+async def accept_after_read(transport, protocol, context: ssl.SSLContext, already_read: bytes):
+    """Server-side TLS on `transport` whose first bytes (the ClientHello) were already read.
+
+    loop.start_tls() can only take a handshake still unread in the socket. Direct TLS is
+    recognised by reading its first byte, so this makes the same steps as uvloop's start_tls
+    with one more: the bytes read go into the TLS layer before reading resumes. Returns the
+    TLS transport once the handshake is done; `protocol` receives the decrypted bytes.
+    """
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+    tls_protocol = SSLProtocol(loop, protocol, context, waiter, server_side=True,
+                               call_connection_made=False)
+    transport.pause_reading()
+    transport.set_protocol(tls_protocol)
+    tls_protocol.connection_made(transport)  # starts the handshake: waits for input
+    app_transport = tls_protocol._get_app_transport()
+    try:
+        for pos in range(0, len(already_read), _FEED_CHUNK):
+            chunk = already_read[pos:pos + _FEED_CHUNK]
+            buffer = tls_protocol.get_buffer(len(chunk))
+            buffer[:len(chunk)] = chunk
+            tls_protocol.buffer_updated(len(chunk))
+        transport.resume_reading()
+        await waiter
+    except BaseException:
+        app_transport.close()
+        raise
+    return app_transport
 
 
 def describe(ssl_object) -> str:

@@ -375,15 +375,118 @@ def test_client_tls_protocols_limits_the_version(pgmulti, certs):
         pconnect(proxy, "require", ssl_min_protocol_version="TLSv1.3")
 
 
-@pytest.mark.xfail(strict=True, reason="NOT YET: direct TLS (libpq 17+ sslnegotiation=direct, "
-                   "supported by PgBouncer) is not recognised: the ClientHello is parsed as a "
-                   "startup packet, 08P01 'message too long' in plain text, client sees "
-                   "'SSL error: wrong version number'")
 def test_direct_tls_negotiation(pgmulti, certs):
     proxy = pgmulti(client_tls(certs, "require"))
     with pconnect(proxy, "require", sslnegotiation="direct") as conn:
         assert conn.pgconn.ssl_in_use
         assert scalar(conn, "SELECT 1") == 1
+
+
+GSSENC_REQUEST = struct.pack("!II", 8, 80877104)
+TLS_HELLO_START = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(32)
+
+
+def login_clients(proxy) -> int:
+    with pconnect(proxy, "require", db="pgbouncer") as admin:
+        return {row["list"]: row["items"] for row in show(admin, "LISTS")}["login_clients"]
+
+
+def tls_read_to_eof(tls_sock: ssl.SSLSocket) -> bytes:
+    """Decrypted bytes until the proxy closes (close_notify or a bare TCP close)."""
+    data = b""
+    while True:
+        try:
+            chunk = tls_sock.recv(4096)
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError):
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+def direct_tls_login(port: int, alpn: list[str] | None) -> bytes:
+    """A ClientHello as the first bytes (no SSLRequest), then a startup packet over TLS."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    if alpn is not None:
+        context.set_alpn_protocols(alpn)
+    with socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT_S) as raw:
+        with context.wrap_socket(raw) as tls_sock:
+            tls_sock.sendall(startup_packet(database="testdb"))
+            return tls_read_to_eof(tls_sock) if alpn != ["postgresql"] else tls_sock.recv(4096)
+
+
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1"])
+def test_direct_tls_verify_full_with_the_ca(pgmulti, certs, host):
+    proxy = pgmulti(client_tls(certs, "require"))
+    params = {"sslrootcert": certs.ca_file, "host": host, "sslnegotiation": "direct"}
+    with pconnect(proxy, "verify-full", db="testdb", application_name="direct", **params) as conn:
+        assert conn.pgconn.ssl_in_use
+        assert scalar(conn, "SELECT current_database()") == "testdb"
+        with pconnect(proxy, "verify-full", db="pgbouncer", **params) as admin:
+            rows = [row for row in show(admin, "CLIENTS") if row["application_name"] == "direct"]
+    assert len(rows) == 1 and TLS_COLUMN.match(rows[0]["tls"]), rows
+    # A certificate for another name is still refused by verify-full.
+    other = pgmulti(client_tls(certs, "require", certs.other_host))
+    with pytest.raises(psycopg.OperationalError, match="does not match host name"):
+        pconnect(other, "verify-full", **{**params, "host": "localhost"})
+
+
+@pytest.mark.parametrize("how", ["cancel_safe", "cancel"])
+def test_cancel_over_direct_tls(pgmulti, certs, how):
+    """cancel_safe opens its cancel connection with direct TLS as well."""
+    proxy = pgmulti(client_tls(certs, "require"))
+    with pconnect(proxy, "require", db="testdb", sslnegotiation="direct") as conn:
+        timer = threading.Timer(0.5, getattr(conn, how))
+        timer.start()
+        started = time.monotonic()
+        try:
+            with pytest.raises(psycopg.errors.QueryCanceled):
+                conn.execute("SELECT pg_sleep(10)")
+        finally:
+            timer.cancel()
+            timer.join(WAIT_S)
+        assert time.monotonic() - started < 5
+        assert scalar(conn, "SELECT 1") == 1
+
+
+def test_direct_tls_when_client_tls_is_off_is_closed(pgmulti):
+    proxy = pgmulti()  # client_tls_sslmode = disable
+    with pytest.raises(psycopg.OperationalError):
+        pconnect(proxy, "require", sslnegotiation="direct")
+    wait_for(lambda: "direct TLS connection refused" in proxy.log_text(), "the refusal logged")
+    assert proxy.log_text().count("direct TLS connection refused: TLS is off") == 1
+    # A raw ClientHello gets a plain close: no bytes a TLS client would misread.
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=SOCKET_TIMEOUT_S) as sock:
+        sock.sendall(TLS_HELLO_START)
+        assert read_to_eof(sock) == b""
+    with pconnect(proxy, "disable", db="testdb") as conn:
+        assert scalar(conn, "SELECT 1") == 1
+
+
+@pytest.mark.parametrize("alpn", [None, ["http/1.1"]], ids=["no-alpn", "other-alpn"])
+def test_direct_tls_without_alpn_postgresql_is_refused(pgmulti, certs, alpn):
+    proxy = pgmulti(client_tls(certs, "require"))
+    assert direct_tls_login(proxy.port, alpn) == b""  # handshake done, then closed unanswered
+    wait_for(lambda: "no ALPN protocol" in proxy.log_text(), "the refusal logged")
+    # The same bytes with ALPN "postgresql" log in.
+    answer = direct_tls_login(proxy.port, ["postgresql"])
+    assert answer[:1] == b"R" and answer[5:9] == struct.pack("!I", 0), answer
+    # Refused and finished handshakes leave no client behind in the login list.
+    wait_for(lambda: login_clients(proxy) == 0, "no client left logging in")
+
+
+def test_tls_hello_after_a_refused_gssenc_request_is_a_protocol_violation(pgmulti, certs):
+    """Direct TLS starts a connection; later it is a malformed startup packet."""
+    proxy = pgmulti(client_tls(certs, "require"))
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=SOCKET_TIMEOUT_S) as sock:
+        sock.sendall(GSSENC_REQUEST)
+        assert recv_exactly(sock, 1) == b"N"
+        sock.sendall(TLS_HELLO_START)
+        answer = read_to_eof(sock)
+    assert answer[:1] == b"E", answer
+    assert error_fields(answer[5:])["C"] == "08P01"
 
 
 @pytest.mark.parametrize("how", ["cancel_safe", "cancel"])
