@@ -143,7 +143,12 @@ def peak_rss_while(target: Target, client: subprocess.Popen, timeout: float) -> 
 def stream_through(target: Target, bench: Bench, rawclient_args: list[str], size: int) -> dict:
     before = target.rss_bytes()
     client = rawclient(target.port, *rawclient_args)
-    peak, result = peak_rss_while(target, client, 60 + size / MIN_STREAM_RATE)
+    try:
+        peak, result = peak_rss_while(target, client, 60 + size / MIN_STREAM_RATE)
+    finally:
+        if client.poll() is None:  # interrupted: the client must not outlive the benchmark
+            client.kill()
+            client.wait()
     if rawclient_args[0] == "copy-in":
         bench.pg.psql(f"TRUNCATE {COPY_TABLE}", db=BENCH_DB)
     return {**result, "rss_before": before, "rss_peak": peak}
