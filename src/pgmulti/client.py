@@ -79,6 +79,7 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         self.request_time = self.connect_time
         self.last_active = self.created
         self.seen_activity = 0
+        self.rx_bytes_at_trim = -1       # janitor: no read since its last pass -> trim buffer
         self.busy_since = 0.0            # janitor's clock for query_timeout
         self.xact_since = 0.0            # janitor's clock for transaction_timeout
         self.wait_start = 0.0
@@ -543,6 +544,9 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         out.append(protocol.backend_key_data(self.cancel_pid, self.cancel_key))
         out.append(protocol.ready_for_query("I"))
         self.transport.write(b"".join(out))
+        # Until its first query the client needs no read buffer (most idle clients never
+        # send one for long): the next read allocates it again.
+        self.release_buffer()
         self.state = "active"
         self.last_active = time.monotonic()
         self.app.client_logged_in(self)

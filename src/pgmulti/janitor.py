@@ -15,6 +15,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgmulti.janitor")
 
 TICK_SECONDS = 1 / 3   # PgBouncer's janitor also runs three times a second
+# Clients that read nothing for this long give their read buffer back (it is reallocated on
+# their next read): idle connections then cost a few hundred bytes of Python objects.
+TRIM_PERIOD_S = 5.0
 
 _IN_TRANSACTION = (ord("T"), ord("E"))
 
@@ -24,6 +27,7 @@ class Janitor:
         self.app = app
         self._handle: asyncio.TimerHandle | None = None
         self._last_stats = time.monotonic()
+        self._last_trim = self._last_stats
 
     def start(self) -> None:
         self._handle = asyncio.get_running_loop().call_later(TICK_SECONDS, self._tick)
@@ -46,6 +50,9 @@ class Janitor:
         for pool in list(app.pools.values()):
             pool.tick(now)
         self._expire_clients(now)
+        if now - self._last_trim >= TRIM_PERIOD_S:
+            self._trim_idle_buffers()
+            self._last_trim = now
         if cfg.stats_period > 0 and now - self._last_stats >= cfg.stats_period:
             self._roll_stats(now - self._last_stats)
             self._last_stats = now
@@ -99,6 +106,12 @@ class Janitor:
         elif (limits.client_idle_timeout and not in_transaction
               and idle_for > limits.client_idle_timeout):
             client.report(errors.fatal(errors.IDLE_SESSION_TIMEOUT, "client_idle_timeout"))
+
+    def _trim_idle_buffers(self) -> None:
+        for client in self.app.clients:
+            if client.server is None and client.rx_bytes == client.rx_bytes_at_trim:
+                client.release_buffer()  # a no-op unless the buffer is empty
+            client.rx_bytes_at_trim = client.rx_bytes
 
     def _roll_stats(self, seconds: float) -> None:
         app = self.app
