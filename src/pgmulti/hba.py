@@ -54,7 +54,7 @@ class Names:
         return self.all or (self.sameuser and name == pair) or name in self.names
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Rule:
     line: int
     kind: str                   # one of RECORD_TYPES
@@ -63,7 +63,16 @@ class Rule:
     network: ipaddress.IPv4Network | ipaddress.IPv6Network | None  # None: all addresses
     method: str                 # one of METHODS
 
-    def matches_connection(self, unix: bool, address, tls: bool) -> bool:
+    def __post_init__(self) -> None:
+        # Plain integers for the per-login test: (version, network, mask).
+        net = self.network
+        key = None if net is None else (net.version, int(net.network_address),
+                                        int(net.netmask))
+        object.__setattr__(self, "_net", key)
+
+    def matches_connection(self, unix: bool, address: tuple[int, int] | None,
+                           tls: bool) -> bool:
+        """address: (IP version, address as an integer) of a TCP client."""
         if unix:
             return self.kind == "local"
         if self.kind == "local":
@@ -72,10 +81,10 @@ class Rule:
             return False
         if self.kind == "hostnossl" and tls:
             return False
-        if self.network is None:
+        net = self._net
+        if net is None:
             return True
-        return address is not None and address.version == self.network.version \
-            and address in self.network
+        return address is not None and address[0] == net[0] and address[1] & net[2] == net[1]
 
 
 class HbaRules:
@@ -97,7 +106,7 @@ class HbaRules:
         return None
 
 
-def _client_ip(address: str | None):
+def _client_ip(address: str | None) -> tuple[int, int] | None:
     if not address:
         return None
     try:
@@ -106,8 +115,8 @@ def _client_ip(address: str | None):
         return None
     # An IPv4 client on a dual-stack socket arrives as ::ffff:a.b.c.d; IPv4 lines match it.
     if ip.version == 6 and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
+        ip = ip.ipv4_mapped
+    return ip.version, int(ip)
 
 
 # --- parsing ------------------------------------------------------------------------------
