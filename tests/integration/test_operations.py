@@ -172,11 +172,11 @@ def test_check_missing_auth_file_and_tls_files(tmp_path, base_config):
 
 
 def test_check_unsupported_auth_type_is_an_error(tmp_path, base_config):
-    text = base_config(auth_type="hba")
+    text = base_config(auth_type="pam")
     config = write_config(tmp_path, text)
     result = run_cli("--check", str(config))
     assert result.returncode == 1
-    assert f"{config}:{line_of(text, 'auth_type')}: error: auth_type = hba" in result.stderr
+    assert f"{config}:{line_of(text, 'auth_type')}: error: auth_type = pam" in result.stderr
 
 
 def test_check_does_not_start_the_pooler(tmp_path, base_config):

@@ -226,7 +226,7 @@ def test_sections_may_come_in_any_order_and_be_empty() -> None:
 # --------------------------------------------------------------------------- defaults
 
 
-PGMULTI_ONLY_KEYS = {"log_format"}  # pgmulti's own [pgbouncer] keys
+PGMULTI_ONLY_KEYS = {"log_format", "workers", "metrics_port", "metrics_addr"}  # pgmulti's own
 
 
 def test_every_pgbouncer_125_key_is_a_field() -> None:
@@ -736,10 +736,10 @@ def test_structs_are_frozen_and_strict() -> None:
 def test_unsupported_lists_only_keys_the_file_sets() -> None:
     assert parse(MINIMAL).unsupported == ()
     config = parse(
-        "[pgbouncer]\nsyslog = 1\nauth_hba_file = /etc/hba\nserver_tls_sslmode = disable\n"
+        "[pgbouncer]\nsyslog = 1\nauth_ident_file = /etc/ident\nserver_tls_sslmode = disable\n"
         "listen_port = 1\n"
     )
-    assert config.unsupported == ("auth_hba_file",)  # syslog is supported
+    assert config.unsupported == ("auth_ident_file",)  # syslog is supported
     assert UNSUPPORTED_KEYS <= set(PGBOUNCER_125_KEYS)
 
 
