@@ -113,8 +113,12 @@ class App:
             log.error("reload failed, keeping the old configuration: %s", exc)
             systemd.ready()
             raise PgError("F0000", f"RELOAD failed: {exc}") from None
+        old = self.config.pgbouncer
         self._apply_config(config, tls)
         self.load_userlist()
+        if (old.metrics_addr, old.metrics_port) != (config.pgbouncer.metrics_addr,
+                                                    config.pgbouncer.metrics_port):
+            self.spawn(self._restart_metrics())
         for (name, user), pool in list(self.pools.items()):
             db = config.database_for(name)
             if db is None:
@@ -124,6 +128,7 @@ class App:
                 # New connection settings: old servers close as they come back.
                 pool.db = db
                 pool.close_idle("database configuration changed")
+                pool.reconnect_generation += 1  # busy ones too (close_needed, WAIT_CLOSE)
             pool.settings = self.pool_settings(db, pool.user)
             pool.configure(config.pgbouncer)
         log.info("configuration reloaded from %s", self.config_path)
@@ -317,6 +322,11 @@ class App:
         if self.peers is not None:
             await self.peers.start(control_socket)
         self.janitor.start()
+        self.metrics = await metrics.start(self)
+
+    async def _restart_metrics(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
         self.metrics = await metrics.start(self)
 
     def database_paused(self, name: str) -> bool:
