@@ -3,6 +3,7 @@ histograms and gauges move with real traffic and agree with SHOW STATS."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import threading
@@ -275,3 +276,14 @@ def test_workers_serve_one_merged_answer(pgmulti, base_config):
     finally:
         for conn in conns:
             conn.close()
+
+
+def test_reload_moves_the_metrics_port(pgmulti, base_config):
+    first, second = find_free_port(), find_free_port()
+    proxy = pgmulti(base_config(metrics_port=first))
+    assert value(scrape(first), "pgmulti_up") == 1
+    proxy.write_config(base_config(metrics_port=second))
+    proxy.signal(signal.SIGHUP)
+    assert value(scrape(second), "pgmulti_up") == 1
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", first), timeout=2).close()
