@@ -38,7 +38,7 @@ from harness import (  # noqa: E402
 TABLES = {
     "protocols": (tables.table_protocols, 8),
     "workers": (tables.table_workers, 8),
-    "churn": (tables.table_churn, 3),
+    "churn": (tables.table_churn, 4),
     "tls": (tables.table_tls, 4),
     "metrics": (tables.table_metrics, 2),
     "memory-idle": (memory.table_memory_idle, 0),
