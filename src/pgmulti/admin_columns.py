@@ -991,6 +991,8 @@ CONFIG_KEYS_1_18: tuple[tuple[str, str | None, bool], ...] = (
 #     configuration" precedes the tag.
 # The value in the tag is the unquoted value ('DISCARD ALL' -> DISCARD ALL).
 # Note that "conffile" counts as changeable.
+# pgmulti differs in one point on purpose: a known key that is not changeable is refused
+# with "SET failed" (and a detail saying why) instead of answered as if it had changed.
 SETTABLE_KEYS: frozenset[str] = frozenset(
     key for key, _default, changeable in CONFIG_KEYS if changeable
 )
