@@ -12,8 +12,8 @@ cimport cython
 from cpython.bytearray cimport PyByteArray_AS_STRING
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport uint32_t
-from libc.string cimport memcpy, memmove
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from libc.string cimport memcmp, memcpy, memmove
+from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 
 cdef extern from *:
     """
@@ -63,6 +63,17 @@ assert len(TIMING_BUCKETS_US) == N_BUCKETS
 
 READY_IDLE = 73  # 'I'
 
+# CommandComplete tags after which a server has no prepared statements left.
+cdef bytes _DEALLOCATE_ALL_TAG = b"DEALLOCATE ALL\0"
+cdef bytes _DISCARD_ALL_TAG = b"DISCARD ALL\0"
+
+
+cdef inline double _clock(int clock) noexcept nogil:
+    """Seconds as a float: CLOCK_MONOTONIC is time.monotonic(), CLOCK_REALTIME time.time()."""
+    cdef timespec ts
+    clock_gettime(clock, &ts)
+    return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
+
 
 cdef inline long long _now_us() noexcept nogil:
     cdef timespec ts
@@ -78,8 +89,15 @@ cdef inline int _bucket(long long elapsed_us) noexcept nogil:
     return i
 
 
+cdef inline bint _has_tag(const unsigned char* p, Py_ssize_t n, bytes tag) noexcept:
+    return n == len(tag) and memcmp(p, <const char*>tag, n) == 0
+
+
 cdef inline uint32_t _be32(const unsigned char* p) noexcept nogil:
     return ((<uint32_t>p[0]) << 24) | ((<uint32_t>p[1]) << 16) | ((<uint32_t>p[2]) << 8) | p[3]
+
+
+cdef class PoolCore
 
 
 def action_table(default=ACT_PASS, **by_type):
@@ -100,6 +118,9 @@ cdef class Relay:
       on_ready(status)             after a read that contained ReadyForQuery
       on_protocol_error(code, msg_type)
       on_backlog()                 held with more than buffer_size bytes waiting: stop reading
+      on_statements_discarded()    watch_discard set: a passed CommandComplete says
+                                   DEALLOCATE ALL or DISCARD ALL (after the read's messages
+                                   are forwarded, before on_ready)
       on_direct_tls()              startup phase, a TLS handshake record instead of a packet:
                                    called held, the record still buffered (take_buffered)
     """
@@ -135,6 +156,7 @@ cdef class Relay:
     cdef public unsigned long long ready_count
     cdef public unsigned long long idle_ready_count
     cdef public bint notify_ready   # call on_ready() after reads with ReadyForQuery
+    cdef public bint watch_discard  # server side: report DEALLOCATE ALL / DISCARD ALL
     # Server side: timing of transactions and queries (0 start = none running).
     cdef long long _xact_start_us
     cdef long long _query_start_us
@@ -144,6 +166,20 @@ cdef class Relay:
     cdef readonly unsigned long long query_count
     cdef unsigned long long _xact_buckets[N_BUCKETS + 1]
     cdef unsigned long long _query_buckets[N_BUCKETS + 1]
+    # Connection state the pool hand-off reads and writes (see PoolCore); kept here so the
+    # per-transaction path touches C fields, not instance dictionaries.
+    cdef public object state        # pool state of a server / session state of a client
+    cdef public object client       # server side: the linked client
+    cdef public object server       # client side: the linked server
+    cdef public bint closed
+    cdef public double created      # time.monotonic() at creation
+    cdef public double last_used    # server: last released (monotonic)
+    cdef public double last_active  # client: last released or seen active (monotonic)
+    cdef public double link_time    # client: last linked (monotonic)
+    cdef public double request_time # client: last asked for a server (time.time())
+    cdef public long generation     # server: pool's reconnect generation at login
+    cdef public object param_sig    # interned tracked-parameter values; None = unknown
+    cdef public PoolCore pool_core  # the pool whose fast hand-off applies to this connection
 
     def __cinit__(self, *args, **kwargs):
         self.buffer_size = DEF_BUFFER_SIZE
@@ -371,6 +407,7 @@ cdef class Relay:
         cdef uint32_t length
         cdef unsigned char t, act
         cdef bint saw_ready = False
+        cdef bint saw_discard = False
 
         self._need = 0
         while not self.held:
@@ -434,7 +471,8 @@ cdef class Relay:
                 if self.writer is None:
                     self._flush(run_start, start)
                     self._start = start
-                    self.on_unlinked(t)
+                    if self.pool_core is None or not self.pool_core._link_idle(self):
+                        self.on_unlinked(t)
                     if self.held or self._start != start:
                         # Held, or the callback took the bytes itself (take_buffered).
                         start = run_start = self._start
@@ -462,6 +500,15 @@ cdef class Relay:
                         break
                     self._ready_seen(d[start + 5])
                     saw_ready = True
+                elif t == 67 and self.watch_discard and (
+                        length == len(_DEALLOCATE_ALL_TAG) + 4 or length == len(_DISCARD_ALL_TAG) + 4):
+                    # CommandComplete of a length that may be one of the tags: read it whole.
+                    if avail < total:
+                        self._need = total
+                        break
+                    if _has_tag(d + start + 5, length - 4, _DEALLOCATE_ALL_TAG) or _has_tag(
+                            d + start + 5, length - 4, _DISCARD_ALL_TAG):
+                        saw_discard = True
                 elif self.request_sink is not None and (t == 81 or t == 83 or t == 70):
                     # Query, Sync, FunctionCall: each is answered by one ReadyForQuery.
                     self.request_sink._request_sent()
@@ -499,8 +546,12 @@ cdef class Relay:
         if self._start == self._end and not self._remain:
             if self._lent_to is None:
                 self._start = self._end = 0
+        if saw_discard:
+            self.on_statements_discarded()
         if saw_ready and self.notify_ready:
-            self.on_ready(self.ready_status)
+            if (self.pool_core is None or self._pending or self.ready_status != READY_IDLE
+                    or not self.pool_core._release_idle(self)):
+                self.on_ready(self.ready_status)
         return 0
 
     # Default callbacks: subclasses override.
@@ -519,17 +570,16 @@ cdef class Relay:
     def on_backlog(self):
         pass
 
+    def on_statements_discarded(self):
+        pass
+
     def on_direct_tls(self):
         pass
 
 
 # -- pairing: the per-transaction hand-off in transaction pooling -----------------------
 
-def link_pair(Relay client not None, Relay server not None, bytes server_actions not None,
-              bint notify_ready):
-    """Make client and server forward to each other's transport (O(1), no allocation)."""
-    if len(server_actions) != 256:
-        raise ValueError("action table must have 256 entries")
+cdef inline void _link(Relay client, Relay server, bytes server_actions, bint notify_ready):
     server._out = client.transport
     server.writer = client._own_write
     memcpy(server._actions, <const char*>server_actions, 256)
@@ -539,10 +589,7 @@ def link_pair(Relay client not None, Relay server not None, bytes server_actions
     client.request_sink = server
 
 
-def unlink_pair(Relay client not None, Relay server not None, bytes server_actions not None):
-    """Undo link_pair; the server gets the action table for an idle connection."""
-    if len(server_actions) != 256:
-        raise ValueError("action table must have 256 entries")
+cdef inline void _unlink(Relay client, Relay server, bytes server_actions):
     client._out = None
     client.writer = None
     client.request_sink = None
@@ -551,6 +598,136 @@ def unlink_pair(Relay client not None, Relay server not None, bytes server_actio
     server._xact_start_us = 0
     server._query_start_us = 0
     memcpy(server._actions, <const char*>server_actions, 256)
+
+
+def link_pair(Relay client not None, Relay server not None, bytes server_actions not None,
+              bint notify_ready):
+    """Make client and server forward to each other's transport (O(1), no allocation)."""
+    if len(server_actions) != 256:
+        raise ValueError("action table must have 256 entries")
+    _link(client, server, server_actions, notify_ready)
+
+
+def unlink_pair(Relay client not None, Relay server not None, bytes server_actions not None):
+    """Undo link_pair; the server gets the action table for an idle connection."""
+    if len(server_actions) != 256:
+        raise ValueError("action table must have 256 entries")
+    _unlink(client, server, server_actions)
+
+
+cdef str _ACTIVE = "active"
+cdef str _IDLE = "idle"
+
+
+@cython.final
+cdef class PoolCore:
+    """The common per-transaction hand-off of one pool, without Python frames.
+
+    An idle server is taken from the top of `idle` and linked when a client's first message
+    of a transaction arrives, and put back when its ReadyForQuery 'I' answers everything the
+    client sent. Anything out of the ordinary (no idle server, waiting clients, PAUSE,
+    server_check_query due, lifetime over, RECONNECT, parameters to sync, reset queries)
+    declines, and the relay calls Python (on_unlinked / on_ready) as it would without the
+    core. `idle` and `active` are the pool's own collections.
+    """
+
+    cdef readonly list idle         # servers ready for a client, most recently used last
+    cdef readonly set active        # servers linked to a client
+    cdef readonly object waiting    # the pool's FIFO of clients waiting (read for its length)
+    cdef public object stats        # PoolStats: the assignment count
+    cdef public object app          # read for app.paused (PAUSE of every database)
+    cdef public bint enabled        # transaction pooling without reset queries
+    cdef public bint paused
+    cdef public bint check_enabled
+    cdef public double check_delay
+    cdef public double lifetime     # server_lifetime, seconds (0: none)
+    cdef public long generation     # RECONNECT generation
+    cdef bytes _relay_actions       # server actions while linked
+    cdef bytes _idle_actions        # server actions while idle
+    cdef bytes _client_linked_actions  # prepared statements: client actions while linked
+    cdef bytes _client_idle_actions    # and while not; None when clients keep theirs
+    cdef readonly unsigned long long fast_links
+    cdef readonly unsigned long long fast_releases
+
+    def __cinit__(self, waiting, stats, app):
+        self.idle = []
+        self.active = set()
+        self.waiting = waiting
+        self.stats = stats
+        self.app = app
+
+    def set_actions(self, bytes relay_actions not None, bytes idle_actions not None,
+                    bytes client_linked_actions=None, bytes client_idle_actions=None):
+        """Server action tables for linked and idle connections (see link_pair), and the
+        client's, when linking changes them (prepared statements)."""
+        for table in (relay_actions, idle_actions, client_linked_actions, client_idle_actions):
+            if table is not None and len(table) != 256:
+                raise ValueError("action table must have 256 entries")
+        if (client_linked_actions is None) != (client_idle_actions is None):
+            raise ValueError("client action tables come in pairs")
+        self._relay_actions = relay_actions
+        self._idle_actions = idle_actions
+        self._client_linked_actions = client_linked_actions
+        self._client_idle_actions = client_idle_actions
+
+    cdef inline bint _quiet(self):
+        """Nothing that needs Python: no PAUSE and no client queued."""
+        return (self.enabled and not self.paused and len(self.waiting) == 0
+                and not self.app.paused)
+
+    cdef bint _link_idle(self, Relay client) except -1:
+        """Link client to the most recently used idle server; False to let Python decide."""
+        cdef Relay server
+        cdef double now
+        if not self.idle or not self._quiet():
+            return False
+        server = <Relay>self.idle[-1]
+        if server.closed:
+            return False
+        if client.param_sig is None or client.param_sig is not server.param_sig:
+            return False  # parameters to sync, or not compared yet
+        now = _clock(CLOCK_MONOTONIC)
+        if self.check_enabled and now - server.last_used > self.check_delay:
+            return False  # server_check_query is due
+        self.idle.pop()
+        server.state = _ACTIVE
+        self.active.add(server)
+        client.server = server
+        server.client = client
+        _link(client, server, self._relay_actions, True)
+        if self._client_linked_actions is not None:
+            memcpy(client._actions, <const char*>self._client_linked_actions, 256)
+        self.stats.assignments += 1
+        client.request_time = _clock(CLOCK_REALTIME)
+        client.link_time = now
+        self.fast_links += 1
+        return True
+
+    cdef bint _release_idle(self, Relay server) except -1:
+        """Server answered everything with 'I': park it idle; False to let Python decide."""
+        cdef Relay client
+        cdef double now
+        if (server.client is None or server.state != _ACTIVE or server.closed
+                or server._end != server._start or server._remain or not self._quiet()):
+            return False
+        now = _clock(CLOCK_MONOTONIC)
+        if self.lifetime > 0 and now - server.created > self.lifetime:
+            return False
+        if server.generation != self.generation:
+            return False
+        client = <Relay>server.client
+        client.last_active = now
+        server.last_used = now
+        client.server = None
+        server.client = None
+        _unlink(client, server, self._idle_actions)
+        if self._client_idle_actions is not None:
+            memcpy(client._actions, <const char*>self._client_idle_actions, 256)
+        self.active.discard(server)
+        server.state = _IDLE
+        self.idle.append(server)
+        self.fast_releases += 1
+        return True
 
 
 # -- message builders (the messages the proxy itself sends) ----------------------------

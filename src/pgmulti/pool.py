@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import errors, session
+from ._codec import PoolCore
 from .client import PREPARED_RELAY_ACTIONS as CLIENT_PREPARED_ACTIONS
 from .client import RELAY_ACTIONS as CLIENT_RELAY_ACTIONS
 from .errors import PgError
@@ -77,25 +78,43 @@ class Pool:
         self._next_host = 0
         self.port = db.port or 5432
         self.dbname = db.dbname or name
-        self.idle: collections.deque[ServerConnection] = collections.deque()
-        self.active: set[ServerConnection] = set()
+        self.waiting: collections.deque[ClientConnection] = collections.deque()
+        self.stats = PoolStats()
+        # The per-transaction hand-off runs in the codec; idle and active are its collections.
+        self.core = PoolCore(self.waiting, self.stats, app)
+        self.idle: list[ServerConnection] = self.core.idle   # a stack: LIFO keeps few warm
+        self.active: set[ServerConnection] = self.core.active
         self.used: set[ServerConnection] = set()
         self.tested: set[ServerConnection] = set()
         self.login: set[ServerConnection] = set()
-        self.waiting: collections.deque[ClientConnection] = collections.deque()
         self.clients: set[ClientConnection] = set()
         self.welcome_params: dict[str, str] | None = None
         self._welcome: asyncio.Task | None = None
         self.last_failure = 0.0
         self.last_error: PgError | None = None
-        self.paused = False
         self.disabled = False
-        self.reconnect_generation = 0   # RECONNECT: servers of older generations are closed
-        self.stats = PoolStats()
         self.configure(app.config.pgbouncer)
 
     def __repr__(self) -> str:
         return f"pool {self.name}/{self.user}"
+
+    # PAUSE and RECONNECT live in the core, which checks them on every hand-off.
+    @property
+    def paused(self) -> bool:
+        return self.core.paused
+
+    @paused.setter
+    def paused(self, value: bool) -> None:
+        self.core.paused = value
+
+    @property
+    def reconnect_generation(self) -> int:
+        """RECONNECT: servers of older generations are closed as they come back."""
+        return self.core.generation
+
+    @reconnect_generation.setter
+    def reconnect_generation(self, value: int) -> None:
+        self.core.generation = value
 
     def configure(self, cfg) -> None:
         """Copy the [pgbouncer] settings the hot path reads (also on reload)."""
@@ -116,6 +135,21 @@ class Pool:
             self.relay_actions = STATEMENT_RELAY_ACTIONS if statement else RELAY_ACTIONS
         self.client_relay_actions = CLIENT_RELAY_ACTIONS
         self.client_prepared_actions = CLIENT_PREPARED_ACTIONS
+        core = self.core
+        if self.prepared_limit:
+            core.set_actions(self.relay_actions, INSPECT_ALL, CLIENT_PREPARED_ACTIONS,
+                             CLIENT_RELAY_ACTIONS)
+        else:
+            core.set_actions(self.relay_actions, INSPECT_ALL)
+        # Clients join the core at their next link through Python, in the current mode.
+        for client in self.clients:
+            client.pool_core = None
+        # The core handles transaction pooling; the rest always goes through Python.
+        core.enabled = (mode == session.TRANSACTION
+                        and not (self.reset_always and cfg.server_reset_query))
+        core.check_enabled = self.check_enabled
+        core.check_delay = float(self.check_delay)
+        core.lifetime = float(self.settings.server_lifetime)
 
     # -- addressing ----------------------------------------------------------------------
 
@@ -224,6 +258,11 @@ class Pool:
         """Link a server already in `active`; sync parameters first if they differ."""
         session.link(client, server, self.relay_actions)
         if session.parameter_sync_sql(client, server) is None:
+            # In step: equal signatures let the core link this pair without asking again.
+            client.param_sig = session.signature(client.params)
+            server.param_sig = session.signature(server.params)
+            if (client.statements is not None) == bool(self.prepared_limit):
+                client.pool_core = self.core
             client.attached(server, now or time.monotonic())
             return
         self._sync_parameters(client, server)

@@ -86,6 +86,11 @@ class ServerStatements:
         self.prepared.clear()
         self.expected.clear()
 
+    def discarded(self) -> None:
+        """A client's DEALLOCATE ALL / DISCARD ALL ran: nothing is prepared any more. Responses
+        still expected for messages already sent keep their place."""
+        self.prepared.clear()
+
     def next_action(self, ready_count: int) -> int:
         """What to do with a ParseComplete/CloseComplete that just arrived."""
         self._drop_finished_syncs(ready_count)
@@ -183,6 +188,10 @@ class ClientStatements:
                 body = b"S" + server_name + b"\0"
         out.append(protocol.message(protocol.DESCRIBE, body))
         return added
+
+    def forget_all(self) -> None:
+        """The client deallocated all its statements (DEALLOCATE ALL / DISCARD ALL)."""
+        self.by_name.clear()
 
     def close(self, body: bytes, server: ServerStatements, out: list[bytes]) -> None:
         if body[:1] == b"S":

@@ -37,6 +37,8 @@ PREPARED_STATEMENT_RELAY_ACTIONS = protocol.action_table(
     protocol.PASS, S=protocol.INSPECT, C=protocol.INSPECT, Z=protocol.INSPECT,
     **{"1": protocol.INSPECT, "3": protocol.INSPECT}, E=protocol.INSPECT)
 TRANSACTION_START_TAGS = (b"BEGIN\0", b"START TRANSACTION\0")
+# Statement pooling reads CommandComplete itself; the codec reports these in other modes.
+DISCARD_TAGS = (b"DEALLOCATE ALL\0", b"DISCARD ALL\0")
 # A held reply larger than this is let through; the refusal then follows it.
 HELD_REPLY_MAX = 1024 * 1024
 
@@ -77,9 +79,11 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
         self._held_reply: list[bytes] | None = None   # statement mode: reply held until 'Z'
         limit = pool.prepared_limit
         self.statements = prepared.ServerStatements(limit) if limit else None
+        self.watch_discard = self.statements is not None
         self._held_size = 0
         self._scram: auth.ScramClient | None = None
         self.max_packet = pool.app.config.pgbouncer.max_packet_size
+        self.pool_core = pool.core
         self.buffer_size = max(4096, pool.app.config.pgbouncer.pkt_buf * 4)
         self.set_actions(INSPECT_ALL)
 
@@ -211,7 +215,10 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
                     protocol.PARSE_COMPLETE, protocol.CLOSE_COMPLETE, protocol.ERROR_RESPONSE):
                 self._prepared_response(msg_type, view)
             elif msg_type == protocol.COMMAND_COMPLETE and self.client is not None:
-                if bytes(view[5:]) in TRANSACTION_START_TAGS:
+                tag = bytes(view[5:])
+                if self.statements is not None and tag in DISCARD_TAGS:
+                    self.on_statements_discarded()
+                if tag in TRANSACTION_START_TAGS:
                     self._held_reply = []
                     self._held_size = 0
                     self.set_actions(INSPECT_ALL)
@@ -237,6 +244,15 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
             pool.release(client, self, pool.reset_always)
         else:
             client.refuse_transaction(self)
+
+    def on_statements_discarded(self) -> None:
+        """The client ran DEALLOCATE ALL or DISCARD ALL: this server has no prepared statement
+        left (the next use prepares again), and the client's own names are gone, as it expects."""
+        if self.statements is not None:
+            self.statements.discarded()
+        client = self.client
+        if client is not None and client.statements is not None:
+            client.statements.forget_all()
 
     def on_protocol_error(self, code: int, msg_type: int) -> None:
         self._fail(errors.protocol_violation(f"malformed message from server (code {code})"))
@@ -294,10 +310,12 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
     def _parameter_status(self, view) -> None:
         name, value = protocol.parse_parameter_status(view[5:])
         self.params[name] = value
+        self.param_sig = None  # compared again in Python at the next link
         client = self.client
         if client is not None:
             if name in session.TRACKED_PARAMETERS:
                 client.params[name] = value
+                client.param_sig = None
             if self._internal is None:
                 client.transport.write(bytes(view))
 

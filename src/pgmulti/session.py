@@ -41,6 +41,19 @@ def unlink(client: ClientConnection, server: ServerConnection, server_actions: b
         client.set_actions(client.pool.client_relay_actions)
 
 
+# Interned signatures: equal tracked values give the same object, compared by identity in C.
+_signatures: dict[tuple, tuple] = {}
+SIGNATURES_MAX = 4096
+
+
+def signature(params: dict[str, str]) -> tuple:
+    """The tracked parameter values of a client or server, one object per distinct value set."""
+    key = tuple(params.get(name) for name in TRACKED_PARAMETERS)
+    if len(_signatures) >= SIGNATURES_MAX:
+        _signatures.clear()  # old objects stay valid; equal new ones just compare once more
+    return _signatures.setdefault(key, key)
+
+
 def parameter_sync_sql(client: ClientConnection, server: ServerConnection) -> str | None:
     """SET statements that make the server show the client's tracked parameters, or None."""
     if client.params.items() <= server.params.items():

@@ -142,3 +142,43 @@ def test_admin_console_shows_prepared_statements_and_counts(proxy):
     assert len(mine) == 1 and mine[0]["uses"] >= 4 and mine[0]["servers"] >= 1
     assert totals["testdb"]["client_parse_count"] >= 1
     assert totals["testdb"]["bind_count"] >= 5
+
+
+@pytest.mark.parametrize("command", ["DEALLOCATE ALL", "DISCARD ALL", "SELECT 1; DEALLOCATE ALL"])
+@pytest.mark.parametrize("protocol", ["simple", "extended"])
+def test_deallocate_all_by_one_client_leaves_others_statements_working(pgmulti, command, protocol):
+    # One server shared by both clients: A's command drops every statement on it.
+    proxy = pgmulti({"pool_mode": "transaction", "default_pool_size": 1})
+    if protocol == "extended" and ";" in command:
+        pytest.skip("the extended protocol runs one statement per Parse")
+    with connect(proxy) as a, connect(proxy) as b:
+        a.pgconn.prepare(b"a_stmt", b"SELECT $1::int + 1")
+        b.pgconn.prepare(b"b_stmt", b"SELECT $1::text || 'b'")
+        pid = b.execute("SELECT pg_backend_pid()").fetchone()[0]
+        assert a.execute("SELECT pg_backend_pid()").fetchone()[0] == pid
+        if protocol == "simple":
+            a.pgconn.exec_(command.encode())
+        else:
+            a.pgconn.exec_params(command.encode(), [])  # Parse/Bind/Execute/Sync
+        # B's statement is prepared again on demand on the same server.
+        assert b.pgconn.exec_prepared(b"b_stmt", [b"x"]).get_value(0, 0) == b"xb"
+        # A's own names are gone, as after DEALLOCATE ALL on a direct connection ...
+        result = a.pgconn.exec_prepared(b"a_stmt", [b"1"])
+        assert result.error_field(psycopg.pq.DiagnosticField.SQLSTATE) == b"26000"
+        # ... and preparing them again works.
+        a.pgconn.prepare(b"a_stmt", b"SELECT $1::int + 1")
+        assert a.pgconn.exec_prepared(b"a_stmt", [b"1"]).get_value(0, 0) == b"2"
+        assert b.pgconn.exec_prepared(b"b_stmt", [b"y"]).get_value(0, 0) == b"yb"
+        assert b.execute("SELECT pg_backend_pid()").fetchone()[0] == pid
+
+
+def test_psycopg_prepared_cache_after_discard_all(pgmulti):
+    proxy = pgmulti({"pool_mode": "transaction", "default_pool_size": 1})
+    with connect(proxy, prepare_threshold=0) as a, connect(proxy, prepare_threshold=0) as b:
+        for value in range(2):
+            assert a.execute("SELECT %s::int * 3", [value]).fetchone() == (value * 3,)
+            assert b.execute("SELECT %s::int * 5", [value]).fetchone() == (value * 5,)
+        a.execute("DISCARD ALL")  # psycopg forgets its statements too and prepares again
+        for value in range(2, 4):
+            assert b.execute("SELECT %s::int * 5", [value]).fetchone() == (value * 5,)
+            assert a.execute("SELECT %s::int * 3", [value]).fetchone() == (value * 3,)

@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""Proxy CPU per transaction, pgmulti against PgBouncer, under the same pgbench load.
+
+Starts one throwaway PostgreSQL, one PgBouncer and one pgmulti (`workers = 1`) with the same
+pooling settings (transaction mode, pool 20), then runs `pgbench -S -M simple -c 16 -T 10`
+against each in turn, ROUNDS rounds, reading each proxy's utime+stime from /proc before and
+after, and prints µs of proxy CPU per transaction for both and their ratio per round. The
+machine may be shared: compare within one run only.
+
+    python bench/micro/txn_cpu.py [--rounds 3] [--duration 10] [--clients 16]
+    python bench/micro/txn_cpu.py --hold 300   # start everything, print pids/ports, wait
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_DIR = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO_DIR / "src"))
+from pgmulti.cluster import (  # noqa: E402
+    HOST, Cluster, clean_env, find_free_port, give_to_server_user, server_user_popen_kwargs,
+    stop_process, wait_until_listening)
+
+BENCH_DB = BENCH_USER = "bench"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def options(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--pool-size", type=int, default=20)
+    parser.add_argument("--mode", default="transaction", choices=("transaction", "session"))
+    parser.add_argument("--targets", default="pgbouncer,pgmulti")
+    parser.add_argument("--pgmulti-src", default=str(REPO_DIR / "src"),
+                        help="src directory of the pgmulti to run (default: this checkout)")
+    parser.add_argument("--hold", type=int, default=0,
+                        help="start the targets, print their pids and ports, wait this long")
+    return parser.parse_args(argv)
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat_file:
+        fields = stat_file.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+
+
+def pooler_ini(pg: Cluster, workdir: Path, port: int, args) -> str:
+    return f"""\
+[databases]
+{BENCH_DB} = host={pg.host} port={pg.port} dbname={BENCH_DB}
+
+[pgbouncer]
+listen_addr = {HOST}
+listen_port = {port}
+unix_socket_dir = {workdir}
+auth_type = trust
+auth_file = {workdir / "userlist.txt"}
+pool_mode = {args.mode}
+default_pool_size = {args.pool_size}
+max_client_conn = {args.clients + 20}
+logfile =
+log_connections = 0
+log_disconnections = 0
+"""
+
+
+def start(name: str, pg: Cluster, root: Path, args) -> tuple[subprocess.Popen, int]:
+    workdir, port = root / name, find_free_port()
+    workdir.mkdir()
+    give_to_server_user(workdir)
+    (workdir / "userlist.txt").write_text(f'"{BENCH_USER}" ""\n')
+    ini = workdir / "pooler.ini"
+    text = pooler_ini(pg, workdir, port, args)
+    if name == "pgmulti":
+        ini.write_text(text + "workers = 1\n")
+        command = [sys.executable, "-m", "pgmulti", str(ini)]
+        extra = {"env": clean_env(PYTHONPATH=args.pgmulti_src)}
+    else:
+        ini.write_text(text)
+        command = [shutil.which("pgbouncer") or "/usr/sbin/pgbouncer", str(ini)]
+        extra = {"env": clean_env(), **server_user_popen_kwargs()}
+    log = open(workdir / f"{name}.log", "ab")
+    process = subprocess.Popen(command, cwd=workdir, stdin=subprocess.DEVNULL, stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True, **extra)
+    wait_until_listening(process, port, 20)
+    return process, port
+
+
+def pgbench(pg: Cluster, port: int, args, duration: int) -> int:
+    """Run select-only pgbench; the number of transactions it made."""
+    result = subprocess.run(
+        [str(pg.bindir / "pgbench"), "-n", "-S", "-M", "simple", "-T", str(duration),
+         "-c", str(args.clients), "-j", str(args.jobs), "-h", HOST, "-p", str(port),
+         "-U", BENCH_USER, BENCH_DB],
+        env=clean_env(), capture_output=True, text=True, timeout=duration + 60, check=False)
+    match = re.search(r"number of transactions actually processed: (\d+)", result.stdout)
+    if result.returncode != 0 or not match:
+        raise RuntimeError(f"pgbench failed: {result.stderr.strip()[-500:]}")
+    return int(match.group(1))
+
+
+def main(argv=None) -> int:
+    args = options(argv)
+    with contextlib.ExitStack() as stack:
+        root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="txn-cpu-")))
+        give_to_server_user(root)
+        pg = Cluster(root / "pg")
+        pg.init()
+        pg.start()
+        stack.callback(pg.stop)
+        pg.psql(f"CREATE ROLE {BENCH_USER} LOGIN")
+        pg.psql(f"CREATE DATABASE {BENCH_DB} OWNER {BENCH_USER}")
+        subprocess.run([str(pg.bindir / "pgbench"), "-i", "-q", "-s", "1", "-h", pg.host,
+                        "-p", str(pg.port), "-U", BENCH_USER, BENCH_DB],
+                       env=clean_env(), capture_output=True, timeout=120, check=True)
+        targets = {}
+        for name in args.targets.split(","):
+            process, port = start(name, pg, root, args)
+            stack.callback(stop_process, process)
+            targets[name] = (process, port)
+            print(f"{name}: pid {process.pid} port {port}", flush=True)
+        if args.hold:
+            print(f"postgres port {pg.port}; holding {args.hold} s", flush=True)
+            time.sleep(args.hold)
+            return 0
+        for name, (process, port) in targets.items():  # warm-up: connections open
+            pgbench(pg, port, args, 2)
+        results: dict[str, list[float]] = {name: [] for name in targets}
+        names = list(targets)
+        for round_number in range(args.rounds):
+            order = names[round_number % len(names):] + names[:round_number % len(names)]
+            for name in order:
+                process, port = targets[name]
+                before = cpu_seconds(process.pid)
+                started = time.monotonic()
+                transactions = pgbench(pg, port, args, args.duration)
+                elapsed = time.monotonic() - started
+                cpu_us = (cpu_seconds(process.pid) - before) * 1e6 / transactions
+                results[name].append(cpu_us)
+                print(f"round {round_number + 1} {name}: {transactions / elapsed:.0f} txn/s, "
+                      f"{cpu_us:.2f} µs CPU/txn", flush=True)
+            if len(names) == 2:
+                a, b = (results[name][-1] for name in names)
+                print(f"round {round_number + 1} ratio {names[1]}/{names[0]}: {b / a:.3f}",
+                      flush=True)
+        for name, values in results.items():
+            print(f"{name}: median {statistics.median(values):.2f} µs CPU/txn over {len(values)} rounds")
+        if len(names) == 2:
+            ratios = [b / a for a, b in zip(results[names[0]], results[names[1]])]
+            print(f"ratio {names[1]}/{names[0]}: median {statistics.median(ratios):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
