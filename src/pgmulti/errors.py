@@ -41,6 +41,12 @@ class PgError(Exception):
         return "FATAL" if self.fatal else "ERROR"
 
 
+class ServerProtocolRefused(PgError):
+    """A server refused the protocol version we asked for before authentication (an old
+    PostgreSQL or another pooler that cannot answer NegotiateProtocolVersion): log in again
+    with protocol 3.0 rather than fail the client."""
+
+
 def fatal(sqlstate: str, message: str, **kwargs) -> PgError:
     return PgError(sqlstate, message, fatal=True, **kwargs)
 

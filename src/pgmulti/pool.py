@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import errors, session
+from . import errors, protocol, session
 from ._codec import PoolCore
 from .client import PREPARED_RELAY_ACTIONS as CLIENT_PREPARED_ACTIONS
 from .client import RELAY_ACTIONS as CLIENT_RELAY_ACTIONS
@@ -92,6 +92,8 @@ class Pool:
         self._welcome: asyncio.Task | None = None
         self.last_failure = 0.0
         self.last_error: PgError | None = None
+        # Asked of new servers; 3.0 once one refused 3.2 outright (see ServerProtocolRefused).
+        self.server_protocol = protocol.PROTOCOL_LATEST
         self.disabled = False
         self.configure(app.config.pgbouncer)
 
@@ -418,6 +420,14 @@ class Pool:
             self.welcome_params = dict(server.params)
 
     def _login_failed(self, server: ServerConnection, exc: PgError) -> None:
+        if isinstance(exc, errors.ServerProtocolRefused):
+            # Not a failure to back off from: the next login asks for protocol 3.0.
+            log.info("%r %s; using protocol 3.0 for this pool", server, exc.message)
+            server.close(exc.message)
+            self._remove(server)
+            server.state = "closed"
+            self.launch_needed()
+            return
         log.warning("%r login failed: %s", server, exc.message)
         server.close(exc.message)
         self._remove(server)
@@ -471,7 +481,10 @@ class Pool:
             if not self.login and self._may_launch():
                 server = ServerConnection(self, next(_server_ids))
                 self._move(server, "login")
-                await self._log_in(server)
+                try:
+                    await self._log_in(server)
+                except errors.ServerProtocolRefused:
+                    continue  # at once, with protocol 3.0
                 if not server.closed:
                     self.server_ready(server)
                 break

@@ -82,6 +82,7 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
         self.watch_discard = self.statements is not None
         self._held_size = 0
         self._scram: auth.ScramClient | None = None
+        self.auth_started = False        # an Authentication request came during login
         self.max_packet = pool.app.config.pgbouncer.max_packet_size
         self.pool_core = pool.core
         self.buffer_size = max(4096, pool.app.config.pgbouncer.pkt_buf * 4)
@@ -144,10 +145,11 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
         sock = transport.get_extra_info("sockname")
         if isinstance(sock, tuple):
             self.local_addr = sock[:2]
-        # Ask for the newest protocol; an older server answers NegotiateProtocolVersion.
-        self.protocol_version = protocol.PROTOCOL_LATEST
+        # Ask for the newest protocol; an older server answers NegotiateProtocolVersion
+        # (one that cannot is asked for 3.0 from then on, see _login_message).
+        self.protocol_version = self.pool.server_protocol
         transport.write(protocol.startup_message(self.pool.startup_params(),
-                                                 protocol.PROTOCOL_LATEST))
+                                                 self.protocol_version))
 
     def connection_lost(self, exc) -> None:
         was_closed = self.closed
@@ -324,6 +326,7 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
     def _login_message(self, msg_type: int, view) -> None:
         body = view[5:]
         if msg_type == protocol.AUTHENTICATION:
+            self.auth_started = True
             self._authenticate(int.from_bytes(body[:4], "big"), bytes(body[4:]))
         elif msg_type == protocol.PARAMETER_STATUS:
             name, value = protocol.parse_parameter_status(body)
@@ -343,7 +346,13 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
             self.protocol_version = version  # the downgrade PostgreSQL before 18 answers
         elif msg_type == protocol.ERROR_RESPONSE:
             fields = protocol.parse_fields(body)
-            raise PgError(fields.get("C", errors.CONNECTION_FAILURE),
+            code = fields.get("C", errors.CONNECTION_FAILURE)
+            if (not self.auth_started and self.protocol_version > protocol.PROTOCOL_3_0
+                    and code in (errors.PROTOCOL_VIOLATION, errors.FEATURE_NOT_SUPPORTED)):
+                self.pool.server_protocol = protocol.PROTOCOL_3_0
+                raise errors.ServerProtocolRefused(code, "server refused protocol 3.2: "
+                                                   + fields.get("M", ""), fatal=True)
+            raise PgError(code,
                           f"server login failed: {fields.get('M', 'unknown error')}", fatal=True)
         elif msg_type == protocol.READY_FOR_QUERY:
             self.logged_in = True

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -21,7 +23,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pgmulti.cluster import ClusterError, clean_env, find_free_port, stop_process, wait_until_listening
+from pgmulti.cluster import (ClusterError, clean_env, find_free_port, give_to_server_user,
+                             server_user_popen_kwargs, stop_process, wait_until_listening)
 
 CONNECT_TIMEOUT_S = 5
 SOCKET_TIMEOUT_S = 5.0
@@ -361,3 +364,47 @@ def test_long_server_key_is_kept_and_sent_back(pgmulti, analyzer):
     assert keys and set(keys) == {"<redacted> (32 bytes)"}, keys
     cancels = [r for r in records if r["type"] == "CancelRequest"]
     assert [r["length"] for r in cancels] == [12 + 32] * 2
+
+
+# --- a server that cannot negotiate ---
+
+
+@pytest.fixture
+def pgbouncer_in_front_of_pg(pg, tmp_path):
+    """PgBouncer 1.18 (which answers a 3.2 StartupMessage with "bad packet header" instead of
+    NegotiateProtocolVersion) as the server pgmulti pools, as when poolers are layered."""
+    binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+    if not os.path.exists(binary):
+        pytest.skip("PgBouncer is not installed")
+    workdir = Path(tempfile.mkdtemp(prefix="pgbouncer-layer-"))
+    give_to_server_user(workdir)
+    port = find_free_port()
+    (workdir / "userlist.txt").write_text('"postgres" ""\n')
+    (workdir / "pgbouncer.ini").write_text(
+        f"[databases]\ntestdb = host=127.0.0.1 port={pg.port} dbname=testdb\n"
+        f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
+        f"auth_type = trust\nauth_file = {workdir}/userlist.txt\npool_mode = transaction\n")
+    for path in workdir.iterdir():
+        give_to_server_user(path)
+    with open(workdir / "pgbouncer.log", "wb") as log:
+        process = subprocess.Popen([binary, str(workdir / "pgbouncer.ini")], cwd=workdir,
+                                   stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                   env=clean_env(), start_new_session=True,
+                                   **server_user_popen_kwargs())
+    try:
+        wait_until_listening(process, port, 15)
+        yield port
+    finally:
+        stop_process(process, 5)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_a_server_refusing_3_2_is_spoken_to_in_3_0(pgmulti, base_config, pgbouncer_in_front_of_pg):
+    proxy = pgmulti(base_config(databases={
+        "testdb": f"host=127.0.0.1 port={pgbouncer_in_front_of_pg} dbname=testdb"}))
+    # The first client already gets through: the refused login is retried at once with 3.0,
+    # without server_login_retry's back-off.
+    for _ in range(3):
+        with psycopg.connect(proxy.dsn(db="testdb"), connect_timeout=10) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert "using protocol 3.0 for this pool" in proxy.log_text()
