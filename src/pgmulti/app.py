@@ -8,7 +8,7 @@ import os
 import secrets
 import signal
 
-from . import aggregate, auth, errors, loader, metrics, peers, prepared, supervisor, systemd
+from . import aggregate, auth, errors, hba, loader, metrics, peers, prepared, supervisor, systemd
 from .admin import AdminConsole
 from .errors import PgError
 from .janitor import Janitor
@@ -45,6 +45,14 @@ def preflight(config) -> None:
     """What would stop every worker from serving, checked once before they start."""
     check_auth_type(config)
     TlsContexts(config.pgbouncer)  # raises TlsConfigError (a ValueError) for bad files
+    load_hba_rules(config)
+
+
+def load_hba_rules(config) -> None:
+    """Read auth_hba_file now (start, reload): its problems show at once, and it is read
+    before -u drops privileges; logins then use the cached rules (hba.rules_for)."""
+    if config.pgbouncer.auth_type == "hba":
+        hba.rules_for(config)
 
 
 class App:
@@ -89,6 +97,7 @@ class App:
         cfg = config.pgbouncer
         self.admin_users = _names(cfg.admin_users)
         self.stats_users = _names(cfg.stats_users)
+        load_hba_rules(config)
         self.ignored_startup_parameters = {name.lower() for name in _names(cfg.ignore_startup_parameters)}
 
     def load_userlist(self) -> None:
