@@ -462,7 +462,9 @@ class AdminConsole:
         has a counterpart for, then pgmulti's own kinds. size is the mean estimate per
         object in bytes, used the object count, free always 0 (Python keeps no free lists
         we could count), memtotal the sum. An object counts with its attribute dict, not
-        with what it shares with others; a read buffer counts at its configured size.
+        with what it shares with others. iobuf_cache is an upper bound: every connection
+        counts one read buffer of its configured size, though idle clients give theirs back
+        (the codec does not tell whether a buffer is held).
         """
         app = self.app
         servers = [server for pool in app.pools.values() for server in pool.all_servers()]
