@@ -380,7 +380,7 @@ class AdminConsole:
         cfg = self.app.config.pgbouncer
         for name, db in self.app.config.databases.items():
             pools = [p for p in self.app.pools.values() if p.name == name]
-            settings = self.app.pool_settings(db, db.user or "")
+            settings = self.app.pool_settings(db, db.user or "", whole=True)
             current = sum(p.server_count for p in pools)
             clients = sum(len(p.clients) for p in pools)
             rows.append([name, db.host, db.port or 5432, db.dbname or name, db.user,

@@ -143,11 +143,12 @@ class App:
         log.info("configuration reloaded from %s", self.config_path)
         systemd.ready()
 
-    def pool_settings(self, db, user: str) -> PoolSettings:
-        """Effective limits with PgBouncer's precedence (user, then database, then global)."""
+    def pool_settings(self, db, user: str, whole: bool = False) -> PoolSettings:
+        """Effective limits with PgBouncer's precedence (user, then database, then global):
+        this worker's share of them, or with `whole` the configured totals (SHOW DATABASES)."""
         config = self.config
         user_cfg = config.users.get(user)
-        part = self.limit_share
+        part = (lambda limit, at_least_one=True: limit) if whole else self.limit_share
         return PoolSettings(
             pool_mode=config.effective_pool_mode(db, user_cfg),
             pool_size=part(config.effective_pool_size(db, user_cfg)),

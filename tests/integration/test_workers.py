@@ -261,3 +261,10 @@ def test_pgbench_through_two_workers(workers, pg):
         assert stats["workerbench"]["total_xact_count"] >= 400
     finally:
         pg.psql("DROP DATABASE IF EXISTS workerbench WITH (FORCE)")
+
+
+def test_show_databases_gives_the_configured_limits_not_a_workers_share(workers):
+    proxy = workers(default_pool_size=5, max_db_connections=7)
+    rows = [row for row in show(proxy, "DATABASES") if row["name"] == "testdb"]
+    assert len(rows) == 1
+    assert (rows[0]["pool_size"], rows[0]["max_connections"]) == (5, 7)
