@@ -753,19 +753,8 @@ class AdminConsole:
     def _apply(self, config, tls) -> None:
         """Swap in the new configuration and let every pool pick up its limits (as
         App.reload does for an unchanged [databases] section)."""
-        app = self.app
-        app._apply_config(config, tls)
-        for pool in app.pools.values():
-            prepared_limit = pool.prepared_limit
-            pool.settings = app.pool_settings(pool.db, pool.user)
-            pool.configure(config.pgbouncer)
-            if pool.prepared_limit != prepared_limit:
-                # A server keeps the statement mapping it was opened with (or none): it must
-                # not serve under the other one (max_prepared_statements, pool_mode).
-                pool.close_idle("prepared statement mapping changed")
-                pool.reconnect_generation += 1
-            if pool.waiting:
-                pool.launch_needed()  # a bigger pool serves waiting clients now
+        self.app.apply_config(config, tls)
+        self.app.refresh_pools()
 
 
 def apply_logging(settings, key: str) -> None:

@@ -83,7 +83,7 @@ class App:
         self._tasks: set[asyncio.Task] = set()
         self.prepared_registry = prepared.Registry()
         self.stopped = asyncio.get_running_loop().create_future()
-        self._apply_config(config)
+        self.apply_config(config)
         if userlist is None:
             self.load_userlist()
         else:
@@ -91,7 +91,8 @@ class App:
 
     # -- configuration -------------------------------------------------------------------
 
-    def _apply_config(self, config, tls: TlsContexts | None = None) -> None:
+    def apply_config(self, config, tls: TlsContexts | None = None) -> None:
+        """Take up a configuration (start, RELOAD, SET); refresh_pools() passes it to pools."""
         self.tls = tls or TlsContexts(config.pgbouncer)
         self.config = config
         cfg = config.pgbouncer
@@ -123,25 +124,38 @@ class App:
             systemd.ready()
             raise PgError("F0000", f"RELOAD failed: {exc}") from None
         old = self.config.pgbouncer
-        self._apply_config(config, tls)
+        self.apply_config(config, tls)
         self.load_userlist()
         if (old.metrics_addr, old.metrics_port) != (config.pgbouncer.metrics_addr,
                                                     config.pgbouncer.metrics_port):
             self.spawn(self._restart_metrics())
-        for (name, user), pool in list(self.pools.items()):
-            db = config.database_for(name)
+        self.refresh_pools()
+        log.info("configuration reloaded from %s", self.config_path)
+        systemd.ready()
+
+    def refresh_pools(self) -> None:
+        """Every pool takes up the current configuration (RELOAD, SIGHUP, SET)."""
+        for name, pool in list(self.pools.items()):
+            db = self.config.database_for(pool.name)
             if db is None:
                 pool.disabled = True
                 continue
             if db != pool.db:
-                # New connection settings: old servers close as they come back.
-                pool.db = db
+                # New destination or options: servers close as they come back (busy ones
+                # show close_needed; WAIT_CLOSE waits for them).
+                pool.set_database(db)
                 pool.close_idle("database configuration changed")
-                pool.reconnect_generation += 1  # busy ones too (close_needed, WAIT_CLOSE)
+                pool.reconnect_generation += 1
+            prepared_limit = pool.prepared_limit
             pool.settings = self.pool_settings(db, pool.user)
-            pool.configure(config.pgbouncer)
-        log.info("configuration reloaded from %s", self.config_path)
-        systemd.ready()
+            pool.configure(self.config.pgbouncer)
+            if pool.prepared_limit != prepared_limit:
+                # A server keeps the statement mapping it was opened with (or none): it must
+                # not serve under the other one (max_prepared_statements, pool_mode).
+                pool.close_idle("prepared statement mapping changed")
+                pool.reconnect_generation += 1
+            if pool.waiting:
+                pool.launch_needed()  # a bigger pool serves waiting clients now
 
     def pool_settings(self, db, user: str, whole: bool = False) -> PoolSettings:
         """Effective limits with PgBouncer's precedence (user, then database, then global):

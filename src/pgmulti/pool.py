@@ -74,10 +74,8 @@ class Pool:
         self.server_user = server_user
         self.credentials = credentials
         self.settings = settings
-        self.hosts = _split_hosts(db.host)
         self._next_host = 0
-        self.port = db.port or 5432
-        self.dbname = db.dbname or name
+        self.set_database(db)
         self.waiting: collections.deque[ClientConnection] = collections.deque()
         self.stats = PoolStats()
         # The per-transaction hand-off runs in the codec; idle and active are its collections.
@@ -99,6 +97,13 @@ class Pool:
 
     def __repr__(self) -> str:
         return f"pool {self.name}/{self.user}"
+
+    def set_database(self, db) -> None:
+        """The [databases] entry servers are opened with (again on reload)."""
+        self.db = db
+        self.hosts = _split_hosts(db.host)
+        self.port = db.port or 5432
+        self.dbname = db.dbname or self.name
 
     # PAUSE and RECONNECT live in the core, which checks them on every hand-off.
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 import time
@@ -360,8 +361,6 @@ def test_wait_close_after_reload_of_a_changed_database(proxy, base_config):
         assert answered == ["WAIT_CLOSE"]
 
 
-@pytest.mark.xfail(strict=True, reason="Pool keeps hosts/port/dbname from its first database "
-                   "entry: App.reload swaps pool.db only (pool.py/app.py, reported)")
 def test_reload_of_a_changed_database_reaches_the_new_destination(proxy, base_config):
     with console(proxy) as admin, connect(proxy, autocommit=True) as client:
         assert client.execute("SELECT current_database()").fetchone() == ("testdb",)
@@ -420,3 +419,20 @@ def test_set_and_kill_client_reach_every_worker(pgmulti, base_config):
     finally:
         for client in clients:
             client.close()
+
+
+def test_reload_switching_prepared_statements_on_keeps_clients_working(pgmulti, base_config):
+    """Servers opened without statement mapping must not serve once it is on (and back)."""
+    proxy = pgmulti(base_config(max_prepared_statements=0))
+    with psycopg.connect(proxy.dsn(db="testdb"), connect_timeout=10, autocommit=True) as conn:
+        conn.execute("SELECT 1")
+    for reloads, limit in enumerate((100, 0, 100), start=1):
+        proxy.write_config(base_config(max_prepared_statements=limit))
+        proxy.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while proxy.log_text().count("configuration reloaded") < reloads:
+            assert time.monotonic() < deadline, "no reload in the log"
+            time.sleep(0.05)
+        with psycopg.connect(proxy.dsn(db="testdb"), connect_timeout=10, autocommit=True) as conn:
+            for _ in range(3):
+                assert conn.execute("SELECT %s::int", [limit], prepare=True).fetchone() == (limit,)
