@@ -292,6 +292,10 @@ cdef class Relay:
         """Bytes read but not yet processed."""
         return self._end - self._start
 
+    def peek_buffered(self):
+        """A copy of the unprocessed bytes, left in place."""
+        return bytes(self._view[self._start:self._end]) if self._buf is not None else b""
+
     def take_buffered(self):
         """Remove and return the unprocessed bytes (used when a connection changes hands)."""
         data = bytes(self._view[self._start:self._end]) if self._buf is not None else b""

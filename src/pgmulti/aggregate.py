@@ -13,6 +13,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from . import protocol
+from .admin import ADMIN_ONLY_SHOWS
 
 if TYPE_CHECKING:
     from .app import App
@@ -154,10 +155,12 @@ class ConsoleAcrossWorkers:
         verb = words[0].lower() if words else ""
         what = words[1].lower() if len(words) == 2 else ""
         admin = self.app.admin
-        if verb in ("show", "select") and what in admin.show and what not in LOCAL_ONLY:
+        is_admin = client.user in self.app.admin_users
+        if (verb in ("show", "select") and what in admin.show and what not in LOCAL_ONLY
+                and (is_admin or what not in ADMIN_ONLY_SHOWS)):
             client.hold()
             self.app.spawn(self._show(client, what))
-        elif verb in ("show", "select", "shutdown", "") or client.user not in self.app.admin_users:
+        elif verb in ("show", "select", "shutdown", "") or not is_admin:
             # SHOW of local facts, errors, SHUTDOWN (through the parent), refusals: as is.
             admin.handle_query(client, body)
         else:
@@ -185,7 +188,9 @@ class ConsoleAcrossWorkers:
         answered = asyncio.get_running_loop().create_future()
         here = HeadlessConsole(client.user, answered)
         self.app.admin.handle_query(here, text.encode())
-        others = await self.app.peers.ask_others("console", text=text, user=client.user)
+        # No time limit: PAUSE and WAIT_CLOSE answer when transactions end, as in PgBouncer.
+        others = await self.app.peers.ask_others("console", timeout=None, text=text,
+                                                 user=client.user)
         local = await answered
         answer = local
         if is_error(local):

@@ -308,7 +308,9 @@ class App:
             return
         server = client.server
         if server is None:
-            return  # nothing runs for this client: a cancel has nothing to stop
+            # Queued for a server: the query has not started, so it is dropped here.
+            client.cancel_while_waiting()
+            return
         self.spawn(server.send_cancel())
 
     def count_error(self, sqlstate: str) -> None:

@@ -601,6 +601,28 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
             self.hold()
             self.report(exc)
 
+    def cancel_while_waiting(self) -> None:
+        """A CancelRequest for a client still queued for a server: drop its queued request and
+        answer as PostgreSQL answers a cancelled query (57014, then ReadyForQuery). Only when
+        the queued bytes are exactly one complete request (a Query, or extended-protocol
+        messages up to one Sync); anything else stays queued, as PgBouncer leaves it."""
+        if self.state != "waiting" or self.pool is None or self.closed:
+            return
+        if protocol.complete_requests(self.peek_buffered()) != 1:
+            log.info("%r cancel while queued ignored: not exactly one whole request queued", self)
+            return
+        try:
+            self.pool.waiting.remove(self)
+        except ValueError:
+            return
+        self.take_buffered()
+        self.state = "active"
+        self.transport.write(protocol.error_response(
+            "ERROR", errors.QUERY_CANCELED, "canceling statement due to user request")
+            + protocol.ready_for_query("I"))
+        self._resume_reading()
+        self.resume()
+
     def start_waiting(self) -> None:
         self.state = "waiting"
         self.wait_start = time.monotonic()

@@ -115,8 +115,9 @@ class Peers:
 
     # -- asking --------------------------------------------------------------------------
 
-    async def ask(self, index: int, op: str, **fields):
-        """One peer's answer; raises OSError when it cannot be reached or fails."""
+    async def ask(self, index: int, op: str, *, timeout: float | None = ASK_TIMEOUT_S, **fields):
+        """One peer's answer; raises OSError when it cannot be reached or fails. timeout=None
+        waits as long as the answer takes (PAUSE, WAIT_CLOSE wait for transactions to end)."""
         path = control_path(self.directory, index)
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), ASK_TIMEOUT_S)
@@ -124,7 +125,7 @@ class Peers:
             raise OSError(f"worker {index} did not accept a control connection") from None
         try:
             writer.write(_frame({"op": op, **fields}))
-            answer = await asyncio.wait_for(_read_message(reader), ASK_TIMEOUT_S)
+            answer = await asyncio.wait_for(_read_message(reader), timeout)
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError,
                 msgspec.DecodeError) as exc:
             raise OSError(f"worker {index} gave no answer to {op}: {exc or 'timeout'}") from None
@@ -134,9 +135,10 @@ class Peers:
             raise OSError(f"worker {index}: {answer['error']}")
         return answer["result"]
 
-    async def ask_others(self, op: str, **fields) -> list:
+    async def ask_others(self, op: str, *, timeout: float | None = ASK_TIMEOUT_S, **fields) -> list:
         """Every other worker's answer; one that cannot answer (restarting) is left out."""
-        results = await asyncio.gather(*(self.ask(i, op, **fields) for i in self.others()),
+        results = await asyncio.gather(*(self.ask(i, op, timeout=timeout, **fields)
+                                         for i in self.others()),
                                        return_exceptions=True)
         answers = []
         for index, result in zip(self.others(), results):

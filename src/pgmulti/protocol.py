@@ -99,6 +99,25 @@ def parse_startup_params(rest: bytes) -> dict[str, str]:
         params[name] = value
 
 
+def complete_requests(data: bytes) -> int:
+    """How many requests (Query, Sync, FunctionCall) `data` holds if it is a sequence of whole
+    frontend messages ending with one; -1 if a message is cut short or something follows the
+    last request (the answer would come after a part still to arrive)."""
+    requests, pos = 0, 0
+    last_request_end = 0
+    while pos < len(data):
+        if pos + 5 > len(data):
+            return -1
+        length = int.from_bytes(data[pos + 1:pos + 5], "big")
+        if length < 4 or pos + 1 + length > len(data):
+            return -1
+        if data[pos] in (QUERY, SYNC, FUNCTION_CALL):
+            requests += 1
+            last_request_end = pos + 1 + length
+        pos += 1 + length
+    return requests if last_request_end == len(data) else -1
+
+
 def parse_fields(body) -> dict[str, str]:
     """ErrorResponse / NoticeResponse body (after the header) into {field code: text}."""
     raw = bytes(body)

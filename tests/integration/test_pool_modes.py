@@ -513,6 +513,62 @@ def test_late_cancel_does_not_hit_the_next_user_of_the_server(pgmulti, pg):
         assert backend_pid(runner) == early_pid  # it was the same server
 
 
+def show_pool(proxy, db: str = "testdb") -> dict:
+    with connect(proxy, db="pgbouncer") as admin:
+        cursor = admin.execute("SHOW POOLS")
+        names = [column.name for column in cursor.description]
+        return next(dict(zip(names, row)) for row in cursor.fetchall() if row[0] == db)
+
+
+@pytest.mark.parametrize("mode", ["transaction", "session"])
+def test_cancel_while_queued_for_a_server(pgmulti, pg, mode):
+    """A client waiting for a server (the pool is busy) is cancelled at once: its query never
+    reaches PostgreSQL, it gets 57014, and it can go on (PgBouncer leaves it waiting)."""
+    proxy = pgmulti({"pool_mode": mode, "default_pool_size": 1})
+    holder = connect(proxy)
+    try:
+        holder.execute("BEGIN")
+        holder.execute("SELECT 1")  # the only server is in holder's transaction
+        with connect(proxy) as queued:
+            thread, outcome = _run_sleep_in_thread(queued, 0, "queued-cancel")
+            wait_for(lambda: show_pool(proxy)["cl_waiting"] == 1, 10, what="the client to queue")
+            queued.cancel_safe(timeout=5)
+            thread.join(8)
+            assert not thread.is_alive(), "still queued after the cancel"
+            assert isinstance(outcome.get("error"), pgerrors.QueryCanceled), outcome
+            assert outcome["elapsed"] < 5
+            assert show_pool(proxy)["cl_waiting"] == 0
+            holder.execute("COMMIT")
+            if mode == "session":
+                holder.close()  # session pooling: the server is holder's until it leaves
+            assert scalar(queued, "SELECT 8") == 8  # and it goes on normally
+    finally:
+        holder.close()
+
+
+def test_psql_sigint_while_queued_cancels(pgmulti, pg):
+    """psql's Ctrl-C path (simple protocol) for a query still waiting for a server."""
+    proxy = pgmulti({"pool_mode": "transaction", "default_pool_size": 1})
+    with connect(proxy) as holder:
+        holder.execute("BEGIN")
+        holder.execute("SELECT 1")
+        process = subprocess.Popen(
+            [pg.bindir / "psql", "-X", "-w", "-h", proxy.host, "-p", str(proxy.port), "-U",
+             "postgres", "-d", "testdb", "-c", "SELECT 'should not run'"],
+            env=clean_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: show_pool(proxy)["cl_waiting"] == 1, 10, what="psql to queue")
+            process.send_signal(signal.SIGINT)
+            _, err = process.communicate(timeout=10)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(5)
+        assert "canceling statement due to user request" in err, err
+        holder.execute("COMMIT")
+
+
 def test_client_vanishing_mid_query_frees_its_pool_slot(pgmulti, pg):
     """A client that disconnects while its query runs: the next client is not stuck behind it."""
     proxy = pgmulti({"pool_mode": "transaction", "default_pool_size": 1})
