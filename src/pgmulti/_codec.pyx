@@ -157,6 +157,10 @@ cdef class Relay:
     cdef public unsigned long long idle_ready_count
     cdef public bint notify_ready   # call on_ready() after reads with ReadyForQuery
     cdef public bint watch_discard  # server side: report DEALLOCATE ALL / DISCARD ALL
+    # Client side: what one read forwards (pass runs and what Python rewrote, in order) goes
+    # out as one writelines() at the end of processing instead of one write per piece.
+    cdef public bint batch_output
+    cdef list _batch
     # Server side: timing of transactions and queries (0 start = none running).
     cdef long long _xact_start_us
     cdef long long _query_start_us
@@ -376,13 +380,37 @@ cdef class Relay:
             return 0
         self.tx_bytes += <unsigned long long>(b - a)
         if b - a <= COPY_WRITE_MAX:
-            self.writer(PyBytes_FromStringAndSize(<char*>self._data + a, b - a))
+            piece = PyBytes_FromStringAndSize(<char*>self._data + a, b - a)
         else:
             if self._lent_to is None:
                 self._lent_to = self._out
             elif self._lent_to is not self._out:
                 self._lent_to_several = True
-            self.writer(self._view[a:b])
+            piece = self._view[a:b]
+        if self._batch is not None:
+            self._batch.append(piece)
+        else:
+            self.writer(piece)
+        return 0
+
+    def forward(self, data):
+        """Send bytes Python built (a rewritten message) to the linked peer, in order with the
+        pass-through messages around it: batched while a read is processed."""
+        self.tx_bytes += <unsigned long long>len(data)
+        if self._batch is not None:
+            self._batch.append(data)
+        else:
+            self.writer(data)
+
+    cdef int _write_batch(self) except -1:
+        cdef list batch = self._batch
+        self._batch = None
+        if not batch or self._out is None:
+            return 0
+        if len(batch) == 1:
+            self._out.write(batch[0])
+        else:
+            self._out.writelines(batch)
         return 0
 
     cdef int _fail(self, int code, int msg_type) except -1:
@@ -396,10 +424,14 @@ cdef class Relay:
         if self._buf is None or self._processing:
             return 0
         self._processing = True
+        if self.batch_output:
+            self._batch = []
         try:
             self._scan()
         finally:
             self._processing = False
+            if self._batch is not None:
+                self._write_batch()
         return 0
 
     cdef int _scan(self) except -1:

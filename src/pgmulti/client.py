@@ -97,6 +97,7 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         self.max_packet = cfg.max_packet_size
         self.buffer_size = max(4096, cfg.pkt_buf * 4)
         self.startup_phase = True
+        self.batch_output = True
 
     def __repr__(self) -> str:
         return f"C-0x{self.id:x}: {self.database or '(nodb)'}/{self.user or '(nouser)'}@{self.addr_text}"
@@ -564,11 +565,11 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         # Unnamed statements need no mapping: forward the message as it came.
         if msg_type == protocol.BIND and view[5] == 0 and view[6] == 0:
             stats.bind_count += 1
-            server.transport.write(bytes(view))
+            self.forward(bytes(view))
             return
         if msg_type == protocol.PARSE and view[5] == 0:
             statements.expect(prepared.FORWARD, prepared.PARSE)
-            server.transport.write(bytes(view))
+            self.forward(bytes(view))
             return
         out: list[bytes] = []
         body = bytes(view[5:])
@@ -589,7 +590,9 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
             out.append(bytes(view))
             server.pending += 1
             statements.expected.append(("sync", server.ready_count + server.pending))
-        server.transport.write(b"".join(out))
+        if out:
+            # With the pass-through messages of the same read: one write for the whole batch.
+            self.forward(b"".join(out))
 
     def on_unlinked(self, msg_type: int) -> None:
         """The first message of a transaction: get a server (now, or queue and wait)."""
