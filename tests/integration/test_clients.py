@@ -329,6 +329,44 @@ def test_psycopg_listen_notify_in_session_mode(pgmulti):
         assert received == ["payload one", "payload two"]
 
 
+def test_session_mode_keeps_advisory_locks_temp_tables_and_settings(pgmulti):
+    """Session pooling: the server is the client's for its whole session, so session-level
+    features behave as on PostgreSQL directly (README: session-level features)."""
+    proxy = pgmulti({"pool_mode": "session", "default_pool_size": 2})
+    with connect(proxy) as owner, connect(proxy) as other:
+        assert scalar(owner, "SELECT pg_try_advisory_lock(4242)") is True
+        assert scalar(other, "SELECT pg_try_advisory_lock(4242)") is False
+        owner.execute("CREATE TEMP TABLE session_scratch (x int)")
+        owner.execute("INSERT INTO session_scratch VALUES (1), (2)")
+        owner.execute("SET work_mem = '1234kB'")
+        owner.execute("PREPARE two AS SELECT 2")
+        for _ in range(3):  # later statements see the same session
+            assert scalar(owner, "SELECT count(*) FROM session_scratch") == 2
+            assert scalar(owner, "SHOW work_mem") == "1234kB"
+            assert scalar(owner, "EXECUTE two") == 2
+        assert scalar(other, "SELECT to_regclass('pg_temp.session_scratch')") is None
+    with connect(proxy) as after:  # DISCARD ALL reset the server for the next client
+        assert scalar(after, "SELECT pg_try_advisory_lock(4242)") is True
+        assert scalar(after, "SELECT to_regclass('pg_temp.session_scratch')") is None
+
+
+def test_transaction_mode_session_features_as_documented(tx_proxy):
+    """Transaction pooling: what README's table says works does (ON COMMIT DROP temp tables,
+    transaction-level advisory locks, SET LOCAL, tracked parameters)."""
+    with connect(tx_proxy, autocommit=False) as conn:
+        conn.execute("CREATE TEMP TABLE tx_scratch (x int) ON COMMIT DROP")
+        conn.execute("INSERT INTO tx_scratch VALUES (1)")
+        assert scalar(conn, "SELECT pg_try_advisory_xact_lock(4343)") is True
+        conn.execute("SET LOCAL work_mem = '2345kB'")
+        assert scalar(conn, "SHOW work_mem") == "2345kB"
+        assert scalar(conn, "SELECT count(*) FROM tx_scratch") == 1
+        conn.commit()
+    with connect(tx_proxy) as conn:
+        conn.execute("SET application_name = 'tracked'")
+        for _ in range(3):
+            assert scalar(conn, "SHOW application_name") == "tracked"
+
+
 def _rss_bytes(pid: int) -> int:
     """Resident memory of a process and its descendants."""
     total = 0
