@@ -4,10 +4,12 @@
 Starts one throwaway PostgreSQL, one PgBouncer and one pgmulti (`workers = 1`) with the same
 pooling settings (transaction mode, pool 20), then runs `pgbench -S -M simple -c 16 -T 10`
 against each in turn, ROUNDS rounds, reading each proxy's utime+stime from /proc before and
-after, and prints µs of proxy CPU per transaction for both and their ratio per round. The
-machine may be shared: compare within one run only.
+after, and prints µs of proxy CPU per transaction for each and its ratio to the first target
+per round. The machine may be shared: compare within one run only. With more clients than
+the pool has servers (-c 64) most transactions queue for a server.
 
-    python bench/micro/txn_cpu.py [--rounds 3] [--duration 10] [--clients 16]
+    python bench/micro/txn_cpu.py [--rounds 3] [--duration 10] [-c 16]
+    python bench/micro/txn_cpu.py -c 64 --baseline-src /tmp/old/src   # before and after
     python bench/micro/txn_cpu.py --hold 300   # start everything, print pids/ports, wait
 """
 
@@ -39,13 +41,15 @@ def options(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=int, default=10)
-    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("-c", "--clients", type=int, default=16)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--pool-size", type=int, default=20)
     parser.add_argument("--mode", default="transaction", choices=("transaction", "session"))
     parser.add_argument("--targets", default="pgbouncer,pgmulti")
     parser.add_argument("--pgmulti-src", default=str(REPO_DIR / "src"),
                         help="src directory of the pgmulti to run (default: this checkout)")
+    parser.add_argument("--baseline-src", default="",
+                        help="also run the pgmulti in this src directory, as pgmulti-base")
     parser.add_argument("--hold", type=int, default=0,
                         help="start the targets, print their pids and ports, wait this long")
     return parser.parse_args(argv)
@@ -84,10 +88,11 @@ def start(name: str, pg: Cluster, root: Path, args) -> tuple[subprocess.Popen, i
     (workdir / "userlist.txt").write_text(f'"{BENCH_USER}" ""\n')
     ini = workdir / "pooler.ini"
     text = pooler_ini(pg, workdir, port, args)
-    if name == "pgmulti":
+    if name.startswith("pgmulti"):
         ini.write_text(text + "workers = 1\n")
         command = [sys.executable, "-m", "pgmulti", str(ini)]
-        extra = {"env": clean_env(PYTHONPATH=args.pgmulti_src)}
+        src = args.baseline_src if name == "pgmulti-base" else args.pgmulti_src
+        extra = {"env": clean_env(PYTHONPATH=src)}
     else:
         ini.write_text(text)
         command = [shutil.which("pgbouncer") or "/usr/sbin/pgbouncer", str(ini)]
@@ -127,7 +132,10 @@ def main(argv=None) -> int:
                         "-p", str(pg.port), "-U", BENCH_USER, BENCH_DB],
                        env=clean_env(), capture_output=True, timeout=120, check=True)
         targets = {}
-        for name in args.targets.split(","):
+        names = args.targets.split(",")
+        if args.baseline_src:
+            names.append("pgmulti-base")
+        for name in names:
             process, port = start(name, pg, root, args)
             stack.callback(stop_process, process)
             targets[name] = (process, port)
@@ -139,7 +147,6 @@ def main(argv=None) -> int:
         for name, (process, port) in targets.items():  # warm-up: connections open
             pgbench(pg, port, args, 2)
         results: dict[str, list[float]] = {name: [] for name in targets}
-        names = list(targets)
         for round_number in range(args.rounds):
             order = names[round_number % len(names):] + names[:round_number % len(names)]
             for name in order:
@@ -152,15 +159,15 @@ def main(argv=None) -> int:
                 results[name].append(cpu_us)
                 print(f"round {round_number + 1} {name}: {transactions / elapsed:.0f} txn/s, "
                       f"{cpu_us:.2f} µs CPU/txn", flush=True)
-            if len(names) == 2:
-                a, b = (results[name][-1] for name in names)
-                print(f"round {round_number + 1} ratio {names[1]}/{names[0]}: {b / a:.3f}",
-                      flush=True)
+            first = results[names[0]][-1]
+            for name in names[1:]:
+                print(f"round {round_number + 1} ratio {name}/{names[0]}: "
+                      f"{results[name][-1] / first:.3f}", flush=True)
         for name, values in results.items():
             print(f"{name}: median {statistics.median(values):.2f} µs CPU/txn over {len(values)} rounds")
-        if len(names) == 2:
-            ratios = [b / a for a, b in zip(results[names[0]], results[names[1]])]
-            print(f"ratio {names[1]}/{names[0]}: median {statistics.median(ratios):.3f}")
+        for name in names[1:]:
+            ratios = [b / a for a, b in zip(results[names[0]], results[name])]
+            print(f"ratio {name}/{names[0]}: median {statistics.median(ratios):.3f}")
     return 0
 
 

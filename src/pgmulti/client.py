@@ -627,11 +627,13 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         self.resume()
 
     def start_waiting(self) -> None:
+        # PoolCore._enqueue does the same in C when the pool is full.
         self.state = "waiting"
         self.wait_start = time.monotonic()
 
     def attached(self, server: ServerConnection, now: float) -> None:
-        """The server is linked and in step with our parameters: let the bytes flow."""
+        """The server is linked and in step with our parameters: let the bytes flow.
+        PoolCore._hand_over does the same in C for a queued client whose reading runs."""
         stats = self.pool.stats
         stats.assignments += 1
         if self.state == "waiting":

@@ -78,13 +78,13 @@ class Pool:
         self.set_database(db)
         self.waiting: collections.deque[ClientConnection] = collections.deque()
         self.stats = PoolStats()
-        # The per-transaction hand-off runs in the codec; idle and active are its collections.
+        # The per-transaction hand-off runs in the codec; the server collections are its own.
         self.core = PoolCore(self.waiting, self.stats, app)
         self.idle: list[ServerConnection] = self.core.idle   # a stack: LIFO keeps few warm
         self.active: set[ServerConnection] = self.core.active
-        self.used: set[ServerConnection] = set()
-        self.tested: set[ServerConnection] = set()
-        self.login: set[ServerConnection] = set()
+        self.used: set[ServerConnection] = self.core.used
+        self.tested: set[ServerConnection] = self.core.tested
+        self.login: set[ServerConnection] = self.core.login
         self.clients: set[ClientConnection] = set()
         self.welcome_params: dict[str, str] | None = None
         self._welcome: asyncio.Task | None = None
@@ -93,6 +93,8 @@ class Pool:
         # Asked of new servers; 3.0 once one refused 3.2 outright (see ServerProtocolRefused).
         self.server_protocol = protocol.PROTOCOL_LATEST
         self.disabled = False
+        self._counters_logged_at = time.monotonic()
+        self._counters_logged: dict[str, int] = {}
         self.configure(app.config.pgbouncer)
 
     def __repr__(self) -> str:
@@ -105,7 +107,15 @@ class Pool:
         self.port = db.port or 5432
         self.dbname = db.dbname or self.name
 
-    # PAUSE and RECONNECT live in the core, which checks them on every hand-off.
+    # PAUSE, DISABLE and RECONNECT live in the core, which checks them on every hand-off.
+    @property
+    def disabled(self) -> bool:
+        return self.core.disabled
+
+    @disabled.setter
+    def disabled(self, value: bool) -> None:
+        self.core.disabled = value
+
     @property
     def paused(self) -> bool:
         return self.core.paused
@@ -157,6 +167,7 @@ class Pool:
         core.check_enabled = self.check_enabled
         core.check_delay = float(self.check_delay)
         core.lifetime = float(self.settings.server_lifetime)
+        core.pool_size = self.settings.pool_size
 
     # -- addressing ----------------------------------------------------------------------
 
@@ -513,6 +524,21 @@ class Pool:
                   and self.server_count > self.settings.min_pool_size):
                 server.close("server idle timeout")
         self._fill_min_pool()
+        self._log_codec_counters(now, cfg.stats_period)
+
+    def _log_codec_counters(self, now: float, period: float) -> None:
+        """With verbose logging, once per stats_period when they moved: how many hand-offs
+        the codec made without Python (the metrics do not carry them)."""
+        if period <= 0 or now - self._counters_logged_at < period:
+            return
+        self._counters_logged_at = now
+        if not log.isEnabledFor(logging.DEBUG):
+            return
+        counters = self.core.counters()
+        if counters != self._counters_logged:
+            self._counters_logged = counters
+            log.debug("%r codec hand-offs: %s", self,
+                      ", ".join(f"{name} {count}" for name, count in counters.items()))
 
     def _expire_waiting(self, now: float, timeout: float) -> None:
         if timeout <= 0:
