@@ -351,8 +351,10 @@ class Pool:
         if self.paused or self.app.paused:
             server.close("database paused")  # PAUSE disconnects servers as they come back
             return
-        if self.waiting:
+        while self.waiting:
             client = self.waiting.popleft()
+            if client.closed:
+                continue  # failed while queued; its connection_lost has not run yet
             self._move(server, "active")
             self._link(client, server, now)
             return
