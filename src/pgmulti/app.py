@@ -135,7 +135,7 @@ class App:
 
     def refresh_pools(self) -> None:
         """Every pool takes up the current configuration (RELOAD, SIGHUP, SET)."""
-        for name, pool in list(self.pools.items()):
+        for pool in list(self.pools.values()):
             db = self.config.database_for(pool.name)
             if db is None:
                 pool.disabled = True
