@@ -150,20 +150,28 @@ def run_workers(config, config_path: str, run_as: str | None, count: int, relog)
     except OSError:
         workers.cleanup()
         raise
-    pidfile = config.pgbouncer.pidfile
-    if pidfile:
-        with open(pidfile, "w") as handle:
-            handle.write(f"{os.getpid()}\n")
+    pidfile = write_pidfile(config.pgbouncer.pidfile)
     log.info("pgmulti %s started, pid %d, %d workers", __version__, os.getpid(), count)
     try:
         return workers.run()
     finally:
-        if pidfile:
-            try:
-                os.unlink(pidfile)
-            except OSError:
-                pass
+        remove_pidfile(pidfile)
         log.info("pgmulti stopped")
+
+
+def write_pidfile(path: str) -> str:
+    if path:
+        with open(path, "w") as handle:
+            handle.write(f"{os.getpid()}\n")
+    return path
+
+
+def remove_pidfile(path: str | None) -> None:
+    if path:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def read_userlist(config) -> dict[str, str]:
@@ -224,10 +232,7 @@ async def serve(config, config_path: str, run_as: str | None, relog=None, worker
         await app.start()
         if run_as:
             drop_privileges(run_as)
-        pidfile = config.pgbouncer.pidfile
-        if pidfile:
-            with open(pidfile, "w") as handle:
-                handle.write(f"{os.getpid()}\n")
+        pidfile = write_pidfile(config.pgbouncer.pidfile)
         loop = asyncio.get_running_loop()
         for signo, action in actions.items():
             loop.add_signal_handler(signo, action)
@@ -238,11 +243,7 @@ async def serve(config, config_path: str, run_as: str | None, relog=None, worker
     finally:
         systemd.stopping()  # a console SHUTDOWN does not pass through our signal handlers
         app.janitor.stop()
-        if pidfile:
-            try:
-                os.unlink(pidfile)
-            except OSError:
-                pass
+        remove_pidfile(pidfile)
     log.info("pgmulti stopped")
     return 0
 
