@@ -23,6 +23,7 @@ from pgmulti.cluster import (
     stop_process,
     wait_until_listening,
 )
+from support import wait_for
 
 CONNECT_TIMEOUT = 10
 PGBOUNCER = "/usr/sbin/pgbouncer"
@@ -75,17 +76,6 @@ def oids_of(columns) -> list[int]:
 def is_subsequence(short: list[str], long: list[str]) -> bool:
     rest = iter(long)
     return all(name in rest for name in short)
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def admin_error(conn: psycopg.Connection, command: str) -> psycopg.Error:

@@ -11,6 +11,7 @@ import psycopg
 import pytest
 
 from pgmulti import admin_columns as ref
+from support import wait_for
 
 CONNECT_TIMEOUT = 10
 
@@ -46,17 +47,6 @@ def answer(conn: psycopg.Connection, command: str):
         return "ok", conn.execute(command).statusmessage
     except psycopg.Error as exc:
         return exc.sqlstate, exc.diag.message_primary
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def servers_of_testdb(admin: psycopg.Connection) -> list[dict]:

@@ -18,6 +18,7 @@ import psycopg
 import pytest
 
 from pgmulti.cluster import clean_env
+from support import wait_for
 
 CLIENTS = 12
 POOL_SIZE = 3
@@ -45,17 +46,6 @@ def row_for(rows: list[dict[str, str]], database: str, **match: str) -> dict[str
         if row["database"] == database and all(row[k] == v for k, v in match.items()):
             return row
     raise AssertionError(f"no row for {database} {match} in {rows}")
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} not reached within {timeout:g} s")
-        time.sleep(0.1)
 
 
 def latest_counters(proxy) -> tuple[int, int, int, int] | None:

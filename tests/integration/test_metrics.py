@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import threading
-import time
 import urllib.error
 import urllib.request
 
@@ -16,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pgmulti.cluster import clean_env, find_free_port
+from support import wait_for
 
 CONNECT_TIMEOUT = 10
 SCRAPE_TIMEOUT_S = 10
@@ -29,17 +29,6 @@ COMMIT;
 """
 POOL = (("database", "testdb"), ("user", "postgres"))
 DB = (("database", "testdb"),)
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def get(port: int, path: str = "/metrics") -> tuple[int, str, str]:

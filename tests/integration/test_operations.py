@@ -7,8 +7,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -17,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from pgmulti import systemd
-from pgmulti.cluster import clean_env, find_free_port, is_listening
+from pgmulti.cluster import find_free_port, is_listening
+from support import line_of, run_cli, wait_for, write_config
 
 SRC_DIR = Path(__file__).resolve().parents[2] / "src"
 NOTIFY_TIMEOUT_S = 15.0
@@ -26,47 +25,6 @@ USER_PASSWORD = "User-Pa55word-in-userlist"
 
 
 # --- helpers ---
-
-
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 20) -> subprocess.CompletedProcess:
-    """`python -m pgmulti ARGS` to completion, stdout and stderr captured apart."""
-    env = clean_env(PYTHONPATH=os.pathsep.join(filter(None, [str(SRC_DIR),
-                                                             os.environ.get("PYTHONPATH")])))
-    env.pop("NOTIFY_SOCKET", None)
-    return subprocess.run([sys.executable, "-m", "pgmulti", *args], cwd=cwd, env=env,
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=timeout, check=False)
-
-
-def write_config(tmp_path: Path, text: str, users: str = '"postgres" ""\n') -> Path:
-    """Write a config (placeholders filled in) and its userlist.txt for run_cli."""
-    for placeholder, value in (("{pg_port}", "5432"), ("{pg_host}", "127.0.0.1"),
-                               ("{listen_port}", str(find_free_port())),
-                               ("{auth_file}", str(tmp_path / "userlist.txt")),
-                               ("{tmp}", str(tmp_path))):
-        text = text.replace(placeholder, value)
-    (tmp_path / "userlist.txt").write_text(users)
-    path = tmp_path / "pgmulti.ini"
-    path.write_text(text)
-    return path
-
-
-def line_of(text: str, needle: str) -> int:
-    for number, line in enumerate(text.split("\n"), start=1):
-        if needle in line:
-            return number
-    raise AssertionError(f"{needle!r} not in the text")
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def json_lines(text: str) -> list[dict]:

@@ -19,6 +19,7 @@ import psycopg
 import pytest
 
 from pgmulti.cluster import clean_env, find_free_port
+from support import wait_for
 
 CONNECT_TIMEOUT_S = 5
 
@@ -176,18 +177,6 @@ def pool_servers(proxy, database: str = "testdb", user: str = "postgres") -> int
         if row["database"] == database and row["user"] == user:
             return sum(int(row[column]) for column in POOL_SERVER_COLUMNS)
     return 0
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.05,
-             what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} not reached within {timeout:g} s")
-        time.sleep(interval)
 
 
 class Background:
@@ -583,8 +572,6 @@ def test_many_clients_share_a_small_pool(pgmulti):
     assert sum(job.result for job in jobs) == clients * transactions
     assert 1 <= len(pids) <= pool_size, pids
     assert pool_servers(proxy) <= pool_size
-
-
 
 
 def test_concurrent_first_logins_respect_pool_size(pgmulti, pg):

@@ -18,6 +18,7 @@ import pytest
 from psycopg import errors as pgerrors
 
 from pgmulti.cluster import clean_env
+from support import wait_for
 
 MODES = ["session", "transaction", "statement"]
 CONNECT_TIMEOUT_S = 5
@@ -40,18 +41,6 @@ def scalar(conn: psycopg.Connection, sql: str, params=None):
 
 def backend_pid(conn: psycopg.Connection) -> int:
     return scalar(conn, "SELECT pg_backend_pid()")
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
-    """Poll predicate() until it returns a truthy value; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} not reached within {timeout:g} s")
-        time.sleep(interval)
 
 
 def pg_direct(pg) -> psycopg.Connection:

@@ -7,7 +7,6 @@ import pwd
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,54 +15,13 @@ import psycopg
 import pytest
 
 from pgmulti.__version__ import __version__
-from pgmulti.cluster import clean_env, find_free_port, is_listening, process_tree
+from pgmulti.cluster import clean_env, is_listening, process_tree
+from support import line_of, run_cli, wait_for, write_config
 
-SRC_DIR = Path(__file__).resolve().parents[2] / "src"
 CONNECT_TIMEOUT = 10
 
 
 # --- helpers ---
-
-
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 20) -> subprocess.CompletedProcess:
-    """`python -m pgmulti ARGS` to completion, stdout and stderr captured apart."""
-    env = clean_env(PYTHONPATH=os.pathsep.join(filter(None, [str(SRC_DIR),
-                                                             os.environ.get("PYTHONPATH")])))
-    return subprocess.run([sys.executable, "-m", "pgmulti", *args], cwd=cwd, env=env,
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=timeout, check=False)
-
-
-def write_config(tmp_path: Path, text: str, name: str = "pgmulti.ini") -> Path:
-    """Write a config for a process run by run_cli, its placeholders filled in."""
-    for placeholder, value in (("{pg_port}", "5432"), ("{pg_host}", "127.0.0.1"),
-                               ("{listen_port}", str(find_free_port())),
-                               ("{auth_file}", str(tmp_path / "userlist.txt")),
-                               ("{tmp}", str(tmp_path))):
-        text = text.replace(placeholder, value)
-    (tmp_path / "userlist.txt").write_text('"postgres" ""\n')
-    path = tmp_path / name
-    path.write_text(text)
-    return path
-
-
-def line_of(text: str, needle: str) -> int:
-    """1-based number of the first line of text containing needle."""
-    for number, line in enumerate(text.split("\n"), start=1):
-        if needle in line:
-            return number
-    raise AssertionError(f"{needle!r} not in the text")
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def refuses_connections(host: str, port: int, family=socket.AF_INET) -> bool:

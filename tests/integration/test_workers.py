@@ -19,21 +19,11 @@ import pytest
 
 from pgmulti.cluster import clean_env
 from pgmulti.supervisor import share, worker_count
+from support import wait_for
 
 CONNECT_TIMEOUT = 10
 WORKERS = 2
 MAX_CONNECTIONS_TO_SPREAD = 40  # 2 workers: all on one worker has odds 2**-39
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def connect(proxy, db: str = "testdb", **kwargs) -> psycopg.Connection:

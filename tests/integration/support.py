@@ -1,0 +1,57 @@
+"""Helpers the integration tests share (the fixtures are in conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pgmulti.cluster import clean_env, find_free_port
+
+SRC_DIR = Path(__file__).resolve().parents[2] / "src"
+
+
+def wait_for(predicate, timeout: float, what: str = "condition", interval: float = 0.05):
+    """Poll predicate() until it returns a truthy value (returned); fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 20) -> subprocess.CompletedProcess:
+    """`python -m pgmulti ARGS` to completion, stdout and stderr captured apart."""
+    env = clean_env(PYTHONPATH=os.pathsep.join(filter(None, [str(SRC_DIR),
+                                                             os.environ.get("PYTHONPATH")])))
+    env.pop("NOTIFY_SOCKET", None)  # a test's systemd socket is for the processes it means
+    return subprocess.run([sys.executable, "-m", "pgmulti", *args], cwd=cwd, env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def write_config(tmp_path: Path, text: str, users: str = '"postgres" ""\n',
+                 name: str = "pgmulti.ini") -> Path:
+    """Write a config for run_cli (placeholders filled in) and its userlist.txt."""
+    for placeholder, value in (("{pg_port}", "5432"), ("{pg_host}", "127.0.0.1"),
+                               ("{listen_port}", str(find_free_port())),
+                               ("{auth_file}", str(tmp_path / "userlist.txt")),
+                               ("{tmp}", str(tmp_path))):
+        text = text.replace(placeholder, value)
+    (tmp_path / "userlist.txt").write_text(users)
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def line_of(text: str, needle: str) -> int:
+    """1-based number of the first line of text containing needle."""
+    for number, line in enumerate(text.split("\n"), start=1):
+        if needle in line:
+            return number
+    raise AssertionError(f"{needle!r} not in the text")
