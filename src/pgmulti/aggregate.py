@@ -39,7 +39,7 @@ KEYS = {
 TAKE_MAX = frozenset({"maxwait", "maxwait_us", "paused", "disabled", "size", "pool_size",
                       "min_pool_size", "reserve_pool_size", "reserve_pool", "server_lifetime",
                       "max_connections", "max_client_connections", "max_user_connections",
-                      "max_user_client_connections", "port", "query", "parameter_types"})
+                      "max_user_client_connections", "port", "parameter_types"})
 # Per-period averages of times are weighted by the matching per-period count.
 WEIGHTS = {"avg_xact_time": "avg_xact_count", "avg_query_time": "avg_query_count",
            "avg_wait_time": "avg_server_assignment_count"}

@@ -125,7 +125,6 @@ def run_workers(config, config_path: str, run_as: str | None, count: int, relog)
     from .app import preflight
 
     preflight(config)  # fail here, once, rather than in every worker
-    workers = supervisor.Supervisor(config, config_path, count, start_worker=None)
     # Read now: after -u the new user may not be allowed to (as with PgBouncer).
     userlist = read_userlist(config)
 
@@ -138,7 +137,7 @@ def run_workers(config, config_path: str, run_as: str | None, count: int, relog)
             log.error("worker %d could not start: %s", index, exc)
             return 1
 
-    workers.start_worker = start_worker
+    workers = supervisor.Supervisor(config, count, start_worker)
     try:
         workers.bind()
         if run_as:

@@ -310,7 +310,6 @@ class Pool:
     def release(self, client: ClientConnection, server: ServerConnection, reset: bool) -> None:
         """The client is done with the server: reset it if asked, then reuse or close it."""
         now = time.monotonic()
-        self.stats.linked_seconds += now - client.link_time
         client.last_active = server.last_used = now
         session.unlink(client, server, INSPECT_ALL)
         if server.closed:

@@ -55,7 +55,6 @@ class PoolStats:
 
     def __init__(self):
         self.assignments = 0
-        self.linked_seconds = 0.0     # still added to by pool.py; nothing reads it any more
         self.wait_seconds = 0.0       # clients' time queued for a server
         self.wait_buckets = [0] * BUCKET_COUNT  # only clients that really queued
         self.closed_queries = 0

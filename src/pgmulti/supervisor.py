@@ -64,11 +64,10 @@ class WorkerSockets:
 
 
 class Supervisor:
-    def __init__(self, config, config_path: str, count: int, start_worker):
+    def __init__(self, config, count: int, start_worker):
         """start_worker(index, sockets, control_dir) runs a worker in the child process and
         returns its exit code."""
         self.config = config
-        self.config_path = config_path
         self.count = count
         self.start_worker = start_worker
         self.control_dir = tempfile.mkdtemp(prefix="pgmulti-workers-")

@@ -211,7 +211,6 @@ def test_sigterm_waits_for_clients_in_every_worker(workers):
         for conn in conns:
             conn.close()
     assert proxy.wait(15) == 0
-    assert not Path(f"/proc/{proxy.pid}").exists() or proxy.popen.poll() is not None
 
 
 def test_console_shutdown_stops_all_workers(workers):
