@@ -10,6 +10,7 @@ the pool has servers (-c 64) most transactions queue for a server.
 
     python bench/micro/txn_cpu.py [--rounds 3] [--duration 10] [-c 16]
     python bench/micro/txn_cpu.py -c 64 --baseline-src /tmp/old/src   # before and after
+    python bench/micro/txn_cpu.py -C           # connection churn: CPU per login+transaction
     python bench/micro/txn_cpu.py --hold 300   # start everything, print pids/ports, wait
 """
 
@@ -43,6 +44,8 @@ def options(argv=None) -> argparse.Namespace:
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("-c", "--clients", type=int, default=16)
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("-C", "--connect", action="store_true",
+                        help="a new connection per transaction (pgbench -C): login cost")
     parser.add_argument("--pool-size", type=int, default=20)
     parser.add_argument("--mode", default="transaction", choices=("transaction", "session"))
     parser.add_argument("--targets", default="pgbouncer,pgmulti")
@@ -109,7 +112,7 @@ def pgbench(pg: Cluster, port: int, args, duration: int) -> int:
     result = subprocess.run(
         [str(pg.bindir / "pgbench"), "-n", "-S", "-M", "simple", "-T", str(duration),
          "-c", str(args.clients), "-j", str(args.jobs), "-h", HOST, "-p", str(port),
-         "-U", BENCH_USER, BENCH_DB],
+         "-U", BENCH_USER, BENCH_DB] + (["-C"] if args.connect else []),
         env=clean_env(), capture_output=True, text=True, timeout=duration + 60, check=False)
     match = re.search(r"number of transactions actually processed: (\d+)", result.stdout)
     if result.returncode != 0 or not match:

@@ -135,6 +135,7 @@ cdef class Relay:
     cdef Py_ssize_t _remain         # body bytes of a streamed message still to come
     cdef bint _skipping             # the streamed message is dropped, not forwarded
     cdef bint _processing
+    cdef bint _release_after        # release_buffer() was called while processing
     cdef unsigned char _actions[256]
     cdef object _out                # peer transport the writer belongs to
     cdef object _lent_to            # transport that may still hold views of _buf
@@ -309,8 +310,11 @@ cdef class Relay:
         return data
 
     def release_buffer(self):
-        """Drop an empty buffer so an idle connection holds no read memory."""
-        if self._buf is not None and self._start == self._end and not self._processing:
+        """Drop an empty buffer so an idle connection holds no read memory (when the read
+        being processed is done, if called from one of its callbacks)."""
+        if self._processing:
+            self._release_after = True
+        elif self._buf is not None and self._start == self._end:
             self._buf = None
             self._view = None
             self._data = NULL
@@ -434,6 +438,9 @@ cdef class Relay:
             self._processing = False
             if self._batch is not None:
                 self._write_batch()
+            if self._release_after:
+                self._release_after = False
+                self.release_buffer()
         return 0
 
     cdef int _scan(self) except -1:

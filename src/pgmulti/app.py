@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import secrets
 import signal
 
 from . import aggregate, auth, errors, hba, loader, metrics, peers, prepared, supervisor, systemd
@@ -283,7 +282,8 @@ class App:
     def new_cancel_pid(self) -> int:
         """The "process id" of a client's cancel key: random, with this worker's number in
         the top bits so any worker receiving the CancelRequest knows whose client it is."""
-        return (self.worker_index << WORKER_SHIFT) | (secrets.randbits(WORKER_SHIFT) or 1)
+        bits = int.from_bytes(auth.random_bytes(4), "big") & ((1 << WORKER_SHIFT) - 1)
+        return (self.worker_index << WORKER_SHIFT) | (bits or 1)
 
     def client_logged_in(self, client) -> None:
         self.login_clients.discard(client)

@@ -6,6 +6,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import os
 import re
 import secrets
 import stringprep
@@ -32,6 +33,7 @@ __all__ = [
     "md5_secret",
     "parse_scram_secret",
     "parse_userlist",
+    "random_bytes",
     "secret_kind",
     "tls_server_end_point",
 ]
@@ -52,6 +54,29 @@ _SCRAM_SECRET = re.compile(
     r"SCRAM-SHA-256\$(?P<iterations>[0-9]+):(?P<salt>[A-Za-z0-9+/=]+)"
     r"\$(?P<stored_key>[A-Za-z0-9+/=]+):(?P<server_key>[A-Za-z0-9+/=]+)"
 )
+
+
+_RANDOM_DRAW = 4096
+_random = bytearray()
+
+
+def random_bytes(count: int) -> bytes:
+    """Cryptographically random bytes for cancel keys and salts, drawn from os.urandom a page
+    at a time: a login needs a few, and a getrandom() call each costs more than the rest."""
+    global _random
+    if count > len(_random):
+        _random = bytearray(os.urandom(max(_RANDOM_DRAW, count)))
+    taken = bytes(_random[-count:])
+    del _random[-count:]
+    return taken
+
+
+def _forget_random_after_fork() -> None:
+    # A forked worker must not hand out the same bytes as its parent or siblings.
+    _random.clear()
+
+
+os.register_at_fork(after_in_child=_forget_random_after_fork)
 
 
 class AuthError(Exception):

@@ -261,7 +261,8 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
                                                                      unsupported_options))
         self._accept_startup_params(params)
         self.hold()
-        self.app.spawn(self._login())
+        if not self._login_at_once():
+            self.app.spawn(self._login())
 
     def on_direct_tls(self) -> None:
         """A TLS ClientHello instead of a startup packet: direct TLS (libpq 17+
@@ -394,45 +395,77 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
                 raise errors.fatal(errors.PROTOCOL_VIOLATION, "not allowed")
         self.admin = True
         await self._authenticate(self.app.userlist.get(self.user))
-        self._finish_login(self.app.admin_parameters())
+        self._finish_login(*session.greeting(self.app.admin_parameters(), self.startup_params))
         self.set_actions(ADMIN_ACTIONS)
         self.resume()
 
     async def _login_pooled(self) -> None:
+        db = self._pooled_database()
+        secret = self.app.userlist.get(self.user)
+        if secret is None and self.app.config.pgbouncer.auth_type != "any":
+            secret = await self.app.auth_query_secret(self.database, db, self.user)
+        await self._authenticate(secret)
+        pool = self.app.get_pool(self.database, db, self.user, secret, self.scram_keys)
+        if self.closed:
+            return
+        limit_error = self.app.client_limit_error(pool)
+        if limit_error is not None:
+            raise limit_error
+        await pool.welcome()
+        if not self.closed:
+            self._enter_pool(pool)
+
+    def _login_at_once(self) -> bool:
+        """Log in now, without a task, when no step has to wait: a pooled database, a user the
+        auth_file knows, trust (or any), and a pool that already knows its servers' parameters.
+        That is every login after the first for most applications (and pgbench -C). False
+        leaves everything, errors included, to _login."""
+        if (self.database in ADMIN_DATABASES or self.database in self.app.disabled_databases
+                or self.app.admission_error(self) is not None):
+            return False
+        db = self.app.config.database_for(self.database)
+        secret = self.app.userlist.get(self.user)
+        if db is None or secret is None or self._auth_method() not in ("trust", "any"):
+            return False
+        pool = self.app.get_pool(self.database, db, self.user, secret, None)
+        if pool.welcome_params is None or self.app.client_limit_error(pool) is not None:
+            return False
+        self._enter_pool(pool)
+        return True
+
+    def _pooled_database(self):
         db = self.app.config.database_for(self.database)
         if db is None:
             raise errors.no_such_database(self.database)
         if self.database in self.app.disabled_databases:
             raise errors.fatal(errors.CANNOT_CONNECT_NOW, "database does not allow connections")
-        secret = self.app.userlist.get(self.user)
-        if secret is None and self.app.config.pgbouncer.auth_type != "any":
-            secret = await self.app.auth_query_secret(self.database, db, self.user)
-        await self._authenticate(secret)
-        self.pool = self.app.get_pool(self.database, db, self.user, secret, self.scram_keys)
-        if self.closed:
-            return
-        limit_error = self.app.client_limit_error(self.pool)
-        if limit_error is not None:
-            self.pool = None
-            raise limit_error
-        welcome = await self.pool.welcome()
-        if self.closed:
-            return
-        self._finish_login(welcome)
-        if self.pool.prepared_limit:
+        return db
+
+    def _enter_pool(self, pool: Pool) -> None:
+        """Logged in to a pooled database: greet the client and start relaying."""
+        self.pool = pool
+        self._finish_login(*pool.greeting(self.startup_params))
+        if pool.prepared_limit:
             self.statements = prepared.ClientStatements(self.app.prepared_registry)
             # Parse/Bind are rewritten whole, so they may be as large as any message.
             self.max_inspect = self.max_packet
-        self.pool.clients.add(self)
+        # Parameters known in C let the codec link the first transaction too (Pool._link).
+        self.param_sig = session.signature(self.params)
+        self.pool_core = pool.core
+        pool.clients.add(self)
         self.set_actions(RELAY_ACTIONS)
         self.resume()
 
-    async def _authenticate(self, secret: str | None) -> None:
+    def _auth_method(self) -> str:
         method = self.app.config.pgbouncer.auth_type
         if method == "hba":
             method = hba.method_for(self.app.config, unix=self.listener_kind == "unix",
                                     address=str(self.addr[0]), tls=bool(self.tls),
                                     database=self.database, user=self.user)
+        return method
+
+    async def _authenticate(self, secret: str | None) -> None:
+        method = self._auth_method()
         if method == "any":
             return
         if method == "trust":
@@ -480,7 +513,7 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
             raise errors.password_failed(self.user)
 
     async def _auth_md5(self, secret: str) -> None:
-        salt = secrets.token_bytes(4)
+        salt = auth.random_bytes(4)
         self.transport.write(protocol.authentication(protocol.AUTH_MD5, salt))
         data = await self._read_password()
         response = data.rstrip(b"\0").decode("ascii", "replace")
@@ -531,20 +564,13 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         self.hold()
         waiter.set_result(bytes(view[5:]))
 
-    def _finish_login(self, server_params: dict[str, str]) -> None:
-        """AuthenticationOk, the server's parameters as this client sees them, key, ready."""
-        params = dict(server_params)
-        params.update(self.startup_params)
-        params.pop("user", None)
-        params.pop("database", None)
-        self.params = {name: params[name] for name in session.TRACKED_PARAMETERS if name in params}
-        out = [protocol.authentication(protocol.AUTH_OK)]
-        out += [protocol.parameter_status(name, value) for name, value in params.items()]
+    def _finish_login(self, tracked: dict[str, str], greeting: bytes) -> None:
+        """AuthenticationOk and ParameterStatus (`greeting`), cancel key, ReadyForQuery."""
+        self.params = dict(tracked)
         key_length = LONG_CANCEL_KEY_BYTES if self.protocol_version >= protocol.PROTOCOL_3_2 else 4
-        self.cancel_key = secrets.token_bytes(key_length)
-        out.append(protocol.backend_key_data(self.cancel_pid, self.cancel_key))
-        out.append(protocol.ready_for_query("I"))
-        self.transport.write(b"".join(out))
+        self.cancel_key = auth.random_bytes(key_length)
+        self.transport.write(greeting + protocol.backend_key_data(self.cancel_pid, self.cancel_key)
+                             + protocol.ready_for_query("I"))
         # Until its first query the client needs no read buffer (most idle clients never
         # send one for long): the next read allocates it again.
         self.release_buffer()

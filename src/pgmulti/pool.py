@@ -27,6 +27,9 @@ log = logging.getLogger("pgmulti.pool")
 
 _server_ids = itertools.count(1)
 
+# Login messages kept per pool for this many distinct startup parameter sets (see greeting).
+GREETINGS_MAX = 64
+
 
 @dataclass
 class Credentials:
@@ -88,6 +91,7 @@ class Pool:
         self.clients: set[ClientConnection] = set()
         self.welcome_params: dict[str, str] | None = None
         self._welcome: asyncio.Task | None = None
+        self._greetings: dict[tuple, tuple] = {}  # see greeting()
         self.last_failure = 0.0
         self.last_error: PgError | None = None
         # Asked of new servers; 3.0 once one refused 3.2 outright (see ServerProtocolRefused).
@@ -475,6 +479,18 @@ class Pool:
             server.close("pooler query left the server busy")
             return
         self.server_ready(server)
+
+    def greeting(self, startup_params: dict[str, str]) -> tuple[dict, bytes]:
+        """session.greeting with this pool's server parameters, kept per set of startup
+        parameters: an application's connections mostly send the same ones."""
+        key = tuple(startup_params.items())
+        cached = self._greetings.get(key)
+        if cached is None or cached[0] is not self.welcome_params:
+            if len(self._greetings) >= GREETINGS_MAX:
+                self._greetings.clear()
+            cached = (self.welcome_params, *session.greeting(self.welcome_params, startup_params))
+            self._greetings[key] = cached
+        return cached[1], cached[2]
 
     async def welcome(self) -> dict[str, str]:
         """Server parameters to show a client at login; the first login connects once.

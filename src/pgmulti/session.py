@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from . import protocol
 from ._codec import link_pair, unlink_pair
 
 if TYPE_CHECKING:
@@ -52,6 +53,19 @@ def signature(params: dict[str, str]) -> tuple:
     if len(_signatures) >= SIGNATURES_MAX:
         _signatures.clear()  # old objects stay valid; equal new ones just compare once more
     return _signatures.setdefault(key, key)
+
+
+def greeting(server_params: dict[str, str], startup_params: dict[str, str]) -> tuple[dict, bytes]:
+    """What a client is told at login, and its tracked parameters: AuthenticationOk, then a
+    ParameterStatus per parameter, the server's values overridden by the client's startup ones."""
+    params = dict(server_params)
+    params.update(startup_params)
+    params.pop("user", None)
+    params.pop("database", None)
+    tracked = {name: params[name] for name in TRACKED_PARAMETERS if name in params}
+    messages = [protocol.authentication(protocol.AUTH_OK)]
+    messages += [protocol.parameter_status(name, value) for name, value in params.items()]
+    return tracked, b"".join(messages)
 
 
 def parameter_sync_sql(client: ClientConnection, server: ServerConnection) -> str | None:
