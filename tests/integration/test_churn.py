@@ -1,0 +1,50 @@
+"""Short-lived connections (pgbench -C's pattern): a login whose steps need no waiting
+completes at once, and the connection's first transaction is linked by the codec.
+
+Every connection checks what it was told at login (ParameterStatus, built once per pool and
+set of startup parameters) and the answer to its own query, so a greeting cached for the
+wrong parameters or a server handed to the wrong client fails the test.
+"""
+
+from __future__ import annotations
+
+import psycopg
+
+from support import wait_for
+from test_handoff import latest_counters
+
+CONNECTIONS = 40
+
+
+def test_each_connection_gets_its_own_greeting_and_first_link_in_c(pgmulti):
+    proxy = pgmulti({"default_pool_size": 2, "stats_period": 1, "verbose": 1})
+    with psycopg.connect(proxy.dsn(db="testdb"), connect_timeout=5, autocommit=True) as first:
+        # The first login connects a server to learn its parameters (the slow path).
+        assert first.execute("SELECT 1").fetchone() == (1,)
+
+    for n in range(CONNECTIONS):
+        app_name = f"churn{n % 3}"
+        datestyle = "German, DMY" if n % 2 else "ISO, MDY"
+        sent = datestyle.replace(" ", "")  # echoed as sent; the server shows it normalized
+        with psycopg.connect(proxy.dsn(db="testdb"), connect_timeout=5, autocommit=True,
+                             application_name=app_name, options=f"-c DateStyle={sent}") as conn:
+            assert conn.info.parameter_status("application_name") == app_name
+            assert conn.info.parameter_status("DateStyle") == sent
+            assert conn.info.parameter_status("server_version")  # the server's, passed on
+            row = conn.execute("SELECT %s::int, current_setting('application_name'), "
+                               "current_setting('DateStyle')", [n]).fetchone()
+            assert row == (n, app_name, datestyle)
+
+    # Connections with the parameters the servers already show: each first transaction is
+    # linked by the codec (a server whose parameters must change goes through Python).
+    before = latest_counters(proxy) or (0, 0, 0, 0)
+    for n in range(CONNECTIONS):
+        with psycopg.connect(proxy.dsn(db="testdb"), connect_timeout=5, autocommit=True,
+                             application_name="churn2") as conn:
+            assert conn.execute("SELECT %s::int", [n]).fetchone() == (n,)
+
+    def counted():
+        counters = latest_counters(proxy)
+        return counters if counters and counters[0] - before[0] >= CONNECTIONS - 2 else None
+
+    wait_for(counted, 5, "codec links logged")
