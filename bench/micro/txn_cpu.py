@@ -11,6 +11,7 @@ the pool has servers (-c 64) most transactions queue for a server.
     python bench/micro/txn_cpu.py [--rounds 3] [--duration 10] [-c 16]
     python bench/micro/txn_cpu.py -c 64 --baseline-src /tmp/old/src   # before and after
     python bench/micro/txn_cpu.py -C           # connection churn: CPU per login+transaction
+    python bench/micro/txn_cpu.py --targets pgbouncer,pgmulti,relay   # and uvloop's floor
     python bench/micro/txn_cpu.py --hold 300   # start everything, print pids/ports, wait
 """
 
@@ -58,10 +59,11 @@ def options(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """utime and stime of the process, in seconds."""
     with open(f"/proc/{pid}/stat") as stat_file:
         fields = stat_file.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
 
 
 def pooler_ini(pg: Cluster, workdir: Path, port: int, args) -> str:
@@ -91,7 +93,11 @@ def start(name: str, pg: Cluster, root: Path, args) -> tuple[subprocess.Popen, i
     (workdir / "userlist.txt").write_text(f'"{BENCH_USER}" ""\n')
     ini = workdir / "pooler.ini"
     text = pooler_ini(pg, workdir, port, args)
-    if name.startswith("pgmulti"):
+    if name == "relay":  # the floor: a bare uvloop relay, no pooling (bare_relay.py)
+        command = [sys.executable, str(Path(__file__).with_name("bare_relay.py")), str(port),
+                   pg.host, str(pg.port)]
+        extra = {"env": clean_env()}
+    elif name.startswith("pgmulti"):
         ini.write_text(text + "workers = 1\n")
         command = [sys.executable, "-m", "pgmulti", str(ini)]
         src = args.baseline_src if name == "pgmulti-base" else args.pgmulti_src
@@ -154,14 +160,17 @@ def main(argv=None) -> int:
             order = names[round_number % len(names):] + names[:round_number % len(names)]
             for name in order:
                 process, port = targets[name]
-                before = cpu_seconds(process.pid)
+                user_before, sys_before = cpu_seconds(process.pid)
                 started = time.monotonic()
                 transactions = pgbench(pg, port, args, args.duration)
                 elapsed = time.monotonic() - started
-                cpu_us = (cpu_seconds(process.pid) - before) * 1e6 / transactions
-                results[name].append(cpu_us)
+                user_after, sys_after = cpu_seconds(process.pid)
+                user_us = (user_after - user_before) * 1e6 / transactions
+                sys_us = (sys_after - sys_before) * 1e6 / transactions
+                results[name].append(user_us + sys_us)
                 print(f"round {round_number + 1} {name}: {transactions / elapsed:.0f} txn/s, "
-                      f"{cpu_us:.2f} µs CPU/txn", flush=True)
+                      f"{user_us + sys_us:.2f} µs CPU/txn (user {user_us:.2f}, sys {sys_us:.2f})",
+                      flush=True)
             first = results[names[0]][-1]
             for name in names[1:]:
                 print(f"round {round_number + 1} ratio {name}/{names[0]}: "
