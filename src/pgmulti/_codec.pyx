@@ -9,7 +9,7 @@ uvloop callback: failures are reported to Python as error codes.
 """
 
 cimport cython
-from cpython.bytearray cimport PyByteArray_AS_STRING
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport uint32_t
 from libc.string cimport memcmp, memcpy, memmove
@@ -161,7 +161,9 @@ cdef class Relay:
     # Client side: what one read forwards (pass runs and what Python rewrote, in order) goes
     # out as one writelines() at the end of processing instead of one write per piece.
     cdef public bint batch_output
-    cdef list _batch
+    cdef bint _batching             # a read is being processed with batch_output
+    cdef object _batch_first        # its first piece of output (most reads have one)
+    cdef list _batch                # all its pieces, once there is a second
     # Server side: timing of transactions and queries (0 start = none running).
     cdef long long _xact_start_us
     cdef long long _query_start_us
@@ -352,8 +354,9 @@ cdef class Relay:
     # -- buffer management ---------------------------------------------------------------
 
     cdef _allocate(self, Py_ssize_t size, Py_ssize_t keep):
-        """New buffer of `size` bytes holding the `keep` unread bytes of the old one."""
-        cdef bytearray buf = bytearray(size)
+        """New buffer of `size` bytes holding the `keep` unread bytes of the old one. Not
+        zeroed: only bytes read into it are ever looked at."""
+        cdef bytearray buf = PyByteArray_FromStringAndSize(NULL, size)
         cdef unsigned char* data = <unsigned char*>PyByteArray_AS_STRING(buf)
         if keep:
             memcpy(data, self._data + self._start, keep)
@@ -393,8 +396,8 @@ cdef class Relay:
             elif self._lent_to is not self._out:
                 self._lent_to_several = True
             piece = self._view[a:b]
-        if self._batch is not None:
-            self._batch.append(piece)
+        if self._batching:
+            self._add_to_batch(piece)
         else:
             self.writer(piece)
         return 0
@@ -403,20 +406,32 @@ cdef class Relay:
         """Send bytes Python built (a rewritten message) to the linked peer, in order with the
         pass-through messages around it: batched while a read is processed."""
         self.tx_bytes += <unsigned long long>len(data)
-        if self._batch is not None:
-            self._batch.append(data)
+        if self._batching:
+            self._add_to_batch(data)
         else:
             self.writer(data)
 
+    cdef inline int _add_to_batch(self, piece) except -1:
+        if self._batch is not None:
+            self._batch.append(piece)
+        elif self._batch_first is None:
+            self._batch_first = piece
+        else:
+            self._batch = [self._batch_first, piece]
+        return 0
+
     cdef int _write_batch(self) except -1:
         cdef list batch = self._batch
+        first = self._batch_first
+        self._batching = False
         self._batch = None
-        if not batch or self._out is None:
+        self._batch_first = None
+        if first is None or self._out is None:
             return 0
-        if len(batch) == 1:
-            self._out.write(batch[0])
-        else:
+        if batch is not None:
             self._out.writelines(batch)
+        else:
+            self.writer(first)  # the peer's transport.write, bound once (set with _out)
         return 0
 
     cdef int _fail(self, int code, int msg_type) except -1:
@@ -430,13 +445,12 @@ cdef class Relay:
         if self._buf is None or self._processing:
             return 0
         self._processing = True
-        if self.batch_output:
-            self._batch = []
+        self._batching = self.batch_output
         try:
             self._scan()
         finally:
             self._processing = False
-            if self._batch is not None:
+            if self._batching:
                 self._write_batch()
             if self._release_after:
                 self._release_after = False

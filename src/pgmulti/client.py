@@ -63,7 +63,7 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         self.listener_kind = listener_kind  # "tcp" or "unix"
         self.transport = None
         self.addr = ("unix", 0)
-        self.local_addr = ("unix", 0)
+        self._local_addr: tuple | None = None
         self.state = "login"
         self.user = ""
         self.database = ""
@@ -109,6 +109,15 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         return f"{self.addr[0]}:{self.addr[1]}"
 
     @property
+    def local_addr(self) -> tuple:
+        """The address the client connected to; asked of the socket only when SHOW CLIENTS
+        wants it, not for every connection."""
+        if self._local_addr is None:
+            local = self.transport.get_extra_info("sockname") if self.transport else None
+            self._local_addr = local[:2] if isinstance(local, tuple) else ("unix", 0)
+        return self._local_addr
+
+    @property
     def pool_mode(self) -> str:
         return self.pool.settings.pool_mode if self.pool is not None else session.SESSION
 
@@ -119,9 +128,6 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.addr = peer[:2]
-        local = transport.get_extra_info("sockname")
-        if isinstance(local, tuple):
-            self.local_addr = local[:2]
         self.app.client_opened(self)
 
     def connection_lost(self, exc) -> None:
