@@ -45,6 +45,8 @@ def options(argv=None) -> argparse.Namespace:
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("-c", "--clients", type=int, default=16)
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("-M", "--protocol", default="simple",
+                        choices=("simple", "extended", "prepared"))
     parser.add_argument("-C", "--connect", action="store_true",
                         help="a new connection per transaction (pgbench -C): login cost")
     parser.add_argument("--pool-size", type=int, default=20)
@@ -116,7 +118,7 @@ def start(name: str, pg: Cluster, root: Path, args) -> tuple[subprocess.Popen, i
 def pgbench(pg: Cluster, port: int, args, duration: int) -> int:
     """Run select-only pgbench; the number of transactions it made."""
     result = subprocess.run(
-        [str(pg.bindir / "pgbench"), "-n", "-S", "-M", "simple", "-T", str(duration),
+        [str(pg.bindir / "pgbench"), "-n", "-S", "-M", args.protocol, "-T", str(duration),
          "-c", str(args.clients), "-j", str(args.jobs), "-h", HOST, "-p", str(port),
          "-U", BENCH_USER, BENCH_DB] + (["-C"] if args.connect else []),
         env=clean_env(), capture_output=True, text=True, timeout=duration + 60, check=False)

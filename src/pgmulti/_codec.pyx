@@ -28,10 +28,29 @@ cdef enum:
     ACT_PASS = 0      # forward to the peer unchanged (streamed if large)
     ACT_INSPECT = 1   # deliver whole to Python: on_message(type, view)
     ACT_REJECT = 2    # not allowed in this state: on_protocol_error(ERR_TYPE, type)
+    # Prepared-statement mapping (pgmulti.prepared): forwarded here when it names no
+    # statement, so needs no rewriting (only the bookkeeping below); otherwise INSPECT.
+    ACT_STATEMENT_REQUEST = 3   # client side: Parse, Bind, Describe, Close, Sync
+    ACT_STATEMENT_REPLY = 4     # server side: ParseComplete, CloseComplete
 
 PASS = ACT_PASS
 INSPECT = ACT_INSPECT
 REJECT = ACT_REJECT
+STATEMENT_REQUEST = ACT_STATEMENT_REQUEST
+STATEMENT_REPLY = ACT_STATEMENT_REPLY
+
+# Entries of a server's expected-replies queue (prepared.ServerStatements.expected) that the
+# codec adds and removes itself, compared by identity: see set_statement_entries().
+cdef object _FORWARD_PARSE = None
+cdef object _FORWARD_CLOSE = None
+cdef object _SYNC_TAG = None
+
+
+def set_statement_entries(forward_parse not None, forward_close not None, sync_tag not None):
+    """The queue entries for "forward the reply to an unnamed Parse / a Close" and the first
+    item of a ("sync", n) entry, as pgmulti.prepared makes them."""
+    global _FORWARD_PARSE, _FORWARD_CLOSE, _SYNC_TAG
+    _FORWARD_PARSE, _FORWARD_CLOSE, _SYNC_TAG = forward_parse, forward_close, sync_tag
 
 # Codes given to on_protocol_error(code, msg_type).
 ERR_LENGTH = 1      # length field smaller than the header or negative
@@ -152,6 +171,9 @@ cdef class Relay:
     cdef int _pending               # requests sent to this server not yet answered by 'Z'
     cdef public int ready_status    # last ReadyForQuery status byte
     cdef public Relay request_sink  # client side: the linked server's relay (counts requests)
+    cdef object _expected           # server side: prepared.ServerStatements.expected, or None
+    cdef object _expect             # its append, bound once
+    cdef object _expected_done      # its popleft, bound once
     cdef public unsigned long long rx_bytes
     cdef public unsigned long long tx_bytes
     cdef public unsigned long long ready_count
@@ -212,6 +234,62 @@ cdef class Relay:
         while self._pending < value:
             self._request_sent()
         self._pending = value
+
+    def expect_replies_in(self, expected):
+        """Server side: the deque of replies expected to Parse/Close/Sync (prepared
+        statements), which the codec keeps for messages it forwards itself."""
+        self._expected = expected
+        self._expect = expected.append
+        self._expected_done = expected.popleft
+
+    cdef bint _request_passes(self, unsigned char t, const unsigned char* body,
+                              Py_ssize_t size) except -1:
+        """Client side, prepared-statement mapping: does this Parse/Bind/Describe/Close/Sync
+        name no statement, so it goes to the server as it is? Then note what its reply will
+        be, as pgmulti.prepared.ClientStatements would. False: Python rewrites it."""
+        cdef Relay server = self.request_sink
+        cdef Py_ssize_t i = 0
+        if server is None or server._expect is None or self.pool_core is None:
+            return False
+        if t == 80:  # 'P' Parse of the unnamed statement: the client wants its ParseComplete
+            if size < 1 or body[0] != 0:
+                return False
+            server._expect(_FORWARD_PARSE)
+            return True
+        if t == 66:  # 'B' Bind: a portal name, then the statement's, which must be empty
+            while i < size and body[i] != 0:
+                i += 1
+            if i + 1 >= size or body[i + 1] != 0:
+                return False
+            self.pool_core.stats.bind_count += 1
+            return True
+        if t == 68 or t == 67:  # 'D' Describe, 'C' Close: of a portal or the unnamed statement
+            if size < 2 or not (body[0] == 80 or (body[0] == 83 and body[1] == 0)):
+                return False
+            if t == 67:
+                server._expect(_FORWARD_CLOSE)
+            return True
+        if t == 83:  # 'S' Sync: answered by the next ReadyForQuery, which ends the cycle
+            server._request_sent()
+            server._expect((_SYNC_TAG, server.ready_count + server._pending))
+            return True
+        return False
+
+    cdef bint _reply_passes(self) except -1:
+        """Server side: is this ParseComplete/CloseComplete one the client wants (as
+        prepared.ServerStatements.next_action decides)? False: Python decides."""
+        expected = self._expected
+        if expected is None or self.client is None:
+            return False
+        while expected and expected[0][0] is _SYNC_TAG:
+            self._expected_done()  # cycles this reply comes after
+        if not expected:
+            return True
+        head = expected[0]
+        if head is _FORWARD_PARSE or head is _FORWARD_CLOSE:
+            self._expected_done()
+            return True
+        return False
 
     cdef inline void _request_sent(self) noexcept:
         """A request goes to this server: the clocks start if it was at rest."""
@@ -577,6 +655,17 @@ cdef class Relay:
                     self._remain = total - avail
                     start = end
                 continue
+
+            if act == ACT_STATEMENT_REQUEST or act == ACT_STATEMENT_REPLY:
+                if avail < total and total <= self.max_inspect:
+                    self._need = total
+                    break
+                if avail >= total and self.writer is not None and (
+                        self._request_passes(t, d + start + 5, total - 5)
+                        if act == ACT_STATEMENT_REQUEST else self._reply_passes()):
+                    start += total
+                    continue
+                act = ACT_INSPECT
 
             if act == ACT_INSPECT:
                 if total > self.max_inspect:

@@ -31,11 +31,11 @@ AUTH_ACTIONS = protocol.action_table(protocol.REJECT, p=protocol.INSPECT, X=prot
 # Pooled session: every frontend message flows to the server; Terminate ends the session.
 RELAY_ACTIONS = protocol.action_table(
     protocol.REJECT, **{t: protocol.PASS for t in "BCdcfDEHFPQS"}, X=protocol.INSPECT)
-# Transaction pooling with max_prepared_statements: statement names are rewritten.
+# Transaction pooling with max_prepared_statements: statement names are rewritten (the codec
+# forwards the messages that name no statement itself, Python rewrites the others).
 PREPARED_RELAY_ACTIONS = protocol.action_table(
     protocol.REJECT, **{t: protocol.PASS for t in "dcfEHFQ"}, X=protocol.INSPECT,
-    P=protocol.INSPECT, B=protocol.INSPECT, D=protocol.INSPECT, C=protocol.INSPECT,
-    S=protocol.INSPECT)
+    **{t: protocol.STATEMENT_REQUEST for t in "PBDCS"})
 PREPARED_TYPES = frozenset(map(ord, "PBDCS"))
 # Admin console: simple query protocol only, as in PgBouncer.
 ADMIN_ACTIONS = protocol.action_table(protocol.REJECT, Q=protocol.INSPECT, X=protocol.INSPECT)
@@ -600,7 +600,7 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
             self.forward(bytes(view))
             return
         if msg_type == protocol.PARSE and view[5] == 0:
-            statements.expect(prepared.FORWARD, prepared.PARSE)
+            statements.expected.append(prepared.FORWARD_PARSE)
             self.forward(bytes(view))
             return
         out: list[bytes] = []
@@ -621,7 +621,7 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         else:  # Sync: answered by ReadyForQuery number ready_count + pending
             out.append(bytes(view))
             server.pending += 1
-            statements.expected.append(("sync", server.ready_count + server.pending))
+            statements.expect_sync(server.ready_count + server.pending)
         if out:
             # With the pass-through messages of the same read: one write for the whole batch.
             self.forward(b"".join(out))

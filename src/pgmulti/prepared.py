@@ -14,6 +14,7 @@ import collections
 import itertools
 
 from . import protocol
+from ._codec import set_statement_entries
 
 _statement_ids = itertools.count(1)
 
@@ -22,6 +23,12 @@ FORWARD = 0
 SWALLOW = 1
 PARSE = "P"
 CLOSE = "C"
+SYNC = "sync"
+# The entries for an unnamed Parse and for a Close of the client's: the codec adds and
+# removes these itself when it forwards such messages unchanged (see _codec.Relay).
+FORWARD_PARSE = (FORWARD, PARSE, None)
+FORWARD_CLOSE = (FORWARD, CLOSE, None)
+set_statement_entries(FORWARD_PARSE, FORWARD_CLOSE, SYNC)
 
 
 class Statement:
@@ -67,6 +74,10 @@ class ServerStatements:
     def expect(self, action: int, kind: str, stmt: Statement | None = None) -> None:
         self.expected.append((action, kind, stmt))
 
+    def expect_sync(self, ready_number: int) -> None:
+        """The ready_number-th ReadyForQuery of the connection answers a Sync just sent."""
+        self.expected.append((SYNC, ready_number))
+
     def has(self, stmt: Statement) -> bool:
         if stmt.server_name in self.prepared:
             self.prepared.move_to_end(stmt.server_name)
@@ -96,7 +107,7 @@ class ServerStatements:
         self._drop_finished_syncs(ready_count)
         while self.expected:
             entry = self.expected.popleft()
-            if entry[0] != "sync":
+            if entry[0] != SYNC:
                 return entry[0]
         return FORWARD
 
@@ -107,7 +118,7 @@ class ServerStatements:
         still_there: set[bytes] = set()   # their Close was skipped too
         while self.expected:
             entry = self.expected.popleft()
-            if entry[0] == "sync":
+            if entry[0] == SYNC:
                 self.expected.appendleft(entry)
                 return
             _, kind, stmt = entry
@@ -121,7 +132,7 @@ class ServerStatements:
 
     def _drop_finished_syncs(self, ready_count: int) -> None:
         expected = self.expected
-        while expected and expected[0][0] == "sync" and expected[0][1] <= ready_count:
+        while expected and expected[0][0] == SYNC and expected[0][1] <= ready_count:
             expected.popleft()
 
 
@@ -142,7 +153,7 @@ class ClientStatements:
         name, pos = split_name(body)
         if not name:
             out.append(protocol.message(protocol.PARSE, body))
-            server.expect(FORWARD, PARSE)
+            server.expected.append(FORWARD_PARSE)
             return
         stmt = self.registry.statement(body[pos:])
         self.by_name[name] = stmt
@@ -200,4 +211,4 @@ class ClientStatements:
             # (never prepared) name on the server still answers CloseComplete in order.
             self.by_name.pop(name, None)
         out.append(protocol.message(protocol.CLOSE, body))
-        server.expect(FORWARD, CLOSE)
+        server.expected.append(FORWARD_CLOSE)

@@ -28,14 +28,14 @@ RELAY_ACTIONS = protocol.action_table(protocol.PASS, S=protocol.INSPECT)
 # answer instead of a success.
 STATEMENT_RELAY_ACTIONS = protocol.action_table(protocol.PASS, S=protocol.INSPECT,
                                                 C=protocol.INSPECT, Z=protocol.INSPECT)
-# With max_prepared_statements the pooler filters ParseComplete/CloseComplete and follows
-# errors (the server then skips to Sync).
+# With max_prepared_statements the pooler filters ParseComplete/CloseComplete (the codec
+# forwards those the client expects itself) and follows errors (the server then skips to Sync).
 PREPARED_RELAY_ACTIONS = protocol.action_table(
-    protocol.PASS, S=protocol.INSPECT, **{"1": protocol.INSPECT, "3": protocol.INSPECT},
+    protocol.PASS, S=protocol.INSPECT, **{"1": protocol.STATEMENT_REPLY, "3": protocol.STATEMENT_REPLY},
     E=protocol.INSPECT)
 PREPARED_STATEMENT_RELAY_ACTIONS = protocol.action_table(
     protocol.PASS, S=protocol.INSPECT, C=protocol.INSPECT, Z=protocol.INSPECT,
-    **{"1": protocol.INSPECT, "3": protocol.INSPECT}, E=protocol.INSPECT)
+    **{"1": protocol.STATEMENT_REPLY, "3": protocol.STATEMENT_REPLY}, E=protocol.INSPECT)
 TRANSACTION_START_TAGS = (b"BEGIN\0", b"START TRANSACTION\0")
 # Statement pooling reads CommandComplete itself; the codec reports these in other modes.
 DISCARD_TAGS = (b"DEALLOCATE ALL\0", b"DISCARD ALL\0")
@@ -79,6 +79,8 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
         self._held_reply: list[bytes] | None = None   # statement mode: reply held until 'Z'
         limit = pool.prepared_limit
         self.statements = prepared.ServerStatements(limit) if limit else None
+        if self.statements is not None:
+            self.expect_replies_in(self.statements.expected)
         self.watch_discard = self.statements is not None
         self._held_size = 0
         self._scram: auth.ScramClient | None = None

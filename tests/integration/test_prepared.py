@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import struct
 import subprocess
 import time
 
@@ -11,6 +12,8 @@ import psycopg
 import pytest
 
 from pgmulti.cluster import clean_env
+from test_errors import Raw, startup_packet
+from test_errors import message as raw_message
 
 CONNECT_TIMEOUT_S = 5
 
@@ -182,3 +185,88 @@ def test_psycopg_prepared_cache_after_discard_all(pgmulti):
         for value in range(2, 4):
             assert b.execute("SELECT %s::int * 5", [value]).fetchone() == (value * 5,)
             assert a.execute("SELECT %s::int * 3", [value]).fetchone() == (value * 3,)
+
+
+def test_unnamed_and_named_statements_mixed_in_pipelines_on_one_server(pgmulti):
+    """The codec forwards unnamed Parse/Bind/Describe/Close/Sync and the replies the client
+    expects itself, Python the named ones: in one queue of expected replies, in order. Two
+    clients share one server; pipelines mix statements psycopg prepares (after one use) with
+    unnamed ones and an error, so every ParseComplete must reach the right client or none."""
+    proxy = pgmulti({"pool_mode": "transaction", "default_pool_size": 1})
+    clients = [connect(proxy, prepare_threshold=1) for _ in range(2)]
+    try:
+        for round_number in range(6):
+            for index, conn in enumerate(clients):
+                fails = round_number % 3 == 2
+                unique = f"SELECT {round_number * 10 + index}::int AS u{round_number}"
+                try:
+                    with conn.pipeline():
+                        named = conn.execute("SELECT %s::int + 1", [round_number])
+                        unnamed = conn.execute(unique)
+                        if fails:
+                            conn.execute("SELECT 1 / %s::int", [0])
+                        again = conn.execute("SELECT %s::int + 1", [round_number + 100])
+                except psycopg.errors.DivisionByZero:
+                    assert fails
+                else:
+                    assert not fails
+                    assert named.fetchone() == (round_number + 1,)
+                    assert unnamed.fetchone() == (round_number * 10 + index,)
+                    assert again.fetchone() == (round_number + 101,)
+                # After each pipeline, plain statements on the same connection still line up.
+                assert conn.execute("SELECT %s::text", [f"r{round_number}"]).fetchone() == \
+                    (f"r{round_number}",)
+    finally:
+        for conn in clients:
+            conn.close()
+
+
+def _parse(name: bytes, sql: bytes) -> bytes:
+    return raw_message(b"P", name + b"\0" + sql + b"\0" + struct.pack("!H", 0))
+
+
+def _bind(statement: bytes) -> bytes:
+    # Unnamed portal, no parameters, text results.
+    return raw_message(b"B", b"\0" + statement + b"\0" + struct.pack("!HHH", 0, 0, 0))
+
+
+EXECUTE = raw_message(b"E", b"\0" + struct.pack("!I", 0))
+SYNC = raw_message(b"S")
+
+
+def test_replies_to_unnamed_and_added_statements_arrive_exactly_in_order(pgmulti):
+    """The exact replies a client gets when unnamed statements (forwarded by the codec) and
+    named ones (rewritten in Python, with Parse and Close the pooler adds and whose replies it
+    swallows) share pipelines, an eviction and an error: nothing extra, nothing missing."""
+    proxy = pgmulti({"pool_mode": "transaction", "default_pool_size": 1,
+                     "max_prepared_statements": 2})
+    with Raw(proxy) as raw:
+        raw.send(startup_packet({"user": "postgres", "database": "testdb"}))
+        assert raw.read_until(b"Z")[-1][0] == b"Z"
+
+        raw.send(_parse(b"s1", b"SELECT 1") + _parse(b"", b"SELECT 2") + _bind(b"") + EXECUTE
+                 + _parse(b"s2", b"SELECT 3")
+                 + _parse(b"s3", b"SELECT 4")      # the server keeps 2: s1 is closed
+                 + _bind(b"s1") + EXECUTE          # so s1 is parsed again first (swallowed)
+                 + raw_message(b"C", b"S\0")       # Close of the unnamed statement
+                 + SYNC)
+        replies = raw.read_until(b"Z")
+        assert [t for t, _ in replies] == [b"1", b"1", b"2", b"D", b"C", b"1", b"1", b"2", b"D",
+                                           b"C", b"3", b"Z"]
+        assert replies[3][1].endswith(b"2") and replies[8][1].endswith(b"1")
+
+        # An error: the server skips to Sync, so the named Parse after it never happens.
+        raw.send(_parse(b"", b"SELECT 1 / (random() * 0)::int") + _bind(b"") + EXECUTE
+                 + _parse(b"s4", b"SELECT 5")
+                 + SYNC)
+        replies = raw.read_until(b"Z", timeout=5)
+        if replies[-1][0] == b"E":
+            replies += raw.read_until(b"Z")
+        assert [t for t, _ in replies] == [b"1", b"2", b"E", b"Z"]
+
+        # Afterwards unnamed and named statements line up again.
+        raw.send(_parse(b"", b"SELECT 6") + _bind(b"") + raw_message(b"D", b"P\0") + EXECUTE
+                 + _bind(b"s3") + EXECUTE + SYNC)
+        replies = raw.read_until(b"Z")
+        assert [t for t, _ in replies] == [b"1", b"2", b"T", b"D", b"C", b"2", b"D", b"C", b"Z"]
+        assert replies[3][1].endswith(b"6") and replies[6][1].endswith(b"4")
