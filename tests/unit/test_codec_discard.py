@@ -16,7 +16,8 @@ from pgmulti._codec import (
     ready_for_query,
 )
 
-SIZEHINT = 65536
+from codec_feed import feed
+
 SERVER_ACTIONS = action_table(PASS, S=INSPECT)
 
 
@@ -49,20 +50,6 @@ def server_relay(watch=True):
     relay.link_output(Peer(log))
     relay.watch_discard = watch
     return relay, log
-
-
-def feed(relay, data, cuts=()):
-    data = memoryview(data)
-    bounds = [0, *sorted(cuts), len(data)]
-    for a, b in zip(bounds, bounds[1:]):
-        pos = a
-        while pos < b:
-            buffer = relay.get_buffer(SIZEHINT)
-            n = min(len(buffer), b - pos)
-            with memoryview(buffer) as target:
-                target[:n] = data[pos:pos + n]
-                relay.buffer_updated(n)
-            pos += n
 
 
 def forwarded(log):

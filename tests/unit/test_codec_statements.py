@@ -28,7 +28,8 @@ from pgmulti._codec import (
     ready_for_query,
 )
 
-SIZEHINT = 65536
+from codec_feed import feed, single_splits
+
 CLIENT_ACTIONS = action_table(REJECT, **{t: PASS for t in "dcfEHFQ"}, X=INSPECT,
                               **{t: STATEMENT_REQUEST for t in "PBDCS"})
 SERVER_ACTIONS = action_table(PASS, S=INSPECT, E=INSPECT,
@@ -85,20 +86,6 @@ def linked_pair():
     return client, server, client_peer, server_peer, expected, stats
 
 
-def feed(relay, data, cuts=()):
-    data = memoryview(data)
-    bounds = [0, *sorted(cuts), len(data)]
-    for a, b in zip(bounds, bounds[1:]):
-        pos = a
-        while pos < b:
-            buffer = relay.get_buffer(SIZEHINT)
-            n = min(len(buffer), b - pos)
-            with memoryview(buffer) as target:
-                target[:n] = data[pos:pos + n]
-                relay.buffer_updated(n)
-            pos += n
-
-
 def parse(name: bytes, sql: bytes) -> bytes:
     return message(ord("P"), name + b"\0" + sql + b"\0" + struct.pack("!H", 0))
 
@@ -114,11 +101,7 @@ UNNAMED_CYCLE = (parse(b"", b"SELECT 1") + bind(b"", b"") + message(ord("D"), b"
                  + message(ord("C"), b"S\0") + SYNC)
 
 
-def splits(data):
-    return [()] + [(cut,) for cut in range(1, len(data))]
-
-
-@pytest.mark.parametrize("cuts", splits(UNNAMED_CYCLE))
+@pytest.mark.parametrize("cuts", single_splits(UNNAMED_CYCLE))
 def test_messages_naming_no_statement_are_forwarded_and_noted(cuts):
     client, server, _, server_peer, expected, stats = linked_pair()
     feed(client, UNNAMED_CYCLE, cuts)
@@ -139,7 +122,7 @@ def test_messages_naming_a_statement_go_to_python_between_forwarded_ones(named):
     client, _, _, server_peer, expected, _ = linked_pair()
     before, after = parse(b"", b"SELECT 2"), bind(b"", b"")
     stream = before + named + after
-    for cuts in splits(stream):
+    for cuts in single_splits(stream):
         client.inspected.clear()
         server_peer.written.clear()
         expected.clear()
@@ -162,7 +145,7 @@ CLOSE_COMPLETE = message(ord("3"), b"")
 BIND_COMPLETE = message(ord("2"), b"")
 
 
-@pytest.mark.parametrize("cuts", splits(PARSE_COMPLETE + BIND_COMPLETE + CLOSE_COMPLETE
+@pytest.mark.parametrize("cuts", single_splits(PARSE_COMPLETE + BIND_COMPLETE + CLOSE_COMPLETE
                                         + ready_for_query("I")))
 def test_replies_the_client_expects_are_forwarded(cuts):
     _, server, client_peer, _, expected, _ = linked_pair()

@@ -26,7 +26,8 @@ from pgmulti._codec import (
     unlink_pair,
 )
 
-SIZEHINT = 65536
+from codec_feed import feed
+
 SERVER_ACTIONS = action_table(PASS, S=INSPECT)
 CLIENT_ACTIONS = action_table(PASS, X=INSPECT)
 PAUSE_S = 0.003
@@ -50,21 +51,6 @@ class Transport(Sink):
 
     def write(self, data):
         self.written.append(bytes(data))
-
-
-def feed(relay, data, cuts=()):
-    """Deliver data to the relay as uvloop does, split at the given offsets."""
-    data = memoryview(data)
-    bounds = [0, *sorted(cuts), len(data)]
-    for a, b in zip(bounds, bounds[1:]):
-        pos = a
-        while pos < b:
-            buffer = relay.get_buffer(SIZEHINT)
-            n = min(len(buffer), b - pos)
-            with memoryview(buffer) as target:
-                target[:n] = data[pos:pos + n]
-                relay.buffer_updated(n)
-            pos += n
 
 
 def pair():
