@@ -385,7 +385,7 @@ cdef class Relay:
 
     def take_buffered(self):
         """Remove and return the unprocessed bytes (used when a connection changes hands)."""
-        data = bytes(self._view[self._start:self._end]) if self._buf is not None else b""
+        data = self.peek_buffered()
         self._start = self._end
         return data
 
@@ -868,16 +868,22 @@ cdef class PoolCore:
         self.idle.pop()
         server.state = _ACTIVE
         self.active.add(server)
+        self._attach(client, server, now)
+        client.request_time = _clock(CLOCK_REALTIME)
+        self.fast_links += 1
+        return True
+
+    cdef inline int _attach(self, Relay client, Relay server, double now) except -1:
+        """Link the pair for a transaction and count the assignment (Pool._link and
+        ClientConnection.attached in Python)."""
         client.server = server
         server.client = client
         _link(client, server, self._relay_actions, True)
         if self._client_linked_actions is not None:
             memcpy(client._actions, <const char*>self._client_linked_actions, 256)
         self.stats.assignments += 1
-        client.request_time = _clock(CLOCK_REALTIME)
         client.link_time = now
-        self.fast_links += 1
-        return True
+        return 0
 
     cdef bint _enqueue(self, Relay client) except -1:
         """Queue the client for the next released server, holding its bytes (Pool.request
@@ -943,15 +949,9 @@ cdef class PoolCore:
             return False  # parameters to sync, or not compared yet
         self.waiting.popleft()
         self._unlink_client(server, now)
-        client.server = server
-        server.client = client
-        _link(client, server, self._relay_actions, True)
-        if self._client_linked_actions is not None:
-            memcpy(client._actions, <const char*>self._client_linked_actions, 256)
-        self.stats.assignments += 1
+        self._attach(client, server, now)
         self.stats.record_wait(now - client.wait_start)
         client.state = _ACTIVE
-        client.link_time = now
         self.fast_handoffs += 1
         if client.held:
             # As resume(): we are inside the server relay's processing, not the client's,
@@ -1000,10 +1000,6 @@ def auth_sasl(mechanisms):
 
 def parameter_status(name, value):
     return message(83, _cstr(name) + _cstr(value))
-
-
-def backend_key_data(long long pid, long long key):
-    return message(75, _int32(pid) + _int32(key))
 
 
 def ready_for_query(status):
@@ -1063,6 +1059,3 @@ def startup_message(dict params, int version=196608):
     body = _int32(version) + b"".join(_cstr(k) + _cstr(v) for k, v in params.items()) + b"\0"
     return _int32(len(body) + 4) + body
 
-
-def cancel_request(long long pid, long long key):
-    return _int32(16) + _int32(80877102) + _int32(pid) + _int32(key)

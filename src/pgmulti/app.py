@@ -68,7 +68,7 @@ class App:
         self.pools: dict[tuple[str, str], Pool] = {}
         self.clients: set = set()
         self.login_clients: set = set()
-        self.cancel_keys: dict[tuple[int, int], object] = {}
+        self.cancel_keys: dict[tuple[int, bytes], object] = {}
         self.paused = False
         self.disabled_databases: set[str] = set()
         self.shutting_down = False

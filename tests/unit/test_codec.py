@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pgmulti._codec as codec
+from pgmulti.protocol import cancel_request
 from pgmulti._codec import (
     ERR_LENGTH,
     ERR_TOO_LONG,
@@ -30,7 +31,6 @@ from pgmulti._codec import (
     STARTUP_MAX,
     Relay,
     action_table,
-    cancel_request,
     command_complete,
     data_row,
     error_response,
@@ -45,7 +45,6 @@ from pgmulti._codec import (
 SIZEHINT = 65536  # what uvloop passes to get_buffer (libuv's suggested size)
 SSL_REQUEST_CODE = 80877103
 GSSENC_REQUEST_CODE = 80877104
-CANCEL_REQUEST_CODE = 80877102
 Z = ord("Z")
 
 
@@ -1096,13 +1095,6 @@ def test_startup_message_parameters():
     assert struct.unpack_from("!I", startup_message({}, 196610), 4)[0] == 196610
 
 
-def test_cancel_request_layout():
-    msg = cancel_request(1234, 0xDEADBEEF)
-    assert len(msg) == 16
-    assert struct.unpack("!IIII", msg) == (16, CANCEL_REQUEST_CODE, 1234, 0xDEADBEEF)
-    assert struct.unpack("!IIii", cancel_request(-1, -2))[2:] == (-1, -2)
-
-
 def test_simple_builders():
     assert message(ord("C"), b"X\0") == b"C" + be32(6) + b"X\0"
     assert ready_for_query("T") == b"Z" + be32(5) + b"T"
@@ -1112,7 +1104,6 @@ def test_simple_builders():
     assert query("SELECT 1") == b"Q" + be32(13) + b"SELECT 1\0"
     assert codec.terminate() == b"X" + be32(4)
     assert codec.empty_query_response() == b"I" + be32(4)
-    assert codec.backend_key_data(7, 0xFFFFFFFF) == b"K" + be32(12) + be32(7) + be32(0xFFFFFFFF)
     assert codec.authentication(0) == b"R" + be32(8) + be32(0)
     assert codec.authentication(5, b"salt") == b"R" + be32(12) + be32(5) + b"salt"
     assert body(codec.auth_sasl(["SCRAM-SHA-256"])) == be32(10) + b"SCRAM-SHA-256\0\0"

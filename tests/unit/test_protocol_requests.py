@@ -1,4 +1,7 @@
-"""protocol.complete_requests: may a queued client's bytes be dropped as one cancelled request?"""
+"""protocol.complete_requests (may a queued client's bytes be dropped as one cancelled
+request?) and the cancel-key messages protocol.py builds."""
+
+import struct
 
 from pgmulti import protocol
 
@@ -35,3 +38,19 @@ def test_messages_after_the_last_request_are_not_whole():
 
 def test_a_bad_length_is_not_whole():
     assert protocol.complete_requests(b"Q\0\0\0\x02") == -1
+
+
+def test_cancel_request_layout():
+    msg = protocol.cancel_request(1234, 0xDEADBEEF)
+    assert len(msg) == 16
+    assert struct.unpack("!IIII", msg) == (16, protocol.CANCEL_REQUEST_CODE, 1234, 0xDEADBEEF)
+    assert struct.unpack("!IIii", protocol.cancel_request(-1, -2))[2:] == (-1, -2)
+    long_key = bytes(range(32))  # protocol 3.2
+    assert protocol.cancel_request(7, long_key) == (
+        struct.pack("!III", 44, protocol.CANCEL_REQUEST_CODE, 7) + long_key)
+
+
+def test_backend_key_data_layout():
+    assert protocol.backend_key_data(7, 0xFFFFFFFF) == b"K" + struct.pack("!III", 12, 7, 0xFFFFFFFF)
+    assert protocol.backend_key_data(7, b"k" * 32) == (
+        b"K" + struct.pack("!II", 40, 7) + b"k" * 32)
