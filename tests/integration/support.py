@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import psycopg
 
 from pgmulti.cluster import clean_env, find_free_port
 
@@ -55,3 +59,36 @@ def line_of(text: str, needle: str) -> int:
         if needle in line:
             return number
     raise AssertionError(f"{needle!r} not in the text")
+
+
+def admin(proxy, command: str) -> list[dict[str, str]]:
+    """Run an admin console command with psql; rows as {column: value}."""
+    result = subprocess.run(
+        [proxy.pg.bindir / "psql", "-X", "-A", "-F", "|", "-P", "footer=off", "-w",
+         "-h", proxy.host, "-p", str(proxy.port), "-U", "postgres", "-d", "pgbouncer",
+         "-c", command],
+        env=clean_env(PGCONNECT_TIMEOUT="5"), stdin=subprocess.DEVNULL, capture_output=True,
+        text=True, timeout=10, check=False)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    header = lines[0].split("|")
+    return [dict(zip(header, line.split("|"))) for line in lines[1:]]
+
+
+def client_port(conn: psycopg.Connection) -> int:
+    """The client-side port of a psycopg connection, as SHOW CLIENTS shows it."""
+    sock = socket.socket(fileno=conn.info.pgconn.socket)
+    try:
+        return sock.getsockname()[1]
+    finally:
+        sock.detach()
+
+
+CODEC_COUNTERS = re.compile(
+    r"codec hand-offs: links (\d+), releases (\d+), handoffs (\d+), queued (\d+)")
+
+
+def latest_counters(proxy) -> tuple[int, int, int, int] | None:
+    """The codec's hand-off counters a pool last logged (verbose, once per stats_period)."""
+    found = CODEC_COUNTERS.findall(proxy.log_text())
+    return tuple(map(int, found[-1])) if found else None

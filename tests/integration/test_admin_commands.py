@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import socket
 import threading
 import time
 
@@ -11,7 +10,7 @@ import psycopg
 import pytest
 
 from pgmulti import admin_columns as ref
-from support import wait_for
+from support import client_port, wait_for
 
 CONNECT_TIMEOUT = 10
 
@@ -259,15 +258,6 @@ def test_kill_client_closes_exactly_that_client(proxy):
         wait_for(lambda: len(servers_of_testdb(admin)) == servers_before - 1, 5,
                  "the victim's server to close")
         assert answer(admin, f"KILL_CLIENT {victim_id}") == ("08P01", "client not found")
-
-
-def client_port(conn: psycopg.Connection) -> int:
-    """The client-side port of a psycopg connection, as SHOW CLIENTS shows it."""
-    sock = socket.socket(fileno=conn.info.pgconn.socket)
-    try:
-        return sock.getsockname()[1]
-    finally:
-        sock.detach()
 
 
 def test_kill_client_errors(proxy):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 
 import psycopg
 import pytest
 
 from pgmulti import admin_columns as ref
+from support import client_port
 
 CONNECT_TIMEOUT = 10
 
@@ -32,14 +32,6 @@ def show(conn: psycopg.Connection, what: str):
 def expected(what: str):
     columns = ref.COLUMNS[what]
     return [name for name, _ in columns], [ref.TYPE_OIDS[kind] for _, kind in columns]
-
-
-def client_port(conn: psycopg.Connection) -> int:
-    sock = socket.socket(fileno=conn.info.pgconn.socket)
-    try:
-        return sock.getsockname()[1]
-    finally:
-        sock.detach()
 
 
 @pytest.fixture

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import psycopg
 
-from support import wait_for
-from test_handoff import latest_counters
+from support import latest_counters, wait_for
 
 CONNECTIONS = 40
 

@@ -9,36 +9,18 @@ stats_period) must show that the C path did the work.
 
 from __future__ import annotations
 
-import re
-import subprocess
 import threading
 import time
 
 import psycopg
 import pytest
 
-from pgmulti.cluster import clean_env
-from support import wait_for
+from support import admin, latest_counters, wait_for
 
 CLIENTS = 12
 POOL_SIZE = 3
 TRANSACTIONS = 30
 JOIN_TIMEOUT_S = 25
-COUNTERS = re.compile(r"codec hand-offs: links (\d+), releases (\d+), handoffs (\d+), queued (\d+)")
-
-
-def admin(proxy, command: str) -> list[dict[str, str]]:
-    """An admin console command through psql; rows as {column: value}."""
-    result = subprocess.run(
-        [proxy.pg.bindir / "psql", "-X", "-A", "-F", "|", "-P", "footer=off", "-w",
-         "-h", proxy.host, "-p", str(proxy.port), "-U", "postgres", "-d", "pgbouncer",
-         "-c", command],
-        env=clean_env(PGCONNECT_TIMEOUT="5"), stdin=subprocess.DEVNULL, capture_output=True,
-        text=True, timeout=10, check=False)
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    header = lines[0].split("|")
-    return [dict(zip(header, line.split("|"))) for line in lines[1:]]
 
 
 def row_for(rows: list[dict[str, str]], database: str, **match: str) -> dict[str, str]:
@@ -46,11 +28,6 @@ def row_for(rows: list[dict[str, str]], database: str, **match: str) -> dict[str
         if row["database"] == database and all(row[k] == v for k, v in match.items()):
             return row
     raise AssertionError(f"no row for {database} {match} in {rows}")
-
-
-def latest_counters(proxy) -> tuple[int, int, int, int] | None:
-    found = COUNTERS.findall(proxy.log_text())
-    return tuple(map(int, found[-1])) if found else None
 
 
 def run_client(proxy, index: int, prepared: bool, errors: list[BaseException]) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -18,8 +17,8 @@ from collections.abc import Callable
 import psycopg
 import pytest
 
-from pgmulti.cluster import clean_env, find_free_port
-from support import wait_for
+from pgmulti.cluster import find_free_port
+from support import admin, wait_for
 
 CONNECT_TIMEOUT_S = 5
 
@@ -153,20 +152,6 @@ def data_row(body: bytes) -> list[str | None]:
             values.append(body[pos:pos + length].decode())
             pos += length
     return values
-
-
-def admin(proxy, command: str) -> list[dict[str, str]]:
-    """Run an admin console command with psql; rows as {column: value}."""
-    result = subprocess.run(
-        [proxy.pg.bindir / "psql", "-X", "-A", "-F", "|", "-P", "footer=off", "-w",
-         "-h", proxy.host, "-p", str(proxy.port), "-U", "postgres", "-d", "pgbouncer",
-         "-c", command],
-        env=clean_env(PGCONNECT_TIMEOUT="5"), stdin=subprocess.DEVNULL, capture_output=True,
-        text=True, timeout=10, check=False)
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    header = lines[0].split("|")
-    return [dict(zip(header, line.split("|"))) for line in lines[1:]]
 
 
 POOL_SERVER_COLUMNS = ("sv_active", "sv_idle", "sv_used", "sv_tested", "sv_login")
