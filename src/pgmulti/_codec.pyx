@@ -13,7 +13,9 @@ from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndS
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport uint32_t
 from libc.string cimport memcmp, memcpy, memmove
+from libc.errno cimport EAGAIN, EINTR, errno
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
+from posix.unistd cimport close, dup
 
 cdef extern from *:
     """
@@ -22,6 +24,22 @@ cdef extern from *:
     #endif
     """
     int PGMULTI_DEBUG
+
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t recv(int fd, void* buf, size_t n, int flags)
+    ssize_t send(int fd, const void* buf, size_t n, int flags)
+    int MSG_NOSIGNAL
+
+cdef extern from "<sys/epoll.h>" nogil:
+    union epoll_data_t "epoll_data":
+        int fd
+    struct epoll_event:
+        uint32_t events
+        epoll_data_t data
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event* event)
+    int epoll_wait(int epfd, epoll_event* events, int maxevents, int timeout)
+    int EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLLIN
 
 # What the relay does with a message, chosen per message type.
 cdef enum:
@@ -117,6 +135,11 @@ cdef inline uint32_t _be32(const unsigned char* p) noexcept nogil:
 
 
 cdef class PoolCore
+cdef class DirectIO
+
+# Ready sockets DirectIO takes from the kernel per call (more wait for the next call).
+cdef enum:
+    DIRECT_EVENTS = 64
 
 
 def action_table(default=ACT_PASS, **by_type):
@@ -212,12 +235,23 @@ cdef class Relay:
     cdef public object param_sig    # interned tracked-parameter values; None = unknown
     cdef public PoolCore pool_core  # the pool whose fast hand-off applies to this connection
 
+    # Direct I/O (see DirectIO): the codec reads and writes the socket itself.
+    cdef readonly DirectIO direct_io  # set while allowed (plain TCP/Unix, logged in)
+    cdef int _direct_after          # reads through the transport left before switching
+    cdef int _fd                    # our dup of the socket while direct, else -1
+    cdef bint _direct_paused        # direct, but reading stopped (flow control, backlog)
+    cdef bint _send_blocked         # the transport holds unsent bytes: write through it
+    cdef Relay _peer                # the linked peer's relay (link_pair), or None
+    cdef Py_ssize_t _run_a          # a batch's first piece while it is still only
+    cdef Py_ssize_t _run_b          #   bytes [_run_a, _run_b) of the buffer (0, 0: none)
+
     def __cinit__(self, *args, **kwargs):
         self.buffer_size = DEF_BUFFER_SIZE
         self.max_inspect = 1024 * 1024
         self.max_packet = 0x7FFFFFFF
         self.ready_status = ord("I")
         self.notify_ready = True
+        self._fd = -1
         for i in range(256):
             self._actions[i] = ACT_PASS
 
@@ -358,10 +392,12 @@ cdef class Relay:
         """Forward pass-through messages to `transport` from now on."""
         self._out = transport
         self.writer = transport.write
+        self._peer = None
 
     def unlink_output(self):
         self._out = None
         self.writer = None
+        self._peer = None
         self.request_sink = None
 
     def hold(self):
@@ -402,9 +438,125 @@ cdef class Relay:
             self._lent_to = None
             self._lent_to_several = False
 
+    # -- direct I/O ----------------------------------------------------------------------
+
+    def enable_direct_io(self, DirectIO io not None, int after_reads):
+        """Let the codec read and write this connection's socket itself once `after_reads`
+        more reads have come through the transport (plain TCP or Unix sockets only)."""
+        if self._fd < 0:
+            self.direct_io = io
+            self._direct_after = after_reads
+
+    @property
+    def direct(self):
+        """True while the codec reads and writes the socket itself."""
+        return self._fd >= 0
+
+    def stop_direct_io(self):
+        """Hand the socket back to the transport for good (closing: before it closes)."""
+        self._leave_direct(False)
+        self.direct_io = None
+
+    cdef int _go_direct(self) except -1:
+        cdef DirectIO io = self.direct_io
+        cdef int fd
+        transport = self.transport
+        self.direct_io = None  # one attempt
+        if (self.closed or transport is None or transport.is_closing()
+                or transport.get_extra_info("sslcontext") is not None):
+            return 0
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return 0
+        # A dup of our own: the transport may close its descriptor before connection_lost,
+        # and this number must not be reused for another connection while we still use it.
+        fd = dup(sock.fileno())
+        if fd < 0:
+            return 0
+        reading = transport.is_reading()
+        if reading:
+            transport.pause_reading()
+        self._fd = fd
+        self.direct_io = io
+        self._direct_paused = True
+        if reading:
+            self.resume_reading()
+        # Direct writes must never overtake bytes the transport holds: have it call
+        # pause_writing (_send_blocked) as soon as it holds any.
+        if transport.get_write_buffer_size():
+            self._send_blocked = True
+        transport.set_write_buffer_limits(0)
+        return 0
+
+    cdef int _leave_direct(self, bint resume_transport) except -1:
+        """Back to the transport: on EOF or a read error (resume_transport: it reads again
+        and reports them itself), or when closing."""
+        cdef int fd = self._fd
+        if fd < 0:
+            return 0
+        if not self._direct_paused:
+            self.direct_io._unwatch(fd)
+        self._fd = -1
+        close(fd)
+        self.direct_io = None
+        if resume_transport and not self._direct_paused and not self.transport.is_closing():
+            self.transport.resume_reading()
+        return 0
+
+    cdef int _read_direct(self) except -1:
+        cdef ssize_t n
+        if self._fd < 0 or self._direct_paused:
+            return 0
+        self._prepare_read()
+        n = recv(self._fd, self._data + self._end, self._cap - self._end, 0)
+        self.direct_io.reads += 1
+        if n > 0:
+            self._received(n)
+        elif n == 0 or (errno != EAGAIN and errno != EINTR):  # EWOULDBLOCK is EAGAIN on Linux
+            self._leave_direct(True)
+        return 0
+
+    def pause_reading(self):
+        """Stop reading this connection (flow control, backlog), direct or not."""
+        if self._fd >= 0:
+            if not self._direct_paused:
+                self._direct_paused = True
+                self.direct_io._unwatch(self._fd)
+        elif self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_reading(self):
+        if self._fd >= 0:
+            if self._direct_paused:
+                self.direct_io._watch(self)
+                self._direct_paused = False
+        elif self.transport is not None:
+            self.transport.resume_reading()
+
+    def pause_writing(self):
+        """asyncio flow control: the transport holds unsent bytes (subclasses extend it)."""
+        self._send_blocked = True
+
+    def resume_writing(self):
+        self._send_blocked = False
+
     # -- BufferedProtocol ----------------------------------------------------------------
 
     def get_buffer(self, Py_ssize_t sizehint):
+        self._prepare_read()
+        if self._end == 0:
+            return self._view  # the whole buffer: no new view per read in the common case
+        return self._view[self._end:self._cap]
+
+    def buffer_updated(self, Py_ssize_t nbytes):
+        self._received(nbytes)
+        if self.direct_io is not None and self._fd < 0:
+            self._direct_after -= 1
+            if self._direct_after <= 0:
+                self._go_direct()
+
+    cdef int _prepare_read(self) except -1:
+        """Room for a read at _end: at least MIN_READ bytes, or what _need asks for."""
         cdef Py_ssize_t want
         if self._buf is None:
             self._allocate(max(self.buffer_size, self._need), 0)
@@ -415,19 +567,18 @@ cdef class Relay:
             want = max(self._need, MIN_READ + self._end - self._start)
             if self._cap - self._start < want or self._cap - self._end < MIN_READ:
                 self._reclaim(want)
-        if self._end == 0:
-            return self._view  # the whole buffer: no new view per read in the common case
-        return self._view[self._end:self._cap]
+        return 0
 
-    def buffer_updated(self, Py_ssize_t nbytes):
+    cdef int _received(self, Py_ssize_t nbytes) except -1:
         self._end += nbytes
         self.rx_bytes += nbytes
         if self.held:
             # Nothing is processed while held; past one buffer's worth, ask for a pause.
             if self._end - self._start > self.buffer_size:
                 self.on_backlog()
-            return
+            return 0
         self._process()
+        return 0
 
     # -- buffer management ---------------------------------------------------------------
 
@@ -466,19 +617,26 @@ cdef class Relay:
         if b <= a or self.writer is None:
             return 0
         self.tx_bytes += <unsigned long long>(b - a)
-        if b - a <= COPY_WRITE_MAX:
-            piece = PyBytes_FromStringAndSize(<char*>self._data + a, b - a)
+        if not self._batching:
+            self._send_run(a, b)
+        elif self._batch_first is None and self._run_b == 0:
+            # Most reads forward one run: keep it in the buffer until the read is done.
+            self._run_a = a
+            self._run_b = b
         else:
-            if self._lent_to is None:
-                self._lent_to = self._out
-            elif self._lent_to is not self._out:
-                self._lent_to_several = True
-            piece = self._view[a:b]
-        if self._batching:
-            self._add_to_batch(piece)
-        else:
-            self.writer(piece)
+            self._add_to_batch(self._piece(a, b))
         return 0
+
+    cdef object _piece(self, Py_ssize_t a, Py_ssize_t b):
+        """Bytes [a, b) of the buffer for the peer's transport: a copy when small, else a view
+        (the buffer is then lent to that transport until it has written it)."""
+        if b - a <= COPY_WRITE_MAX:
+            return PyBytes_FromStringAndSize(<char*>self._data + a, b - a)
+        if self._lent_to is None:
+            self._lent_to = self._out
+        elif self._lent_to is not self._out:
+            self._lent_to_several = True
+        return self._view[a:b]
 
     def forward(self, data):
         """Send bytes Python built (a rewritten message) to the linked peer, in order with the
@@ -487,9 +645,12 @@ cdef class Relay:
         if self._batching:
             self._add_to_batch(data)
         else:
-            self.writer(data)
+            self._send_object(data)
 
     cdef inline int _add_to_batch(self, piece) except -1:
+        if self._run_b:
+            self._batch_first = self._piece(self._run_a, self._run_b)
+            self._run_a = self._run_b = 0
         if self._batch is not None:
             self._batch.append(piece)
         elif self._batch_first is None:
@@ -500,16 +661,70 @@ cdef class Relay:
 
     cdef int _write_batch(self) except -1:
         cdef list batch = self._batch
+        cdef Py_ssize_t a = self._run_a, b = self._run_b
         first = self._batch_first
         self._batching = False
         self._batch = None
         self._batch_first = None
-        if first is None or self._out is None:
+        self._run_a = self._run_b = 0
+        if self._out is None:
             return 0
-        if batch is not None:
-            self._out.writelines(batch)
-        else:
-            self.writer(first)  # the peer's transport.write, bound once (set with _out)
+        if b:
+            self._send_run(a, b)
+        elif batch is not None:
+            if self._direct_peer() is not None:
+                self._send_object(b"".join(batch))
+            else:
+                self._out.writelines(batch)
+        elif first is not None:
+            self._send_object(first)
+        return 0
+
+    # -- writing to the peer: straight to its socket when it is direct --------------------
+
+    cdef inline Relay _direct_peer(self):
+        """The linked peer when bytes may go straight to its socket: it is direct and its
+        transport holds nothing unsent (so nothing can be overtaken)."""
+        cdef Relay peer = self._peer
+        if peer is not None and peer._fd >= 0 and not peer._send_blocked:
+            return peer
+        return None
+
+    cdef int _send_run(self, Py_ssize_t a, Py_ssize_t b) except -1:
+        cdef Relay peer = self._direct_peer()
+        cdef ssize_t sent
+        if peer is None:
+            self.writer(self._piece(a, b))  # the peer's transport.write, bound once
+            return 0
+        sent = send(peer._fd, self._data + a, b - a, MSG_NOSIGNAL)
+        peer.direct_io.sends += 1
+        if sent < b - a:
+            # The rest is a copy: the buffer is reused as soon as this read is done.
+            self._send_rest(peer, PyBytes_FromStringAndSize(
+                <char*>self._data + a + (sent if sent > 0 else 0), b - a - (sent if sent > 0 else 0)))
+        return 0
+
+    cdef int _send_object(self, data) except -1:
+        cdef Relay peer = self._direct_peer()
+        cdef ssize_t sent
+        cdef Py_ssize_t n
+        if peer is None or type(data) is not bytes:
+            self.writer(data)
+            return 0
+        n = len(<bytes>data)
+        sent = send(peer._fd, <const char*>(<bytes>data), n, MSG_NOSIGNAL)
+        peer.direct_io.sends += 1
+        if sent < n:
+            self._send_rest(peer, data[sent:] if sent > 0 else data)
+        return 0
+
+    cdef int _send_rest(self, Relay peer, bytes rest) except -1:
+        """The socket took less than all (full, or failing): its transport writes the rest,
+        or meets the error and closes, as it does for its own writes."""
+        peer.direct_io.handed_back += 1
+        self.writer(rest)
+        if peer.transport.is_closing():
+            peer._send_blocked = True  # no resume_writing will come: stay on the transport
         return 0
 
     cdef int _fail(self, int code, int msg_type) except -1:
@@ -725,11 +940,101 @@ cdef class Relay:
         pass
 
 
+@cython.final
+cdef class DirectIO:
+    """Reads the sockets of direct relays without a Python call per read.
+
+    uvloop calls a protocol twice per read (get_buffer, buffer_updated) and a transport
+    write is a Python call too; with small transactions that is most of a relay's cost. A
+    direct relay's socket is instead watched by this epoll set, which the loop watches as
+    one reader: one Python call takes every ready socket, and the codec reads each into the
+    relay's buffer and writes to linked direct peers with send(). Anything unusual (EOF, a
+    read error, a full socket) goes back to the transport, which handles it as before.
+    """
+
+    cdef int _epfd
+    cdef dict _relays               # fd -> Relay watched for reading
+    cdef object _loop
+    cdef epoll_event _events[DIRECT_EVENTS]
+    cdef readonly unsigned long long reads      # socket reads made here
+    cdef readonly unsigned long long sends      # writes that went straight to a socket
+    cdef readonly unsigned long long handed_back  # sends the socket took only part of
+
+    def __cinit__(self, loop):
+        self._epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self._epfd < 0:
+            raise OSError(errno, "epoll_create1 failed")
+        self._relays = {}
+        self._loop = loop
+        loop.add_reader(self._epfd, self._poll)
+
+    def __dealloc__(self):
+        if self._epfd >= 0:
+            close(self._epfd)
+
+    def close(self):
+        """Give every socket back to its transport and stop watching."""
+        if self._epfd < 0:
+            return
+        for relay in list(self._relays.values()):
+            (<Relay>relay)._leave_direct(True)
+        self._loop.remove_reader(self._epfd)
+        close(self._epfd)
+        self._epfd = -1
+
+    def __len__(self):
+        return len(self._relays)
+
+    def counters(self):
+        """Sockets watched now, and what was read and sent here instead of by the transport."""
+        return {"sockets": len(self._relays), "reads": self.reads, "sends": self.sends,
+                "handed_back": self.handed_back}
+
+    cdef int _watch(self, Relay relay) except -1:
+        cdef epoll_event event
+        event.events = EPOLLIN
+        event.data.fd = relay._fd
+        if epoll_ctl(self._epfd, EPOLL_CTL_ADD, relay._fd, &event) < 0:
+            raise OSError(errno, "epoll_ctl(ADD) failed")
+        self._relays[relay._fd] = relay
+        return 0
+
+    cdef int _unwatch(self, int fd) except -1:
+        cdef epoll_event event
+        epoll_ctl(self._epfd, EPOLL_CTL_DEL, fd, &event)
+        self._relays.pop(fd, None)
+        return 0
+
+    def _poll(self):
+        cdef int n = epoll_wait(self._epfd, self._events, DIRECT_EVENTS, 0)
+        cdef int i
+        for i in range(n):
+            # Looked up, not pointed to: an earlier relay of this batch may have closed it.
+            relay = self._relays.get(self._events[i].data.fd)
+            if relay is None:
+                continue
+            try:
+                (<Relay>relay)._read_direct()
+            except Exception as exc:
+                self._failed(<Relay>relay, exc)
+
+    cdef _failed(self, Relay relay, exc):
+        # What uvloop does when buffer_updated raises: report it and drop the connection.
+        relay._leave_direct(False)
+        self._loop.call_exception_handler({
+            "message": "Fatal error: protocol.buffer_updated() call failed.",
+            "exception": exc, "transport": relay.transport, "protocol": relay})
+        if relay.transport is not None:
+            relay.transport.abort()
+
+
 # -- pairing: the per-transaction hand-off in transaction pooling -----------------------
 
 cdef inline void _link(Relay client, Relay server, bytes server_actions, bint notify_ready):
     server._out = client.transport
     server.writer = client._own_write
+    server._peer = client
+    client._peer = server
     memcpy(server._actions, <const char*>server_actions, 256)
     server.notify_ready = notify_ready
     client._out = server.transport
@@ -740,9 +1045,11 @@ cdef inline void _link(Relay client, Relay server, bytes server_actions, bint no
 cdef inline void _unlink(Relay client, Relay server, bytes server_actions):
     client._out = None
     client.writer = None
+    client._peer = None
     client.request_sink = None
     server._out = None
     server.writer = None
+    server._peer = None
     server._xact_start_us = 0
     server._query_start_us = 0
     memcpy(server._actions, <const char*>server_actions, 256)

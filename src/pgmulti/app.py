@@ -8,6 +8,7 @@ import os
 import signal
 
 from . import aggregate, auth, errors, hba, loader, metrics, peers, prepared, supervisor, systemd
+from ._codec import DirectIO
 from .admin import AdminConsole
 from .errors import PgError
 from .janitor import Janitor
@@ -81,7 +82,9 @@ class App:
         self.console = self.admin          # admin queries enter here (see become_worker)
         self._tasks: set[asyncio.Task] = set()
         self.prepared_registry = prepared.Registry()
-        self.stopped = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.direct_io = DirectIO(loop)    # the codec's own reads of busy plain sockets
+        self.stopped = loop.create_future()
         self.apply_config(config)
         if userlist is None:
             self.load_userlist()
@@ -422,5 +425,6 @@ class App:
             self.metrics.close()
         if self.peers is not None:
             self.peers.close()
+        self.direct_io.close()
         if not self.stopped.done():
             self.stopped.set_result(None)

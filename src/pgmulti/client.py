@@ -26,6 +26,10 @@ _client_ids = itertools.count(1)
 
 ADMIN_DATABASES = ("pgbouncer", "pgmulti")
 
+# A client's reads go through uvloop until this many after login, then the codec reads its
+# socket itself (DirectIO): a short session (pgbench -C) is not worth the switch.
+DIRECT_IO_AFTER_READS = 3
+
 # During authentication only password messages and Terminate are acceptable.
 AUTH_ACTIONS = protocol.action_table(protocol.REJECT, p=protocol.INSPECT, X=protocol.INSPECT)
 # Pooled session: every frontend message flows to the server; Terminate ends the session.
@@ -131,6 +135,7 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         self.app.client_opened(self)
 
     def connection_lost(self, exc) -> None:
+        self.stop_direct_io()
         self.closed = True
         if self._password_waiter and not self._password_waiter.done():
             self._password_waiter.cancel()
@@ -152,21 +157,24 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         self._close_reason = reason
         self.closed = True
         self.hold()
+        self.stop_direct_io()
         if self.transport is not None:
             self.transport.close()
 
     def pause_writing(self) -> None:
+        super().pause_writing()
         if self.server is not None and self.server.transport is not None:
-            self.server.transport.pause_reading()
+            self.server.pause_reading()
 
     def resume_writing(self) -> None:
+        super().resume_writing()
         if self.server is not None and self.server.transport is not None:
-            self.server.transport.resume_reading()
+            self.server.resume_reading()
 
     def _pause_reading(self) -> None:
         if not self._reading_paused and not self.closed:
             self._reading_paused = True
-            self.transport.pause_reading()
+            self.pause_reading()
 
     def on_backlog(self) -> None:
         """Held (waiting for a server) and still sending: stop reading until linked."""
@@ -175,7 +183,7 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
     def _resume_reading(self) -> None:
         if self._reading_paused and not self.closed:
             self._reading_paused = False
-            self.transport.resume_reading()
+            self.resume_reading()
 
     # -- errors --------------------------------------------------------------------------
 
@@ -460,6 +468,8 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         self.pool_core = pool.core
         pool.clients.add(self)
         self.set_actions(RELAY_ACTIONS)
+        if not self.tls:
+            self.enable_direct_io(self.app.direct_io, DIRECT_IO_AFTER_READS)
         self.resume()
 
     def _auth_method(self) -> str:

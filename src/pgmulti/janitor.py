@@ -119,6 +119,9 @@ class Janitor:
         for pool in app.pools.values():
             pool.stats.roll_period(pool, seconds)
             by_db.setdefault(pool.name, []).append(pool.stats.averages)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("direct I/O: %s", ", ".join(
+                f"{name} {count}" for name, count in app.direct_io.counters().items()))
         if not app.config.pgbouncer.log_stats:
             return
         for name, averages in sorted(by_db.items()):

@@ -154,6 +154,7 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
                                                  self.protocol_version))
 
     def connection_lost(self, exc) -> None:
+        self.stop_direct_io()
         was_closed = self.closed
         self.closed = True
         reason = self.close_reason or (str(exc) if exc else "server closed the connection")
@@ -173,6 +174,7 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
         self.closed = True
         self.close_reason = reason
         log.info("%r closing because: %s", self, reason)
+        self.stop_direct_io()
         if self.transport is not None:
             if self.logged_in:
                 self.transport.write(protocol.terminate())
@@ -183,12 +185,14 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
     # -- flow control: a full socket on one side pauses reading on the other --------------
 
     def pause_writing(self) -> None:
+        super().pause_writing()
         if self.client is not None and self.client.transport is not None:
-            self.client.transport.pause_reading()
+            self.client.pause_reading()
 
     def resume_writing(self) -> None:
+        super().resume_writing()
         if self.client is not None and self.client.transport is not None and not self.client.held:
-            self.client.transport.resume_reading()
+            self.client.resume_reading()
 
     # -- linking -------------------------------------------------------------------------
 
@@ -358,6 +362,8 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
                           f"server login failed: {fields.get('M', 'unknown error')}", fatal=True)
         elif msg_type == protocol.READY_FOR_QUERY:
             self.logged_in = True
+            if not self.tls:
+                self.enable_direct_io(self.app.direct_io, 1)  # from the next read on
             self.ready_status = body[0]
             if not self._login_done.done():
                 self._login_done.set_result(None)
