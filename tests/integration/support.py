@@ -92,3 +92,15 @@ def latest_counters(proxy) -> tuple[int, int, int, int] | None:
     """The codec's hand-off counters a pool last logged (verbose, once per stats_period)."""
     found = CODEC_COUNTERS.findall(proxy.log_text())
     return tuple(map(int, found[-1])) if found else None
+
+
+DIRECT_IO_COUNTERS = re.compile(
+    r"direct I/O: sockets (\d+), reads (\d+), sends (\d+), handed_back (\d+)")
+
+
+def direct_io_counters(proxy) -> dict[str, int] | None:
+    """The codec's direct I/O counters last logged (verbose, once per stats_period)."""
+    found = DIRECT_IO_COUNTERS.findall(proxy.log_text())
+    if not found:
+        return None
+    return dict(zip(("sockets", "reads", "sends", "handed_back"), map(int, found[-1])))

@@ -1,0 +1,120 @@
+"""Direct I/O: once a plain connection is busy, the codec reads and writes its socket itself
+(pgmulti._codec.DirectIO). These tests drive connections into that mode and then through
+what it hands back to the transport: a socket too full to take a whole write, a client that
+vanishes, a server that is terminated. Every result is checked in full, so a byte dropped,
+duplicated or sent out of order, or sent to the wrong connection, fails the test.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+
+from support import direct_io_counters, wait_for
+from test_errors import Raw
+from test_pool_modes import backend_pid, connect, pg_direct, scalar
+
+VERBOSE = {"stats_period": 1, "verbose": 1}
+WARM_UP_QUERIES = 5   # more than the reads a client makes through uvloop before going direct
+
+
+def counters_at_least(proxy, **minimum: int) -> dict[str, int]:
+    def reached():
+        counters = direct_io_counters(proxy)
+        if counters and all(counters[name] >= value for name, value in minimum.items()):
+            return counters
+        return None
+    return wait_for(reached, 5, f"direct I/O counters reaching {minimum}")
+
+
+def test_busy_clients_share_servers_directly(pgmulti):
+    """Several clients take turns on two servers, every transaction answered by its own."""
+    proxy = pgmulti({"pool_mode": "transaction", "default_pool_size": 2, **VERBOSE})
+    errors: list[BaseException] = []
+
+    def client(n: int) -> None:
+        try:
+            with connect(proxy) as conn:
+                for i in range(60):
+                    value = n * 1000 + i
+                    assert scalar(conn, "SELECT %s::int", [value]) == value
+                    if i % 20 == 0:  # a longer reply, several reads on either side
+                        rows = conn.execute("SELECT g, repeat('x', g % 97) FROM "
+                                            "generate_series(1, 3000) g").fetchall()
+                        assert rows == [(g, "x" * (g % 97)) for g in range(1, 3001)]
+        except BaseException as exc:  # reported below, with the thread's own assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors[0]
+    counters = counters_at_least(proxy, reads=300, sends=300)
+    assert counters["handed_back"] >= 0
+
+
+def test_a_client_too_slow_for_its_result_gets_all_of_it_in_order(pgmulti):
+    """The client's socket fills: the rest of a send goes to the transport, reading from the
+    server pauses, and direct sends wait until the transport has written what it holds."""
+    proxy = pgmulti({"pool_mode": "transaction", "default_pool_size": 1, **VERBOSE})
+    rows = 200_000  # 22 MB: more than the kernel buffers between pgmulti and us hold
+    with Raw(proxy, timeout=30) as raw:
+        raw.login()
+        for i in range(WARM_UP_QUERIES):
+            assert raw.simple_query(f"SELECT {i}")[-1][0] == b"Z"
+        raw.send(b"Q" + (len(sql := f"SELECT g, repeat('y', 90) FROM generate_series(1, {rows}) g\0")
+                         + 4).to_bytes(4, "big") + sql.encode())
+        time.sleep(1.0)  # let every buffer between the server and us fill up
+        messages = raw.read_until(b"Z", timeout=30)
+        data_rows = [body for msg_type, body in messages if msg_type == b"D"]
+        assert len(data_rows) == rows
+        for expected, body in enumerate(data_rows, start=1):
+            first_len = int.from_bytes(body[2:6], "big")
+            assert int(body[6:6 + first_len]) == expected
+        assert messages[-2][0] == b"C" and messages[-2][1] == f"SELECT {rows}\0".encode()
+        # The connection goes on, still in order.
+        assert raw.simple_query("SELECT 'after'")[1][1].endswith(b"after")
+    counters_at_least(proxy, handed_back=1)
+
+
+def test_a_client_vanishing_mid_query_frees_its_server(pgmulti, pg):
+    proxy = pgmulti({"pool_mode": "transaction", "default_pool_size": 1, **VERBOSE})
+    with Raw(proxy) as raw:
+        raw.login()
+        for i in range(WARM_UP_QUERIES):
+            raw.simple_query(f"SELECT {i}")
+        raw.send(b"Q" + (len(b"SELECT pg_sleep(0.3)\0") + 4).to_bytes(4, "big")
+                 + b"SELECT pg_sleep(0.3)\0")
+    # The only server is given to the next client once the abandoned query is over.
+    with connect(proxy) as conn:
+        for i in range(WARM_UP_QUERIES):
+            assert scalar(conn, "SELECT %s::int", [i]) == i
+    counters_at_least(proxy, reads=10)
+
+
+def test_a_terminated_server_fails_its_direct_client_and_is_replaced(pgmulti, pg):
+    proxy = pgmulti({"pool_mode": "session", "default_pool_size": 1, **VERBOSE})
+    conn = connect(proxy)
+    try:
+        for i in range(WARM_UP_QUERIES):
+            assert scalar(conn, "SELECT %s::int", [i]) == i
+        pid = backend_pid(conn)
+        with pg_direct(pg) as direct:
+            assert scalar(direct, "SELECT pg_terminate_backend(%s)", [pid]) is True
+        started = time.monotonic()
+        try:
+            conn.execute("SELECT 1")
+            raise AssertionError("a query on a terminated server succeeded")
+        except psycopg.OperationalError:
+            pass
+        assert time.monotonic() - started < 5
+    finally:
+        conn.close()
+    with connect(proxy) as fresh:
+        assert backend_pid(fresh) != pid
+        for i in range(WARM_UP_QUERIES):
+            assert scalar(fresh, "SELECT %s::int", [i]) == i
