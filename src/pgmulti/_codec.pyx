@@ -440,6 +440,10 @@ cdef class Relay:
 
     # -- direct I/O ----------------------------------------------------------------------
 
+    def __dealloc__(self):
+        if self._fd >= 0:
+            close(self._fd)  # never reached after connection_lost; a leak guard only
+
     def enable_direct_io(self, DirectIO io not None, int after_reads):
         """Let the codec read and write this connection's socket itself once `after_reads`
         more reads have come through the transport (plain TCP or Unix sockets only)."""
@@ -473,14 +477,17 @@ cdef class Relay:
         fd = dup(sock.fileno())
         if fd < 0:
             return 0
-        reading = transport.is_reading()
-        if reading:
-            transport.pause_reading()
         self._fd = fd
+        self._direct_paused = not transport.is_reading()
+        if not self._direct_paused:
+            try:
+                io._watch(self)
+            except OSError:
+                self._fd = -1
+                close(fd)
+                return 0
+            transport.pause_reading()
         self.direct_io = io
-        self._direct_paused = True
-        if reading:
-            self.resume_reading()
         # Direct writes must never overtake bytes the transport holds: have it call
         # pause_writing (_send_blocked) as soon as it holds any.
         if transport.get_write_buffer_size():
