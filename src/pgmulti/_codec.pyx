@@ -5,7 +5,8 @@ A Relay owns the read buffer of one connection (uvloop BufferedProtocol: get_buf
 buffer_updated), finds PostgreSQL message boundaries in it, forwards runs of pass-through
 messages to the linked peer with one write, reads ReadyForQuery inline, and hands only the
 messages the proxy must act on to Python. It never imports asyncio and never raises through a
-uvloop callback: failures are reported to Python as error codes.
+uvloop callback: failures are reported to Python as error codes. A busy plain-text connection
+is read and written by the codec itself (DirectIO), without uvloop's per-read callbacks.
 """
 
 cimport cython
@@ -450,11 +451,6 @@ cdef class Relay:
         if self._fd < 0:
             self.direct_io = io
             self._direct_after = after_reads
-
-    @property
-    def direct(self):
-        """True while the codec reads and writes the socket itself."""
-        return self._fd >= 0
 
     def stop_direct_io(self):
         """Hand the socket back to the transport for good (closing: before it closes)."""
