@@ -16,6 +16,7 @@ from libc.stdint cimport uint32_t
 from libc.string cimport memcmp, memcpy, memmove
 from libc.errno cimport EAGAIN, EINTR, errno
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
+from posix.resource cimport RLIMIT_NOFILE, getrlimit, rlimit
 from posix.unistd cimport close, dup
 
 cdef extern from *:
@@ -452,6 +453,16 @@ cdef class Relay:
             self.direct_io = io
             self._direct_after = after_reads
 
+    def rest_direct_io(self, int after_reads):
+        """An idle connection gives its socket back to the transport, so idle clients hold
+        no second descriptor; it goes direct again after `after_reads` reads."""
+        cdef DirectIO io = self.direct_io
+        if self._fd < 0 or io is None:
+            return
+        self._leave_direct(True)
+        self.direct_io = io
+        self._direct_after = after_reads
+
     def stop_direct_io(self):
         """Hand the socket back to the transport for good (closing: before it closes)."""
         self._leave_direct(False)
@@ -472,6 +483,9 @@ cdef class Relay:
         # and this number must not be reused for another connection while we still use it.
         fd = dup(sock.fileno())
         if fd < 0:
+            return 0
+        if fd >= io._fd_budget:
+            close(fd)  # past half the descriptor limit: keep the rest for accepting clients
             return 0
         self._fd = fd
         self._direct_paused = not transport.is_reading()
@@ -958,6 +972,7 @@ cdef class DirectIO:
     cdef int _epfd
     cdef dict _relays               # fd -> Relay watched for reading
     cdef object _loop
+    cdef int _fd_budget             # descriptors from this number on are not used for dups
     cdef epoll_event _events[DIRECT_EVENTS]
     cdef readonly unsigned long long reads      # socket reads made here
     cdef readonly unsigned long long sends      # writes that went straight to a socket
@@ -969,6 +984,10 @@ cdef class DirectIO:
             raise OSError(errno, "epoll_create1 failed")
         self._relays = {}
         self._loop = loop
+        cdef rlimit limit
+        self._fd_budget = 0x3FFFFFFF
+        if getrlimit(RLIMIT_NOFILE, &limit) == 0 and limit.rlim_cur < 0x7FFFFFFE:
+            self._fd_budget = <int>(limit.rlim_cur // 2)
         loop.add_reader(self._epfd, self._poll)
 
     def __dealloc__(self):

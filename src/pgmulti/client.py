@@ -161,6 +161,12 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         if self.transport is not None:
             self.transport.close()
 
+    def trim_idle(self) -> None:
+        """Nothing read since the janitor's last look: give back the read buffer (allocated
+        again by the next read) and the descriptor direct I/O holds."""
+        self.release_buffer()  # a no-op unless the buffer is empty
+        self.rest_direct_io(DIRECT_IO_AFTER_READS)
+
     def pause_writing(self) -> None:
         super().pause_writing()
         if self.server is not None and self.server.transport is not None:

@@ -16,7 +16,8 @@ log = logging.getLogger("pgmulti.janitor")
 
 TICK_SECONDS = 1 / 3   # PgBouncer's janitor also runs three times a second
 # Clients that read nothing for this long give their read buffer back (it is reallocated on
-# their next read): idle connections then cost a few hundred bytes of Python objects.
+# their next read) and their socket back to uvloop (direct I/O's second descriptor): idle
+# connections then cost a few hundred bytes of Python objects and one descriptor.
 TRIM_PERIOD_S = 5.0
 
 _IN_TRANSACTION = (ord("T"), ord("E"))
@@ -110,7 +111,7 @@ class Janitor:
     def _trim_idle_buffers(self) -> None:
         for client in self.app.clients:
             if client.server is None and client.rx_bytes == client.rx_bytes_at_trim:
-                client.release_buffer()  # a no-op unless the buffer is empty
+                client.trim_idle()
             client.rx_bytes_at_trim = client.rx_bytes
 
     def _roll_stats(self, seconds: float) -> None:

@@ -118,3 +118,21 @@ def test_a_terminated_server_fails_its_direct_client_and_is_replaced(pgmulti, pg
         assert backend_pid(fresh) != pid
         for i in range(WARM_UP_QUERIES):
             assert scalar(fresh, "SELECT %s::int", [i]) == i
+
+
+def test_an_idle_client_gives_its_socket_back_and_goes_direct_again(pgmulti):
+    """Idle clients hold no second descriptor: after the janitor's trim period the client's
+    dup is closed (the server's stays), and a few queries later it is direct again."""
+    proxy = pgmulti({"pool_mode": "transaction", "default_pool_size": 1, **VERBOSE})
+
+    def sockets_watched(count: int):
+        return lambda: (direct_io_counters(proxy) or {}).get("sockets") == count
+
+    with connect(proxy) as conn:
+        for i in range(WARM_UP_QUERIES):
+            assert scalar(conn, "SELECT %s::int", [i]) == i
+        wait_for(sockets_watched(2), 5, "client and server direct")
+        wait_for(sockets_watched(1), 15, "the idle client's socket given back")
+        for i in range(WARM_UP_QUERIES):
+            assert scalar(conn, "SELECT %s::int", [i]) == i
+        wait_for(sockets_watched(2), 5, "client direct again")
