@@ -464,8 +464,10 @@ cdef class Relay:
         self._direct_after = after_reads
 
     def stop_direct_io(self):
-        """Hand the socket back to the transport for good (closing: before it closes)."""
-        self._leave_direct(False)
+        """Hand the socket back to the transport for good, reading as before (closing: before
+        it closes, so it keeps reading until then as it always did: a socket closed with
+        unread bytes sends RST, and the client could lose the error it was just sent)."""
+        self._leave_direct(True)
         self.direct_io = None
 
     cdef int _go_direct(self) except -1:
@@ -506,8 +508,8 @@ cdef class Relay:
         return 0
 
     cdef int _leave_direct(self, bint resume_transport) except -1:
-        """Back to the transport: on EOF or a read error (resume_transport: it reads again
-        and reports them itself), or when closing."""
+        """Back to the transport: on EOF or a read error (it reads again and reports them
+        itself), when closing, when idle; resume_transport is False only for an abort."""
         cdef int fd = self._fd
         if fd < 0:
             return 0
