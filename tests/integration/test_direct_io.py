@@ -11,10 +11,11 @@ import threading
 import time
 
 import psycopg
+import pytest
 
 from support import direct_io_counters, wait_for
 from test_errors import Raw
-from test_pool_modes import backend_pid, connect, pg_direct, scalar
+from test_pool_modes import CONNECT_TIMEOUT_S, backend_pid, connect, pg_direct, scalar
 
 VERBOSE = {"stats_period": 1, "verbose": 1}
 WARM_UP_QUERIES = 5   # more than the reads a client makes through uvloop before going direct
@@ -29,14 +30,22 @@ def counters_at_least(proxy, **minimum: int) -> dict[str, int]:
     return wait_for(reached, 5, f"direct I/O counters reaching {minimum}")
 
 
-def test_busy_clients_share_servers_directly(pgmulti):
+@pytest.mark.parametrize("listener", ["tcp", "unix"])
+def test_busy_clients_share_servers_directly(pgmulti, listener):
     """Several clients take turns on two servers, every transaction answered by its own."""
     proxy = pgmulti({"pool_mode": "transaction", "default_pool_size": 2, **VERBOSE})
     errors: list[BaseException] = []
 
+    def open_connection() -> psycopg.Connection:
+        if listener == "tcp":
+            return connect(proxy)
+        return psycopg.connect(host=str(proxy.workdir), port=proxy.port, dbname="testdb",
+                               user="postgres", autocommit=True, prepare_threshold=None,
+                               connect_timeout=CONNECT_TIMEOUT_S)
+
     def client(n: int) -> None:
         try:
-            with connect(proxy) as conn:
+            with open_connection() as conn:
                 for i in range(60):
                     value = n * 1000 + i
                     assert scalar(conn, "SELECT %s::int", [value]) == value
