@@ -167,6 +167,11 @@ cdef class Relay:
                                    are forwarded, before on_ready)
       on_direct_tls()              startup phase, a TLS handshake record instead of a packet:
                                    called held, the record still buffered (take_buffered)
+
+    The relay implements asyncio's flow control itself (pause_writing/resume_writing: the
+    peer filling a full transport is not read until it drains) and, once enabled, reads and
+    writes its socket directly (DirectIO); subclasses call stop_direct_io() before closing
+    and resume_paused_peer() when the connection is lost.
     """
 
     cdef bytearray _buf
@@ -238,12 +243,13 @@ cdef class Relay:
     cdef public PoolCore pool_core  # the pool whose fast hand-off applies to this connection
 
     # Direct I/O (see DirectIO): the codec reads and writes the socket itself.
-    cdef readonly DirectIO direct_io  # set while allowed (plain TCP/Unix, logged in)
+    cdef DirectIO direct_io         # set while allowed (plain TCP/Unix, logged in)
     cdef int _direct_after          # reads through the transport left before switching
     cdef int _fd                    # our dup of the socket while direct, else -1
     cdef bint _direct_paused        # direct, but reading stopped (flow control, backlog)
     cdef bint _send_blocked         # the transport holds unsent bytes: write through it
     cdef Relay _peer                # the linked peer's relay (link_pair), or None
+    cdef Relay _paused_peer         # the peer whose reading our full transport stopped
     cdef Py_ssize_t _run_a          # a batch's first piece while it is still only
     cdef Py_ssize_t _run_b          #   bytes [_run_a, _run_b) of the buffer (0, 0: none)
 
@@ -553,11 +559,26 @@ cdef class Relay:
             self.transport.resume_reading()
 
     def pause_writing(self):
-        """asyncio flow control: the transport holds unsent bytes (subclasses extend it)."""
+        """asyncio flow control: our transport holds unsent bytes. Direct sends to us wait
+        behind them, and the peer filling it is no longer read."""
         self._send_blocked = True
+        if self._peer is not None and self._paused_peer is None:
+            self._paused_peer = self._peer
+            self._peer.pause_reading()
 
     def resume_writing(self):
         self._send_blocked = False
+        self.resume_paused_peer()
+
+    def resume_paused_peer(self):
+        """Read the peer pause_writing stopped again (on drain, or when this connection is
+        lost), even if the link has ended since: left paused, it would hang its next
+        partner. Not a client that paused itself with a buffer's worth queued: it resumes
+        when it is linked."""
+        cdef Relay peer = self._paused_peer
+        self._paused_peer = None
+        if peer is not None and not peer.closed and not peer._reading_paused:
+            peer.resume_reading()
 
     # -- BufferedProtocol ----------------------------------------------------------------
 
@@ -718,9 +739,9 @@ cdef class Relay:
         sent = send(peer._fd, self._data + a, b - a, MSG_NOSIGNAL)
         peer.direct_io.sends += 1
         if sent < b - a:
+            a += sent if sent > 0 else 0
             # The rest is a copy: the buffer is reused as soon as this read is done.
-            self._send_rest(peer, PyBytes_FromStringAndSize(
-                <char*>self._data + a + (sent if sent > 0 else 0), b - a - (sent if sent > 0 else 0)))
+            self._send_rest(peer, PyBytes_FromStringAndSize(<char*>self._data + a, b - a))
         return 0
 
     cdef int _send_object(self, data) except -1:
@@ -1005,9 +1026,6 @@ cdef class DirectIO:
         self._loop.remove_reader(self._epfd)
         close(self._epfd)
         self._epfd = -1
-
-    def __len__(self):
-        return len(self._relays)
 
     def counters(self):
         """Sockets watched now, and what was read and sent here instead of by the transport."""

@@ -97,7 +97,6 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         self.statements: prepared.ClientStatements | None = None  # transaction pooling only
         self._password_waiter: asyncio.Future | None = None
         self._reading_paused = False
-        self._paused_server: ServerConnection | None = None  # reading stopped by our full socket
         cfg = app.config.pgbouncer
         self.max_packet = cfg.max_packet_size
         self.buffer_size = max(4096, cfg.pkt_buf * 4)
@@ -137,7 +136,7 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
 
     def connection_lost(self, exc) -> None:
         self.stop_direct_io()
-        self._resume_paused_server()
+        self.resume_paused_peer()
         self.closed = True
         if self._password_waiter and not self._password_waiter.done():
             self._password_waiter.cancel()
@@ -168,25 +167,6 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         again by the next read) and the descriptor direct I/O holds."""
         self.release_buffer()  # a no-op unless the buffer is empty
         self.rest_direct_io(DIRECT_IO_AFTER_READS)
-
-    def pause_writing(self) -> None:
-        """Our socket is full: stop reading the server that fills it."""
-        super().pause_writing()
-        server = self.server
-        if server is not None and server.transport is not None and self._paused_server is None:
-            server.pause_reading()
-            self._paused_server = server
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        self._resume_paused_server()
-
-    def _resume_paused_server(self) -> None:
-        # The server paused for us, even if its transaction has ended since and it went back
-        # to the pool: left paused, it would hang the next client it serves.
-        server, self._paused_server = self._paused_server, None
-        if server is not None and not server.closed:
-            server.resume_reading()
 
     def _pause_reading(self) -> None:
         if not self._reading_paused and not self.closed:

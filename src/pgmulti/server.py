@@ -77,7 +77,6 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
         self._login_done = asyncio.get_running_loop().create_future()
         self._internal: InternalQuery | None = None
         self._held_reply: list[bytes] | None = None   # statement mode: reply held until 'Z'
-        self._paused_client = None       # reading stopped by our full socket
         limit = pool.prepared_limit
         self.statements = prepared.ServerStatements(limit) if limit else None
         if self.statements is not None:
@@ -156,7 +155,7 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
 
     def connection_lost(self, exc) -> None:
         self.stop_direct_io()
-        self._resume_paused_client()
+        self.resume_paused_peer()
         was_closed = self.closed
         self.closed = True
         reason = self.close_reason or (str(exc) if exc else "server closed the connection")
@@ -183,27 +182,6 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
             self.transport.close()
         else:
             self.pool.server_lost(self, reason)
-
-    # -- flow control: a full socket on one side pauses reading on the other --------------
-
-    def pause_writing(self) -> None:
-        """Our socket is full: stop reading the client that fills it."""
-        super().pause_writing()
-        client = self.client
-        if client is not None and client.transport is not None and self._paused_client is None:
-            client.pause_reading()
-            self._paused_client = client
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        self._resume_paused_client()
-
-    def _resume_paused_client(self) -> None:
-        # The client paused for us, even if it has moved on to another server since; not one
-        # that has paused itself with a buffer's worth queued (on_backlog: it resumes when linked).
-        client, self._paused_client = self._paused_client, None
-        if client is not None and not client.closed and not client._reading_paused:
-            client.resume_reading()
 
     # -- linking -------------------------------------------------------------------------
 
