@@ -17,6 +17,17 @@ from pgmulti.cluster import clean_env, find_free_port
 SRC_DIR = Path(__file__).resolve().parents[2] / "src"
 
 
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    """n bytes from a blocking socket; EOFError if it closes first."""
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise EOFError(f"connection closed after {len(data)} of {n} bytes")
+        data += chunk
+    return data
+
+
 def wait_for(predicate, timeout: float, what: str = "condition", interval: float = 0.05):
     """Poll predicate() until it returns a truthy value (returned); fail after `timeout` s."""
     deadline = time.monotonic() + timeout

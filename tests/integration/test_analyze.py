@@ -33,6 +33,7 @@ from pgmulti.cluster import (
     stop_process,
     wait_until_listening,
 )
+from support import recv_exactly
 
 SRC_DIR = Path(__file__).resolve().parents[2] / "src"
 START_TIMEOUT_S = 15.0
@@ -469,16 +470,6 @@ def test_unreachable_target_reported_to_client(analyzer):
     records = proc.records()
     find(records, "analyzer", "ServerConnectFailed")
     assert find(records, "server", "ErrorResponse")["fields"]["code"] == "08006"
-
-
-def recv_exactly(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 def read_until_ready(sock: socket.socket) -> list[str]:

@@ -15,7 +15,7 @@ import pytest
 
 from support import direct_io_counters, wait_for
 from test_errors import Raw, query_message
-from test_pool_modes import CONNECT_TIMEOUT_S, backend_pid, connect, pg_direct, scalar
+from test_pool_modes import CONNECT_TIMEOUT_S, backend_pid, connect, scalar, terminate_backend
 
 VERBOSE = {"stats_period": 1, "verbose": 1}
 WARM_UP_QUERIES = 5   # more than the reads a client makes through uvloop before going direct
@@ -111,10 +111,7 @@ def test_a_terminated_server_fails_its_direct_client_and_is_replaced(pgmulti, pg
             assert scalar(conn, "SELECT %s::int", [i]) == i
         pid = backend_pid(conn)
         counters_at_least(proxy, sockets=2)  # the client and its server are direct
-        with pg_direct(pg) as direct:
-            assert scalar(direct, "SELECT pg_terminate_backend(%s)", [pid]) is True
-            wait_for(lambda: not scalar(direct, "SELECT count(*) FROM pg_stat_activity "
-                                                "WHERE pid = %s", [pid]), 5, "backend exit")
+        terminate_backend(pg, pid)
         started = time.monotonic()
         with pytest.raises(psycopg.OperationalError):
             conn.execute("SELECT 1")

@@ -48,6 +48,15 @@ def pg_direct(pg) -> psycopg.Connection:
     return psycopg.connect(pg.dsn(), connect_timeout=CONNECT_TIMEOUT_S, autocommit=True)
 
 
+def terminate_backend(pg, pid: int) -> None:
+    """pg_terminate_backend, then wait until the backend has exited."""
+    with pg_direct(pg) as direct:
+        assert scalar(direct, "SELECT pg_terminate_backend(%s)", [pid]) is True
+        wait_for(lambda: not scalar(direct, "SELECT count(*) FROM pg_stat_activity "
+                                            "WHERE pid = %s", [pid]),
+                 5, what="backend exit")
+
+
 # --- simple queries in every mode ---
 
 
@@ -377,11 +386,7 @@ def test_terminated_server_fails_its_client_not_hangs(pgmulti, pg, mode):
     try:
         conn.execute("BEGIN")
         pid = backend_pid(conn)
-        with pg_direct(pg) as direct:
-            assert scalar(direct, "SELECT pg_terminate_backend(%s)", [pid]) is True
-            wait_for(lambda: not scalar(direct, "SELECT count(*) FROM pg_stat_activity "
-                                                "WHERE pid = %s", [pid]),
-                     5, what="backend exit")
+        terminate_backend(pg, pid)
         started = time.monotonic()
         with pytest.raises(psycopg.OperationalError):
             conn.execute("SELECT 1")
@@ -399,11 +404,7 @@ def test_terminated_idle_server_is_replaced(pgmulti, pg):
     proxy = pgmulti({"pool_mode": "transaction", "default_pool_size": 1})
     with connect(proxy) as conn:
         pid = backend_pid(conn)
-        with pg_direct(pg) as direct:
-            assert scalar(direct, "SELECT pg_terminate_backend(%s)", [pid]) is True
-            wait_for(lambda: not scalar(direct, "SELECT count(*) FROM pg_stat_activity "
-                                                "WHERE pid = %s", [pid]),
-                     5, what="backend exit")
+        terminate_backend(pg, pid)
         time.sleep(0.2)  # the proxy reads the server's FATAL message and the close
         new_pid = backend_pid(conn)
         assert new_pid != pid

@@ -31,6 +31,7 @@ from cryptography.x509.oid import NameOID
 
 from pgmulti.certs import CertificateAuthority, Issued
 from pgmulti.cluster import SERVER_OS_USER, Cluster, clean_env
+from support import recv_exactly
 
 CONNECT_TIMEOUT_S = 5
 SOCKET_TIMEOUT_S = 5.0
@@ -150,16 +151,6 @@ def startup_packet(user: str = "postgres", database: str = "postgres", **params:
         body += key.encode() + b"\0" + value.encode() + b"\0"
     body += b"\0"
     return struct.pack("!I", len(body) + 4) + body
-
-
-def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise EOFError(f"connection closed after {len(data)} of {n} bytes")
-        data += chunk
-    return data
 
 
 def read_message(sock: socket.socket) -> tuple[bytes, bytes]:

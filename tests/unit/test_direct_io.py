@@ -15,8 +15,10 @@ import pytest
 import uvloop
 
 from pgmulti._codec import DirectIO, Relay, action_table, link_pair
+from support import recv_exactly
 
 FORWARD_ALL = action_table()
+RECEIVE_TIMEOUT_S = 2.0
 
 
 class Side(Relay, asyncio.BufferedProtocol):
@@ -31,21 +33,12 @@ def message(body: bytes) -> bytes:
     return b"d" + (len(body) + 4).to_bytes(4, "big") + body
 
 
-def receive(sock: socket.socket, size: int, timeout: float = 2.0) -> bytes:
-    sock.settimeout(timeout)
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
 async def linked_direct_pair(loop, io):
     """Relays on the near ends of two socketpairs, linked and direct; the far ends."""
     near_a, far_a = socket.socketpair()
     near_b, far_b = socket.socketpair()
+    far_a.settimeout(RECEIVE_TIMEOUT_S)
+    far_b.settimeout(RECEIVE_TIMEOUT_S)
     _, a = await loop.connect_accepted_socket(Side, near_a)
     _, b = await loop.connect_accepted_socket(Side, near_b)
     link_pair(a, b, FORWARD_ALL, False)
@@ -53,9 +46,9 @@ async def linked_direct_pair(loop, io):
     b.enable_direct_io(io, 1)
     # One read through each transport switches that side to direct I/O.
     far_a.sendall(message(b"a1"))
-    assert await loop.run_in_executor(None, receive, far_b, 7) == message(b"a1")
+    assert await loop.run_in_executor(None, recv_exactly, far_b, 7) == message(b"a1")
     far_b.sendall(message(b"b1"))
-    assert await loop.run_in_executor(None, receive, far_a, 7) == message(b"b1")
+    assert await loop.run_in_executor(None, recv_exactly, far_a, 7) == message(b"b1")
     return a, b, far_a, far_b
 
 
@@ -74,10 +67,10 @@ def test_linked_direct_relays_forward_both_ways():
         assert io.counters()["sockets"] == 2
         for n in range(50):
             far_a.sendall(message(b"q%d" % n))
-            assert await loop.run_in_executor(None, receive, far_b, len(message(b"q%d" % n))) \
+            assert await loop.run_in_executor(None, recv_exactly, far_b, len(message(b"q%d" % n))) \
                 == message(b"q%d" % n)
             far_b.sendall(message(b"r%d" % n) * 3)
-            assert await loop.run_in_executor(None, receive, far_a, 3 * len(message(b"r%d" % n))) \
+            assert await loop.run_in_executor(None, recv_exactly, far_a, 3 * len(message(b"r%d" % n))) \
                 == message(b"r%d" % n) * 3
         counters = io.counters()
         assert counters["reads"] >= 100 and counters["sends"] >= 100
@@ -102,7 +95,7 @@ def test_a_reused_descriptor_number_never_gets_a_closed_peers_bytes():
             pytest.skip("the closed descriptor number was not reused")
         far_a.sendall(message(b"for b only"))
         # b's bytes go to b's socket (still open through the codec's dup), nowhere else.
-        assert await loop.run_in_executor(None, receive, far_b, 15) == message(b"for b only")
+        assert await loop.run_in_executor(None, recv_exactly, far_b, 15) == message(b"for b only")
         for sock in (newcomer, newcomer_far):
             sock.setblocking(False)
             with pytest.raises(BlockingIOError):
