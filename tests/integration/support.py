@@ -115,3 +115,13 @@ def direct_io_counters(proxy) -> dict[str, int] | None:
     if not found:
         return None
     return dict(zip(("sockets", "reads", "sends", "handed_back"), map(int, found[-1])))
+
+
+def direct_io_reaching(proxy, **minimum: int) -> dict[str, int]:
+    """Wait until the logged direct I/O counters reach `minimum`; return them."""
+    def reached():
+        counters = direct_io_counters(proxy)
+        if counters and all(counters[name] >= value for name, value in minimum.items()):
+            return counters
+        return None
+    return wait_for(reached, 5, f"direct I/O counters reaching {minimum}")

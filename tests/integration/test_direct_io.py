@@ -1,7 +1,7 @@
 """Direct I/O: once a plain connection is busy, the codec reads and writes its socket itself
 (pgmulti._codec.DirectIO). These tests drive connections into that mode and then through
 what it hands back to the transport: a socket too full to take a whole write, a client that
-vanishes, a server that is terminated. Every result is checked in full, so a byte dropped,
+vanishes (a server terminated under a direct client is in test_pool_modes). Every result is checked in full, so a byte dropped,
 duplicated or sent out of order, or sent to the wrong connection, fails the test.
 """
 
@@ -13,21 +13,12 @@ import time
 import psycopg
 import pytest
 
-from support import direct_io_counters, wait_for
+from support import direct_io_counters, direct_io_reaching, wait_for
 from test_errors import Raw, query_message
-from test_pool_modes import CONNECT_TIMEOUT_S, backend_pid, connect, scalar, terminate_backend
+from test_pool_modes import CONNECT_TIMEOUT_S, connect, scalar
 
 VERBOSE = {"stats_period": 1, "verbose": 1}
 WARM_UP_QUERIES = 5   # more than the reads a client makes through uvloop before going direct
-
-
-def counters_at_least(proxy, **minimum: int) -> dict[str, int]:
-    def reached():
-        counters = direct_io_counters(proxy)
-        if counters and all(counters[name] >= value for name, value in minimum.items()):
-            return counters
-        return None
-    return wait_for(reached, 5, f"direct I/O counters reaching {minimum}")
 
 
 @pytest.mark.parametrize("listener", ["tcp", "unix"])
@@ -63,7 +54,7 @@ def test_busy_clients_share_servers_directly(pgmulti, listener):
         thread.join(25)
     assert not errors, errors[0]
     assert not any(thread.is_alive() for thread in threads), "a client hung"
-    counters_at_least(proxy, reads=300, sends=300)
+    direct_io_reaching(proxy, reads=300, sends=300)
 
 
 def test_a_client_too_slow_for_its_result_gets_all_of_it_in_order(pgmulti):
@@ -86,7 +77,7 @@ def test_a_client_too_slow_for_its_result_gets_all_of_it_in_order(pgmulti):
         assert messages[-2][0] == b"C" and messages[-2][1] == f"SELECT {rows}\0".encode()
         # The connection goes on, still in order.
         assert raw.simple_query("SELECT 'after'")[1][1].endswith(b"after")
-    counters_at_least(proxy, handed_back=1)
+    direct_io_reaching(proxy, handed_back=1)
 
 
 def test_a_client_vanishing_mid_query_frees_its_server(pgmulti):
@@ -100,28 +91,7 @@ def test_a_client_vanishing_mid_query_frees_its_server(pgmulti):
     with connect(proxy) as conn:
         for i in range(WARM_UP_QUERIES):
             assert scalar(conn, "SELECT %s::int", [i]) == i
-    counters_at_least(proxy, reads=10)
-
-
-def test_a_terminated_server_fails_its_direct_client_and_is_replaced(pgmulti, pg):
-    proxy = pgmulti({"pool_mode": "session", "default_pool_size": 1, **VERBOSE})
-    conn = connect(proxy)
-    try:
-        for i in range(WARM_UP_QUERIES):
-            assert scalar(conn, "SELECT %s::int", [i]) == i
-        pid = backend_pid(conn)
-        counters_at_least(proxy, sockets=2)  # the client and its server are direct
-        terminate_backend(pg, pid)
-        started = time.monotonic()
-        with pytest.raises(psycopg.OperationalError):
-            conn.execute("SELECT 1")
-        assert time.monotonic() - started < 5
-    finally:
-        conn.close()
-    with connect(proxy) as fresh:
-        assert backend_pid(fresh) != pid
-        for i in range(WARM_UP_QUERIES):
-            assert scalar(fresh, "SELECT %s::int", [i]) == i
+    direct_io_reaching(proxy, reads=10)
 
 
 def test_an_idle_client_gives_its_socket_back_and_goes_direct_again(pgmulti):

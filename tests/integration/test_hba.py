@@ -16,6 +16,7 @@ import pytest
 
 from pgmulti.certs import CertificateAuthority
 from pgmulti.cluster import clean_env
+from support import recv_exactly
 
 CONNECT_TIMEOUT_S = 5
 SOCKET_TIMEOUT_S = 5.0
@@ -87,23 +88,14 @@ def first_answer(proxy, user: str, db: str = "postgres") -> tuple[str, int | dic
         for key, value in {"user": user, "database": db}.items()) + b"\0"
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=SOCKET_TIMEOUT_S) as sock:
         sock.sendall(struct.pack("!I", len(body) + 4) + body)
-        header = _recv(sock, 5)
-        payload = _recv(sock, struct.unpack("!I", header[1:])[0] - 4)
+        header = recv_exactly(sock, 5)
+        payload = recv_exactly(sock, struct.unpack("!I", header[1:])[0] - 4)
     if header[:1] == b"R":
         return "R", struct.unpack("!I", payload[:4])[0]
     assert header[:1] == b"E", header
     fields = {chr(part[0]): part[1:].decode() for part in payload.split(b"\0") if part}
     return "E", fields
 
-
-def _recv(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise EOFError(f"closed after {len(data)} of {size} bytes")
-        data += chunk
-    return data
 
 
 def reload_by_sighup(proxy, hba_text: str) -> None:

@@ -18,7 +18,7 @@ import pytest
 from psycopg import errors as pgerrors
 
 from pgmulti.cluster import clean_env
-from support import wait_for
+from support import direct_io_reaching, wait_for
 
 MODES = ["session", "transaction", "statement"]
 CONNECT_TIMEOUT_S = 5
@@ -381,11 +381,14 @@ def test_pgbench_through_the_proxy(pgmulti, pg, bench_db, base_config, mode):
 
 @pytest.mark.parametrize("mode", ["transaction", "session"])
 def test_terminated_server_fails_its_client_not_hangs(pgmulti, pg, mode):
-    proxy = pgmulti({"pool_mode": mode, "default_pool_size": 1})
+    proxy = pgmulti({"pool_mode": mode, "default_pool_size": 1, "stats_period": 1, "verbose": 1})
     conn = connect(proxy)
     try:
+        for i in range(5):  # the client's socket goes direct too (the server's did at login)
+            assert scalar(conn, "SELECT %s::int", [i]) == i
         conn.execute("BEGIN")
         pid = backend_pid(conn)
+        direct_io_reaching(proxy, sockets=2)
         terminate_backend(pg, pid)
         started = time.monotonic()
         with pytest.raises(psycopg.OperationalError):
