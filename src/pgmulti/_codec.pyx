@@ -34,7 +34,7 @@ cdef extern from "<sys/socket.h>" nogil:
 
 cdef extern from "<sys/epoll.h>" nogil:
     union epoll_data_t "epoll_data":
-        int fd
+        void* ptr
     struct epoll_event:
         uint32_t events
         epoll_data_t data
@@ -107,17 +107,44 @@ cdef bytes _DEALLOCATE_ALL_TAG = b"DEALLOCATE ALL\0"
 cdef bytes _DISCARD_ALL_TAG = b"DISCARD ALL\0"
 
 
-cdef inline double _clock(int clock) noexcept nogil:
+# One clock reading serves a whole batch of direct reads (DirectIO._poll), as PgBouncer
+# reads its clock once per loop iteration: the hand-offs and request timings of a batch
+# share it, instead of reading the clock several times per transaction.
+cdef long long _batch_us = 0        # CLOCK_MONOTONIC microseconds of this batch; 0: none
+cdef double _batch_wall = 0         # CLOCK_REALTIME of this batch, read when first needed
+
+
+cdef inline double _read_clock(int clock) noexcept nogil:
     """Seconds as a float: CLOCK_MONOTONIC is time.monotonic(), CLOCK_REALTIME time.time()."""
     cdef timespec ts
     clock_gettime(clock, &ts)
     return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
 
 
-cdef inline long long _now_us() noexcept nogil:
+cdef inline long long _read_us() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return <long long>ts.tv_sec * 1000000 + ts.tv_nsec // 1000
+
+
+cdef inline long long _now_us() noexcept nogil:
+    """Monotonic microseconds: the batch's, or the clock's outside a batch."""
+    return _batch_us if _batch_us else _read_us()
+
+
+cdef inline double _monotonic() noexcept nogil:
+    """time.monotonic(), or the batch's."""
+    return _batch_us * 1e-6 if _batch_us else _read_clock(CLOCK_MONOTONIC)
+
+
+cdef inline double _wall() noexcept nogil:
+    """time.time(), or the batch's."""
+    global _batch_wall
+    if not _batch_us:
+        return _read_clock(CLOCK_REALTIME)
+    if _batch_wall == 0:
+        _batch_wall = _read_clock(CLOCK_REALTIME)
+    return _batch_wall
 
 
 cdef inline int _bucket(long long elapsed_us) noexcept nogil:
@@ -138,6 +165,22 @@ cdef inline uint32_t _be32(const unsigned char* p) noexcept nogil:
 
 cdef class PoolCore
 cdef class DirectIO
+cdef class Relay
+
+# Action tables are shared, not copied: a relay points at the bytes of its current one.
+cdef bytes _ALL_PASS = bytes(256)  # ACT_PASS is 0
+
+
+cdef inline int _check_actions(bytes table) except -1:
+    if len(table) != 256:
+        raise ValueError("action table must have 256 entries")
+    return 0
+
+
+cdef inline void _use_actions(Relay relay, bytes table) noexcept:
+    """Point relay at a table _check_actions() has accepted."""
+    relay._actions_table = table
+    relay._actions = <const unsigned char*>table
 
 # Ready sockets DirectIO takes from the kernel per call (more wait for the next call).
 cdef enum:
@@ -185,7 +228,8 @@ cdef class Relay:
     cdef bint _skipping             # the streamed message is dropped, not forwarded
     cdef bint _processing
     cdef bint _release_after        # release_buffer() was called while processing
-    cdef unsigned char _actions[256]
+    cdef const unsigned char* _actions  # what to do per message type: _actions_table's bytes
+    cdef bytes _actions_table           # 256 entries (action_table()), kept alive here
     cdef object _out                # peer transport the writer belongs to
     cdef object _lent_to            # transport that may still hold views of _buf
     cdef bint _lent_to_several      # views went to more than one transport: never reuse
@@ -260,8 +304,7 @@ cdef class Relay:
         self.ready_status = ord("I")
         self.notify_ready = True
         self._fd = -1
-        for i in range(256):
-            self._actions[i] = ACT_PASS
+        _use_actions(self, _ALL_PASS)
 
     # -- requests, answers and their timing ------------------------------------------------
 
@@ -387,9 +430,8 @@ cdef class Relay:
 
     def set_actions(self, bytes table not None):
         """Install a 256-entry action table (see action_table())."""
-        if len(table) != 256:
-            raise ValueError("action table must have 256 entries")
-        memcpy(self._actions, <const char*>table, 256)
+        _check_actions(table)
+        _use_actions(self, table)
 
     def attach_transport(self, transport):
         """Called from connection_made: remember our transport and its bound write."""
@@ -993,7 +1035,9 @@ cdef class DirectIO:
     """
 
     cdef int _epfd
-    cdef dict _relays               # fd -> Relay watched for reading
+    cdef dict _relays               # fd -> Relay watched for reading (each event points at one)
+    cdef list _retired              # relays unwatched during a batch, kept alive until its end
+    cdef bint _polling
     cdef object _loop
     cdef int _fd_budget             # descriptors from this number on are not used for dups
     cdef epoll_event _events[DIRECT_EVENTS]
@@ -1006,6 +1050,7 @@ cdef class DirectIO:
         if self._epfd < 0:
             raise OSError(errno, "epoll_create1 failed")
         self._relays = {}
+        self._retired = []
         self._loop = loop
         cdef rlimit limit
         self._fd_budget = 0x3FFFFFFF
@@ -1035,7 +1080,7 @@ cdef class DirectIO:
     cdef int _watch(self, Relay relay) except -1:
         cdef epoll_event event
         event.events = EPOLLIN
-        event.data.fd = relay._fd
+        event.data.ptr = <void*>relay
         if epoll_ctl(self._epfd, EPOLL_CTL_ADD, relay._fd, &event) < 0:
             raise OSError(errno, "epoll_ctl(ADD) failed")
         self._relays[relay._fd] = relay
@@ -1044,21 +1089,36 @@ cdef class DirectIO:
     cdef int _unwatch(self, int fd) except -1:
         cdef epoll_event event
         epoll_ctl(self._epfd, EPOLL_CTL_DEL, fd, &event)
-        self._relays.pop(fd, None)
+        relay = self._relays.pop(fd, None)
+        if self._polling and relay is not None:
+            # Events of this batch may still point at it: it must outlive the batch.
+            self._retired.append(relay)
         return 0
 
     def _poll(self):
+        global _batch_us, _batch_wall
         cdef int n = epoll_wait(self._epfd, self._events, DIRECT_EVENTS, 0)
         cdef int i
-        for i in range(n):
-            # Looked up, not pointed to: an earlier relay of this batch may have closed it.
-            relay = self._relays.get(self._events[i].data.fd)
-            if relay is None:
-                continue
-            try:
-                (<Relay>relay)._read_direct()
-            except Exception as exc:
-                self._failed(<Relay>relay, exc)
+        cdef Relay relay
+        if n <= 0:
+            return
+        self._polling = True
+        _batch_us = _read_us()
+        _batch_wall = 0
+        try:
+            for i in range(n):
+                # Alive: watched, or retired until the batch ends. An unwatched relay's
+                # _read_direct does nothing.
+                relay = <Relay>self._events[i].data.ptr
+                try:
+                    relay._read_direct()
+                except Exception as exc:
+                    self._failed(relay, exc)
+        finally:
+            _batch_us = 0
+            self._polling = False
+            if self._retired:
+                self._retired = []
 
     cdef _failed(self, Relay relay, exc):
         # What uvloop does when buffer_updated raises: report it and drop the connection.
@@ -1077,7 +1137,7 @@ cdef inline void _link(Relay client, Relay server, bytes server_actions, bint no
     server.writer = client._own_write
     server._peer = client
     client._peer = server
-    memcpy(server._actions, <const char*>server_actions, 256)
+    _use_actions(server, server_actions)
     server.notify_ready = notify_ready
     client._out = server.transport
     client.writer = server._own_write
@@ -1094,22 +1154,29 @@ cdef inline void _unlink(Relay client, Relay server, bytes server_actions):
     server._peer = None
     server._xact_start_us = 0
     server._query_start_us = 0
-    memcpy(server._actions, <const char*>server_actions, 256)
+    _use_actions(server, server_actions)
 
 
 def link_pair(Relay client not None, Relay server not None, bytes server_actions not None,
               bint notify_ready):
     """Make client and server forward to each other's transport (O(1), no allocation)."""
-    if len(server_actions) != 256:
-        raise ValueError("action table must have 256 entries")
+    _check_actions(server_actions)
     _link(client, server, server_actions, notify_ready)
 
 
 def unlink_pair(Relay client not None, Relay server not None, bytes server_actions not None):
     """Undo link_pair; the server gets the action table for an idle connection."""
-    if len(server_actions) != 256:
-        raise ValueError("action table must have 256 entries")
+    _check_actions(server_actions)
     _unlink(client, server, server_actions)
+
+
+@cython.final
+cdef class WorkerFlags:
+    """Switches of the whole worker that every hand-off checks (App.paused and
+    App.shutting_down live here), so the check is a C field read."""
+
+    cdef public bint paused          # PAUSE of every database
+    cdef public bint shutting_down
 
 
 cdef str _ACTIVE = "active"
@@ -1137,8 +1204,9 @@ cdef class PoolCore:
     cdef readonly set tested
     cdef readonly set login
     cdef readonly object waiting    # the pool's FIFO of clients waiting for a server
-    cdef public object stats        # PoolStats: assignments, record_wait()
-    cdef public object app          # read for app.paused (PAUSE of every database)
+    cdef public object stats        # PoolStats: record_wait()
+    cdef WorkerFlags flags          # the App's: PAUSE of every database, shutdown
+    cdef public unsigned long long assignments  # clients linked to a server (SHOW STATS)
     cdef public bint enabled        # transaction pooling without reset queries
     cdef public bint paused
     cdef public bint disabled       # DISABLE: no new requests are taken
@@ -1156,7 +1224,7 @@ cdef class PoolCore:
     cdef readonly unsigned long long fast_handoffs  # released servers given to a waiting client
     cdef readonly unsigned long long fast_queued    # clients queued without a server to take
 
-    def __cinit__(self, waiting, stats, app):
+    def __cinit__(self, waiting, stats, WorkerFlags flags not None):
         self.idle = []
         self.active = set()
         self.used = set()
@@ -1164,15 +1232,15 @@ cdef class PoolCore:
         self.login = set()
         self.waiting = waiting
         self.stats = stats
-        self.app = app
+        self.flags = flags
 
     def set_actions(self, bytes relay_actions not None, bytes idle_actions not None,
                     bytes client_linked_actions=None, bytes client_idle_actions=None):
         """Server action tables for linked and idle connections (see link_pair), and the
         client's, when linking changes them (prepared statements)."""
         for table in (relay_actions, idle_actions, client_linked_actions, client_idle_actions):
-            if table is not None and len(table) != 256:
-                raise ValueError("action table must have 256 entries")
+            if table is not None:
+                _check_actions(table)
         if (client_linked_actions is None) != (client_idle_actions is None):
             raise ValueError("client action tables come in pairs")
         self._relay_actions = relay_actions
@@ -1182,7 +1250,7 @@ cdef class PoolCore:
 
     cdef inline bint _open(self):
         """Transaction pooling the core handles, and no PAUSE."""
-        return self.enabled and not self.paused and not self.app.paused
+        return self.enabled and not self.paused and not self.flags.paused
 
     cdef inline bint _quiet(self):
         """Nothing that needs Python: no PAUSE and no client queued."""
@@ -1211,14 +1279,14 @@ cdef class PoolCore:
             return False
         if client.param_sig is None or client.param_sig is not server.param_sig:
             return False  # parameters to sync, or not compared yet
-        now = _clock(CLOCK_MONOTONIC)
+        now = _monotonic()
         if self.check_enabled and now - server.last_used > self.check_delay:
             return False  # server_check_query is due
         self.idle.pop()
         server.state = _ACTIVE
         self.active.add(server)
         self._attach(client, server, now)
-        client.request_time = _clock(CLOCK_REALTIME)
+        client.request_time = _wall()
         self.fast_links += 1
         return True
 
@@ -1229,8 +1297,8 @@ cdef class PoolCore:
         server.client = client
         _link(client, server, self._relay_actions, True)
         if self._client_linked_actions is not None:
-            memcpy(client._actions, <const char*>self._client_linked_actions, 256)
-        self.stats.assignments += 1
+            _use_actions(client, self._client_linked_actions)
+        self.assignments += 1
         client.link_time = now
         return 0
 
@@ -1239,12 +1307,12 @@ cdef class PoolCore:
         when the pool is full: no launch, no error to report); False to let Python decide."""
         if (client.closed or client.state != _ACTIVE or self.disabled or not self._open()
                 or self.pool_size <= 0 or self._server_count() < self.pool_size
-                or self.app.shutting_down):
+                or self.flags.shutting_down):
             return False
-        client.request_time = _clock(CLOCK_REALTIME)
+        client.request_time = _wall()
         self.waiting.append(client)
         client.state = _WAITING
-        client.wait_start = _clock(CLOCK_MONOTONIC)
+        client.wait_start = _monotonic()
         client.held = True
         self.fast_queued += 1
         return True
@@ -1256,7 +1324,7 @@ cdef class PoolCore:
         if (server.client is None or server.state != _ACTIVE or server.closed
                 or server._end != server._start or server._remain or not self._open()):
             return False
-        now = _clock(CLOCK_MONOTONIC)
+        now = _monotonic()
         if self.lifetime > 0 and now - server.created > self.lifetime:
             return False
         if server.generation != self.generation:
@@ -1279,7 +1347,7 @@ cdef class PoolCore:
         server.client = None
         _unlink(client, server, self._idle_actions)
         if self._client_idle_actions is not None:
-            memcpy(client._actions, <const char*>self._client_idle_actions, 256)
+            _use_actions(client, self._client_idle_actions)
 
     cdef bint _hand_over(self, Relay server, double now) except -1:
         """Give the released server to the first waiting client (what Pool.server_ready,
@@ -1299,7 +1367,8 @@ cdef class PoolCore:
         self.waiting.popleft()
         self._unlink_client(server, now)
         self._attach(client, server, now)
-        self.stats.record_wait(now - client.wait_start)
+        # Python may have queued it during this batch, after the batch's clock reading.
+        self.stats.record_wait(max(now - client.wait_start, 0.0))
         client.state = _ACTIVE
         self.fast_handoffs += 1
         if client.held:

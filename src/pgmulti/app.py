@@ -8,7 +8,7 @@ import os
 import signal
 
 from . import aggregate, auth, errors, hba, loader, metrics, peers, prepared, supervisor, systemd
-from ._codec import DirectIO
+from ._codec import DirectIO, WorkerFlags
 from .admin import AdminConsole
 from .errors import PgError
 from .janitor import Janitor
@@ -70,9 +70,8 @@ class App:
         self.clients: set = set()
         self.login_clients: set = set()
         self.cancel_keys: dict[tuple[int, bytes], object] = {}
-        self.paused = False
+        self.flags = WorkerFlags()       # paused and shutting_down, read by every hand-off
         self.disabled_databases: set[str] = set()
-        self.shutting_down = False
         self.shutdown_waits_for_clients = False
         self.errors_by_sqlstate: dict[str, int] = {}
         self.listener = Listener(self)
@@ -90,6 +89,23 @@ class App:
             self.load_userlist()
         else:
             self.userlist = userlist
+
+    # PAUSE of every database and SHUTDOWN: kept in the flags the pools' hand-off reads.
+    @property
+    def paused(self) -> bool:
+        return self.flags.paused
+
+    @paused.setter
+    def paused(self, value: bool) -> None:
+        self.flags.paused = value
+
+    @property
+    def shutting_down(self) -> bool:
+        return self.flags.shutting_down
+
+    @shutting_down.setter
+    def shutting_down(self, value: bool) -> None:
+        self.flags.shutting_down = value
 
     # -- configuration -------------------------------------------------------------------
 

@@ -673,10 +673,9 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
     def attached(self, server: ServerConnection, now: float) -> None:
         """The server is linked and in step with our parameters: let the bytes flow.
         PoolCore._hand_over does the same in C for a queued client whose reading runs."""
-        stats = self.pool.stats
-        stats.assignments += 1
+        self.pool.core.assignments += 1
         if self.state == "waiting":
-            stats.record_wait(now - self.wait_start)
+            self.pool.stats.record_wait(now - self.wait_start)
             self.state = "active"
         self.link_time = now
         if self._reading_paused:

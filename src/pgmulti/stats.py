@@ -54,7 +54,6 @@ class PoolStats:
     """Pool-level counters that outlive connections."""
 
     def __init__(self):
-        self.assignments = 0
         self.wait_seconds = 0.0       # clients' time queued for a server
         self.wait_buckets = [0] * BUCKET_COUNT  # only clients that really queued
         self.closed_queries = 0
@@ -104,7 +103,7 @@ class PoolStats:
             xact_us += server.xact_time_us
             sent += server.tx_bytes
         received = self.closed_received + sum(client.rx_bytes for client in pool.clients)
-        return Totals(server_assignment_count=self.assignments, xact_count=xacts,
+        return Totals(server_assignment_count=pool.core.assignments, xact_count=xacts,
                       query_count=queries, received=received, sent=sent, xact_time=xact_us,
                       query_time=query_us, wait_time=int(self.wait_seconds * US),
                       client_parse_count=self.client_parse_count,
@@ -120,7 +119,7 @@ class PoolStats:
             add_counts(query, queries)
         wait = list(self.wait_buckets)
         # Clients served at once are not recorded one by one: they are the zero-wait bucket.
-        wait[0] += max(self.assignments - sum(self.wait_buckets), 0)
+        wait[0] += max(pool.core.assignments - sum(self.wait_buckets), 0)
         return Histograms(xact=xact, query=query, wait=wait)
 
     def client_relayed(self, pool) -> int:

@@ -16,6 +16,7 @@ from pgmulti._codec import (
     REJECT,
     PoolCore,
     Relay,
+    WorkerFlags,
     action_table,
     command_complete,
     message,
@@ -74,16 +75,10 @@ def feed(relay, data):
 
 class Stats:
     def __init__(self):
-        self.assignments = 0
         self.waits = []
 
     def record_wait(self, seconds):
         self.waits.append(seconds)
-
-
-class App:
-    paused = False
-    shutting_down = False
 
 
 class Pool:
@@ -92,7 +87,7 @@ class Pool:
     def __init__(self, prepared=False):
         self.waiting = collections.deque()
         self.stats = Stats()
-        self.app = App()
+        self.app = WorkerFlags()  # App.paused and App.shutting_down
         core = self.core = PoolCore(self.waiting, self.stats, self.app)
         if prepared:
             core.set_actions(SERVER_LINKED, SERVER_IDLE, CLIENT_PREPARED, CLIENT_ACTIONS)
@@ -151,7 +146,7 @@ def test_released_server_goes_to_the_waiting_client_with_its_queued_query():
     # The queued query went to the server in the same call, and is counted as a request.
     assert server.transport.output() == query("SELECT 1") + query("SELECT 2")
     assert server.pending == 1
-    assert pool.stats.assignments == 2
+    assert pool.core.assignments == 2
     assert len(pool.stats.waits) == 1 and pool.stats.waits[0] >= 0
     assert pool.core.counters() == {"links": 1, "releases": 0, "handoffs": 1, "queued": 1}
 
@@ -238,7 +233,7 @@ def test_unusual_release_is_left_to_python_untouched(unusual):
     assert list(pool.waiting) == [pool.second] and pool.second.held
     assert pool.second.state == "waiting" and pool.second.server is None
     assert pool.server.transport.output() == query("SELECT 1")
-    assert pool.stats.assignments == 1 and pool.stats.waits == []
+    assert pool.core.assignments == 1 and pool.stats.waits == []
     assert pool.core.fast_handoffs == 0 and pool.core.fast_releases == 0
 
 

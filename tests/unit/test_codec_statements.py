@@ -22,6 +22,7 @@ from pgmulti._codec import (
     STATEMENT_REQUEST,
     PoolCore,
     Relay,
+    WorkerFlags,
     action_table,
     link_pair,
     message,
@@ -65,11 +66,6 @@ class Stats:
     bind_count = 0
 
 
-class App:
-    paused = False
-    shutting_down = False
-
-
 def linked_pair():
     client, server = Recording(), Recording()
     client_peer, server_peer = Peer(), Peer()
@@ -82,7 +78,7 @@ def linked_pair():
     expected = collections.deque()
     server.expect_replies_in(expected)
     stats = Stats()
-    client.pool_core = PoolCore(collections.deque(), stats, App())
+    client.pool_core = PoolCore(collections.deque(), stats, WorkerFlags())
     return client, server, client_peer, server_peer, expected, stats
 
 

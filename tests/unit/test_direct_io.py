@@ -1,9 +1,10 @@
 """DirectIO on real sockets and a real uvloop loop: two relays linked to each other, each on
 one end of a socketpair, switch to direct I/O and forward what their far ends send.
 
-The second test closes one relay's transport behind the codec's back (as a transport that
-meets a write error does, before connection_lost) and opens a new socket that takes the
-closed descriptor number: bytes for the closed connection must not reach the new one.
+Another pauses a relay while the batch that paused it still holds its readiness. One closes
+a relay's transport behind the codec's back (as a transport that meets a write error does,
+before connection_lost) and opens a new socket that takes the closed descriptor number:
+bytes for the closed connection must not reach the new one.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import socket
 import pytest
 import uvloop
 
-from pgmulti._codec import DirectIO, Relay, action_table, link_pair
+from pgmulti._codec import INSPECT, DirectIO, Relay, action_table, link_pair
 from support import recv_exactly
 
 FORWARD_ALL = action_table()
@@ -33,13 +34,21 @@ def message(body: bytes) -> bytes:
     return b"d" + (len(body) + 4).to_bytes(4, "big") + body
 
 
-async def linked_direct_pair(loop, io):
+class PausingSide(Side):
+    """Takes 'p' messages itself: each pauses the reading of `other`."""
+    other: Relay | None = None
+
+    def on_message(self, msg_type, view):
+        self.other.pause_reading()
+
+
+async def linked_direct_pair(loop, io, protocol_a=Side):
     """Relays on the near ends of two socketpairs, linked and direct; the far ends."""
     near_a, far_a = socket.socketpair()
     near_b, far_b = socket.socketpair()
     far_a.settimeout(RECEIVE_TIMEOUT_S)
     far_b.settimeout(RECEIVE_TIMEOUT_S)
-    _, a = await loop.connect_accepted_socket(Side, near_a)
+    _, a = await loop.connect_accepted_socket(protocol_a, near_a)
     _, b = await loop.connect_accepted_socket(Side, near_b)
     link_pair(a, b, FORWARD_ALL, False)
     a.enable_direct_io(io, 1)
@@ -77,6 +86,33 @@ def test_linked_direct_relays_forward_both_ways():
         a.stop_direct_io()
         b.stop_direct_io()
         assert io.counters()["sockets"] == 0
+        io.close()
+        far_a.close()
+        far_b.close()
+    run(main)
+
+
+def test_a_relay_paused_during_a_batch_reads_nothing_until_resumed():
+    async def main(loop):
+        io = DirectIO(loop)
+        a, b, far_a, far_b = await linked_direct_pair(loop, io, PausingSide)
+        a.set_actions(action_table(p=INSPECT))
+        a.other = b
+        # Both sockets are ready before the loop polls again: one batch, a's event first
+        # (epoll lists them in the order they became ready), so b's is still to come when
+        # a pauses b.
+        far_a.sendall(b"p\0\0\0\4")
+        far_b.sendall(message(b"held"))
+        await asyncio.sleep(0.1)
+        assert b.buffered == 0 and io.counters()["sockets"] == 1
+        far_a.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            far_a.recv(100)  # b forwarded nothing
+        far_a.settimeout(RECEIVE_TIMEOUT_S)
+        b.resume_reading()
+        assert await loop.run_in_executor(None, recv_exactly, far_a, 9) == message(b"held")
+        a.stop_direct_io()
+        b.stop_direct_io()
         io.close()
         far_a.close()
         far_b.close()

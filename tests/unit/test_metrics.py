@@ -4,14 +4,15 @@ format and the HTTP endpoint (no PostgreSQL needed)."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import copy
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pgmulti import metrics
-from pgmulti._codec import (INSPECT, PASS, TIMING_BUCKETS_US, Relay, action_table,
-                            command_complete, link_pair, query, ready_for_query)
+from pgmulti._codec import (INSPECT, PASS, TIMING_BUCKETS_US, PoolCore, Relay, WorkerFlags,
+                            action_table, command_complete, link_pair, query, ready_for_query)
 from pgmulti.stats import BUCKET_COUNT, PoolStats
 
 SERVER_ACTIONS = action_table(PASS, S=INSPECT)
@@ -29,11 +30,12 @@ class Sink:
 
 
 class FakePool:
-    """The two things PoolStats reads from a pool."""
+    """The three things PoolStats reads from a pool."""
 
-    def __init__(self):
+    def __init__(self, stats: PoolStats):
         self.servers: list[Relay] = []
         self.clients: set[Relay] = set()
+        self.core = PoolCore(collections.deque(), stats, WorkerFlags())  # counts assignments
 
     def all_servers(self):
         return iter(self.servers)
@@ -62,7 +64,8 @@ def run_transaction(client: Relay, server: Relay, statements=("SELECT 1",)) -> N
 
 
 def test_totals_and_histograms_survive_closed_servers():
-    stats, pool = PoolStats(), FakePool()
+    stats = PoolStats()
+    pool = FakePool(stats)
     first_client, first = linked_pair()
     second_client, second = linked_pair()
     pool.servers = [first, second]
@@ -70,7 +73,7 @@ def test_totals_and_histograms_survive_closed_servers():
     run_transaction(first_client, first)
     run_transaction(first_client, first, ("BEGIN", "SELECT 1", "COMMIT"))
     run_transaction(second_client, second)
-    stats.assignments = 3
+    pool.core.assignments = 3
     before = stats.totals(pool)
     assert (before.xact_count, before.query_count) == (3, 5)
     assert before.query_time <= before.xact_time
@@ -89,8 +92,9 @@ def test_totals_and_histograms_survive_closed_servers():
 
 
 def test_wait_histogram_counts_only_real_waits_and_derives_zero_waits():
-    stats, pool = PoolStats(), FakePool()
-    stats.assignments = 10
+    stats = PoolStats()
+    pool = FakePool(stats)
+    pool.core.assignments = 10
     stats.record_wait(0.2)   # two clients queued; eight were served at once
     stats.record_wait(3.0)
     wait = stats.histograms(pool).wait
@@ -103,9 +107,10 @@ def test_wait_histogram_counts_only_real_waits_and_derives_zero_waits():
 
 def test_a_wait_beyond_the_last_bound_is_in_the_inf_bucket():
     stats = PoolStats()
-    stats.assignments = 1
+    pool = FakePool(stats)
+    pool.core.assignments = 1
     stats.record_wait(60.0)
-    assert stats.histograms(FakePool()).wait[-1] == 1
+    assert stats.histograms(pool).wait[-1] == 1
 
 
 # -- merging snapshots ---------------------------------------------------------------------
