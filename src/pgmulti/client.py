@@ -44,6 +44,8 @@ PREPARED_TYPES = frozenset(map(ord, "PBDCS"))
 # Admin console: simple query protocol only, as in PgBouncer.
 ADMIN_ACTIONS = protocol.action_table(protocol.REJECT, Q=protocol.INSPECT, X=protocol.INSPECT)
 
+READY_IDLE = protocol.ready_for_query("I")
+
 # Cancel key length for protocol 3.2 clients (3.2 allows up to 256 bytes; PostgreSQL 18
 # sends 32). Protocol 3.0 keys are 4 bytes.
 LONG_CANCEL_KEY_BYTES = 32
@@ -60,43 +62,40 @@ _PROTOCOL_ERROR_TEXT = {
 class ClientConnection(Relay, asyncio.BufferedProtocol):
     """One client socket; the Relay forwards its bytes to the linked server."""
 
+    # Defaults most connections never change: class attributes cost a -C login nothing.
+    # (Fields of the Relay itself, such as state or closed, are set in __init__.)
+    addr = ("unix", 0)
+    _local_addr: tuple | None = None
+    user = ""
+    database = ""
+    pool: Pool | None = None
+    admin = False
+    _close_reason = ""
+    seen_activity = 0
+    rx_bytes_at_trim = -1       # janitor: no read since its last pass -> trim buffer
+    busy_since = 0.0            # janitor's clock for query_timeout
+    xact_since = 0.0            # janitor's clock for transaction_timeout
+    cancel_key = b""            # made at login, as long as the protocol version allows
+    protocol_version = protocol.PROTOCOL_3_0
+    scram_keys: tuple[bytes, bytes] | None = None
+    tls = ""                    # "" for plain text, else protocol/cipher
+    tls_binding: bytes | None = None   # tls-server-end-point data for SCRAM-PLUS
+    statements: prepared.ClientStatements | None = None  # transaction pooling only
+    _password_waiter: asyncio.Future | None = None
+
     def __init__(self, app: App, listener_kind: str):
         self.app = app
         # Unique across worker processes: SHOW CLIENTS merges them and KILL_CLIENT takes one.
         self.id = next(_client_ids) * app.worker_count + app.worker_index
         self.listener_kind = listener_kind  # "tcp" or "unix"
-        self.transport = None
-        self.addr = ("unix", 0)
-        self._local_addr: tuple | None = None
         self.state = "login"
-        self.user = ""
-        self.database = ""
         self.params: dict[str, str] = {}
         self.startup_params: dict[str, str] = {}
-        self.pool: Pool | None = None
-        self.server: ServerConnection | None = None
-        self.admin = False
-        self.closed = False
-        self._close_reason = ""
         self.connect_time = time.time()
         self.created = time.monotonic()
         self.request_time = self.connect_time
         self.last_active = self.created
-        self.seen_activity = 0
-        self.rx_bytes_at_trim = -1       # janitor: no read since its last pass -> trim buffer
-        self.busy_since = 0.0            # janitor's clock for query_timeout
-        self.xact_since = 0.0            # janitor's clock for transaction_timeout
-        self.wait_start = 0.0
-        self.link_time = 0.0
         self.cancel_pid = app.new_cancel_pid()
-        self.cancel_key = b""            # made at login, as long as the protocol version allows
-        self.protocol_version = protocol.PROTOCOL_3_0
-        self.scram_keys: tuple[bytes, bytes] | None = None
-        self.tls = ""                    # "" for plain text, else protocol/cipher
-        self.tls_binding: bytes | None = None   # tls-server-end-point data for SCRAM-PLUS
-        self.statements: prepared.ClientStatements | None = None  # transaction pooling only
-        self._password_waiter: asyncio.Future | None = None
-        self._reading_paused = False
         cfg = app.config.pgbouncer
         self.max_packet = cfg.max_packet_size
         self.buffer_size = max(4096, cfg.pkt_buf * 4)
@@ -455,13 +454,14 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
     def _enter_pool(self, pool: Pool) -> None:
         """Logged in to a pooled database: greet the client and start relaying."""
         self.pool = pool
-        self._finish_login(*pool.greeting(self.startup_params))
+        tracked, greeting, signature = pool.greeting(self.startup_params)
+        self._finish_login(tracked, greeting)
         if pool.prepared_limit:
             self.statements = prepared.ClientStatements(self.app.prepared_registry)
             # Parse/Bind are rewritten whole, so they may be as large as any message.
             self.max_inspect = self.max_packet
         # Parameters known in C let the codec link the first transaction too (Pool._link).
-        self.param_sig = session.signature(self.params)
+        self.param_sig = signature
         self.pool_core = pool.core
         pool.clients.add(self)
         self.set_actions(RELAY_ACTIONS)
@@ -583,7 +583,7 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         key_length = LONG_CANCEL_KEY_BYTES if self.protocol_version >= protocol.PROTOCOL_3_2 else 4
         self.cancel_key = auth.random_bytes(key_length)
         self.transport.write(greeting + protocol.backend_key_data(self.cancel_pid, self.cancel_key)
-                             + protocol.ready_for_query("I"))
+                             + READY_IDLE)
         # Until its first query the client needs no read buffer (most idle clients never
         # send one for long): the next read allocates it again.
         self.release_buffer()

@@ -480,17 +480,19 @@ class Pool:
             return
         self.server_ready(server)
 
-    def greeting(self, startup_params: dict[str, str]) -> tuple[dict, bytes]:
-        """session.greeting with this pool's server parameters, kept per set of startup
-        parameters: an application's connections mostly send the same ones."""
+    def greeting(self, startup_params: dict[str, str]) -> tuple[dict, bytes, tuple]:
+        """session.greeting with this pool's server parameters, and the signature of the
+        tracked ones, kept per set of startup parameters: an application's connections
+        mostly send the same ones."""
         key = tuple(startup_params.items())
         cached = self._greetings.get(key)
         if cached is None or cached[0] is not self.welcome_params:
             if len(self._greetings) >= GREETINGS_MAX:
                 self._greetings.clear()
-            cached = (self.welcome_params, *session.greeting(self.welcome_params, startup_params))
+            tracked, greeting = session.greeting(self.welcome_params, startup_params)
+            cached = (self.welcome_params, tracked, greeting, session.signature(tracked))
             self._greetings[key] = cached
-        return cached[1], cached[2]
+        return cached[1], cached[2], cached[3]
 
     async def welcome(self) -> dict[str, str]:
         """Server parameters to show a client at login; the first login connects once.

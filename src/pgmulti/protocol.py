@@ -85,18 +85,17 @@ def parse_startup(packet) -> tuple[int, bytes]:
 
 def parse_startup_params(rest: bytes) -> dict[str, str]:
     """StartupMessage parameters: name/value C strings ending with an empty name."""
-    params: dict[str, str] = {}
-    pos = 0
-    while True:
-        if pos >= len(rest):
-            raise DecodeError("startup packet has no terminator")
-        if rest[pos] == 0:
-            if pos != len(rest) - 1:
-                raise DecodeError("unexpected bytes after startup parameters")
-            return params
-        name, pos = cstring(rest, pos)
-        value, pos = cstring(rest, pos)
-        params[name] = value
+    # Split at every NUL but the last: a well-formed packet leaves one empty string at the end.
+    strings = rest[:-1].split(b"\0")
+    if not rest.endswith(b"\0") or strings.pop():
+        raise DecodeError("startup packet has no terminator")
+    names, values = strings[0::2], strings[1::2]
+    if len(names) != len(values) or not all(names):
+        raise DecodeError("unexpected bytes after startup parameters")
+    try:
+        return {name.decode(): value.decode() for name, value in zip(names, values)}
+    except UnicodeDecodeError as exc:
+        raise DecodeError("invalid UTF-8 in string") from exc
 
 
 def complete_requests(data: bytes) -> int:
