@@ -346,7 +346,7 @@ cdef class Relay:
                 i += 1
             if i + 1 >= size or body[i + 1] != 0:
                 return False
-            self.pool_core.stats.bind_count += 1
+            self.pool_core.bind_count += 1
             return True
         if t == 68 or t == 67:  # 'D' Describe, 'C' Close: of a portal or the unnamed statement
             if size < 2 or not (body[0] == 80 or (body[0] == 83 and body[1] == 0)):
@@ -1207,6 +1207,7 @@ cdef class PoolCore:
     cdef public object stats        # PoolStats: record_wait()
     cdef WorkerFlags flags          # the App's: PAUSE of every database, shutdown
     cdef public unsigned long long assignments  # clients linked to a server (SHOW STATS)
+    cdef public unsigned long long bind_count   # Bind messages (SHOW STATS, prepared statements)
     cdef public bint enabled        # transaction pooling without reset queries
     cdef public bint paused
     cdef public bint disabled       # DISABLE: no new requests are taken

@@ -603,7 +603,7 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         stats = self.pool.stats
         # Unnamed statements need no mapping: forward the message as it came.
         if msg_type == protocol.BIND and view[5] == 0 and view[6] == 0:
-            stats.bind_count += 1
+            self.pool.core.bind_count += 1
             self.forward(bytes(view))
             return
         if msg_type == protocol.PARSE and view[5] == 0:
@@ -617,7 +617,7 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
             stats.client_parse_count += 1
             stats.server_parse_count += 1
         elif msg_type == protocol.BIND:
-            stats.bind_count += 1
+            self.pool.core.bind_count += 1
             if self.statements.bind(body, statements, out):
                 stats.server_parse_count += 1
         elif msg_type == protocol.DESCRIBE:

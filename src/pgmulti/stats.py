@@ -67,7 +67,6 @@ class PoolStats:
         self.closed_client_relayed = 0  # bytes the codec passed from closed clients to servers
         self.client_parse_count = 0   # Parse messages from clients (named statements)
         self.server_parse_count = 0   # Parse messages sent to servers, on-demand ones included
-        self.bind_count = 0
         self.previous = Totals()      # totals at the start of the last stats period
         self.averages = Totals()
 
@@ -107,7 +106,8 @@ class PoolStats:
                       query_count=queries, received=received, sent=sent, xact_time=xact_us,
                       query_time=query_us, wait_time=int(self.wait_seconds * US),
                       client_parse_count=self.client_parse_count,
-                      server_parse_count=self.server_parse_count, bind_count=self.bind_count)
+                      server_parse_count=self.server_parse_count,
+                      bind_count=pool.core.bind_count)
 
     def histograms(self, pool) -> Histograms:
         """Transaction, query and client wait time histograms of the pool."""

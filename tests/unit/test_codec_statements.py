@@ -62,10 +62,6 @@ class Recording(Relay):
         self.inspected.append(bytes(view))
 
 
-class Stats:
-    bind_count = 0
-
-
 def linked_pair():
     client, server = Recording(), Recording()
     client_peer, server_peer = Peer(), Peer()
@@ -77,9 +73,8 @@ def linked_pair():
     client.set_actions(CLIENT_ACTIONS)
     expected = collections.deque()
     server.expect_replies_in(expected)
-    stats = Stats()
-    client.pool_core = PoolCore(collections.deque(), stats, WorkerFlags())
-    return client, server, client_peer, server_peer, expected, stats
+    core = client.pool_core = PoolCore(collections.deque(), None, WorkerFlags())
+    return client, server, client_peer, server_peer, expected, core
 
 
 def parse(name: bytes, sql: bytes) -> bytes:
@@ -99,13 +94,13 @@ UNNAMED_CYCLE = (parse(b"", b"SELECT 1") + bind(b"", b"") + message(ord("D"), b"
 
 @pytest.mark.parametrize("cuts", single_splits(UNNAMED_CYCLE))
 def test_messages_naming_no_statement_are_forwarded_and_noted(cuts):
-    client, server, _, server_peer, expected, stats = linked_pair()
+    client, server, _, server_peer, expected, core = linked_pair()
     feed(client, UNNAMED_CYCLE, cuts)
     assert server_peer.forwarded() == UNNAMED_CYCLE
     assert client.inspected == []
     assert list(expected) == [prepared.FORWARD_PARSE, prepared.FORWARD_CLOSE,
                               prepared.FORWARD_CLOSE, (prepared.SYNC, 1)]
-    assert stats.bind_count == 2
+    assert core.bind_count == 2
     assert server.pending == 1
 
 
