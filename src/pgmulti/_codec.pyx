@@ -1204,10 +1204,12 @@ cdef class PoolCore:
     cdef readonly set tested
     cdef readonly set login
     cdef readonly object waiting    # the pool's FIFO of clients waiting for a server
-    cdef public object stats        # PoolStats: record_wait()
     cdef WorkerFlags flags          # the App's: PAUSE of every database, shutdown
-    cdef public unsigned long long assignments  # clients linked to a server (SHOW STATS)
-    cdef public unsigned long long bind_count   # Bind messages (SHOW STATS, prepared statements)
+    # The pool's counters that move with transactions (PoolStats reads them):
+    cdef public unsigned long long assignments  # clients linked to a server
+    cdef public unsigned long long bind_count   # Bind messages (prepared statements)
+    cdef readonly long long wait_us             # clients' time queued for a server
+    cdef unsigned long long _wait_buckets[N_BUCKETS + 1]  # only clients that really queued
     cdef public bint enabled        # transaction pooling without reset queries
     cdef public bint paused
     cdef public bint disabled       # DISABLE: no new requests are taken
@@ -1225,14 +1227,13 @@ cdef class PoolCore:
     cdef readonly unsigned long long fast_handoffs  # released servers given to a waiting client
     cdef readonly unsigned long long fast_queued    # clients queued without a server to take
 
-    def __cinit__(self, waiting, stats, WorkerFlags flags not None):
+    def __cinit__(self, waiting, WorkerFlags flags not None):
         self.idle = []
         self.active = set()
         self.used = set()
         self.tested = set()
         self.login = set()
         self.waiting = waiting
-        self.stats = stats
         self.flags = flags
 
     def set_actions(self, bytes relay_actions not None, bytes idle_actions not None,
@@ -1256,6 +1257,21 @@ cdef class PoolCore:
     cdef inline bint _quiet(self):
         """Nothing that needs Python: no PAUSE and no client queued."""
         return len(self.waiting) == 0 and self._open()
+
+    cdef inline void _record_wait(self, double seconds) noexcept:
+        # Not below 0: Python may have queued the client during this batch, after the
+        # batch's clock reading.
+        cdef long long waited_us = <long long>(seconds * 1e6) if seconds > 0 else 0
+        self.wait_us += waited_us
+        self._wait_buckets[_bucket(waited_us)] += 1
+
+    def record_wait(self, double seconds):
+        """A client queued for `seconds` before it got a server (the hand-off in Python)."""
+        self._record_wait(seconds)
+
+    def wait_histogram(self):
+        """Clients that queued, per bucket of TIMING_BUCKETS_US, +Inf last; not cumulative."""
+        return tuple([self._wait_buckets[i] for i in range(N_BUCKETS + 1)])
 
     def counters(self):
         """How often each hand-off ran here instead of in Python."""
@@ -1368,8 +1384,7 @@ cdef class PoolCore:
         self.waiting.popleft()
         self._unlink_client(server, now)
         self._attach(client, server, now)
-        # Python may have queued it during this batch, after the batch's clock reading.
-        self.stats.record_wait(max(now - client.wait_start, 0.0))
+        self._record_wait(now - client.wait_start)
         client.state = _ACTIVE
         self.fast_handoffs += 1
         if client.held:

@@ -675,7 +675,7 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         PoolCore._hand_over does the same in C for a queued client whose reading runs."""
         self.pool.core.assignments += 1
         if self.state == "waiting":
-            self.pool.stats.record_wait(now - self.wait_start)
+            self.pool.core.record_wait(now - self.wait_start)
             self.state = "active"
         self.link_time = now
         if self._reading_paused:

@@ -82,7 +82,7 @@ class Pool:
         self.waiting: collections.deque[ClientConnection] = collections.deque()
         self.stats = PoolStats()
         # The per-transaction hand-off runs in the codec; the server collections are its own.
-        self.core = PoolCore(self.waiting, self.stats, app.flags)
+        self.core = PoolCore(self.waiting, app.flags)
         self.idle: list[ServerConnection] = self.core.idle   # a stack: LIFO keeps few warm
         self.active: set[ServerConnection] = self.core.active
         self.used: set[ServerConnection] = self.core.used

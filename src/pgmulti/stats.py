@@ -1,20 +1,18 @@
 """Counters behind SHOW STATS and the metrics endpoint: totals per pool, averages per stats_period.
 
-The relays count bytes, transactions, queries and their times (with histograms) in the codec;
-a pool's totals are its live connections' counters plus what its closed connections had
-counted, summed when asked (SHOW STATS, the janitor's stats period, a metrics scrape), so
-nothing is accounted per transaction in Python except the assignment count. A client that had
-to queue for a server also records its wait.
+The relays count bytes, transactions, queries and their times (with histograms) in the codec,
+and the pool's core counts assignments, Binds and clients' waits for a server; a pool's totals
+are its live connections' counters plus what its closed connections had counted, summed when
+asked (SHOW STATS, the janitor's stats period, a metrics scrape), so nothing is accounted per
+transaction in Python.
 """
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass, fields
 
 from ._codec import TIMING_BUCKETS_US
 
-US = 1_000_000
 BUCKET_COUNT = len(TIMING_BUCKETS_US) + 1   # the last one is +Inf
 
 
@@ -54,8 +52,6 @@ class PoolStats:
     """Pool-level counters that outlive connections."""
 
     def __init__(self):
-        self.wait_seconds = 0.0       # clients' time queued for a server
-        self.wait_buckets = [0] * BUCKET_COUNT  # only clients that really queued
         self.closed_queries = 0
         self.closed_xacts = 0
         self.closed_xact_us = 0
@@ -69,11 +65,6 @@ class PoolStats:
         self.server_parse_count = 0   # Parse messages sent to servers, on-demand ones included
         self.previous = Totals()      # totals at the start of the last stats period
         self.averages = Totals()
-
-    def record_wait(self, seconds: float) -> None:
-        """A client queued for `seconds` before it got a server (not on the hot path)."""
-        self.wait_seconds += seconds
-        self.wait_buckets[bisect.bisect_left(TIMING_BUCKETS_US, int(seconds * US))] += 1
 
     def server_closed(self, server) -> None:
         self.closed_queries += server.query_count
@@ -104,7 +95,7 @@ class PoolStats:
         received = self.closed_received + sum(client.rx_bytes for client in pool.clients)
         return Totals(server_assignment_count=pool.core.assignments, xact_count=xacts,
                       query_count=queries, received=received, sent=sent, xact_time=xact_us,
-                      query_time=query_us, wait_time=int(self.wait_seconds * US),
+                      query_time=query_us, wait_time=pool.core.wait_us,
                       client_parse_count=self.client_parse_count,
                       server_parse_count=self.server_parse_count,
                       bind_count=pool.core.bind_count)
@@ -117,9 +108,9 @@ class PoolStats:
             xacts, queries = server.timing_histograms()
             add_counts(xact, xacts)
             add_counts(query, queries)
-        wait = list(self.wait_buckets)
+        wait = list(pool.core.wait_histogram())
         # Clients served at once are not recorded one by one: they are the zero-wait bucket.
-        wait[0] += max(pool.core.assignments - sum(self.wait_buckets), 0)
+        wait[0] += max(pool.core.assignments - sum(wait), 0)
         return Histograms(xact=xact, query=query, wait=wait)
 
     def client_relayed(self, pool) -> int:

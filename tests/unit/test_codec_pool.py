@@ -73,22 +73,13 @@ def feed(relay, data):
     relay.buffer_updated(len(data))
 
 
-class Stats:
-    def __init__(self):
-        self.waits = []
-
-    def record_wait(self, seconds):
-        self.waits.append(seconds)
-
-
 class Pool:
     """One server, two clients, a pool of size one: the second client has to queue."""
 
     def __init__(self, prepared=False):
         self.waiting = collections.deque()
-        self.stats = Stats()
         self.app = WorkerFlags()  # App.paused and App.shutting_down
-        core = self.core = PoolCore(self.waiting, self.stats, self.app)
+        core = self.core = PoolCore(self.waiting, self.app)
         if prepared:
             core.set_actions(SERVER_LINKED, SERVER_IDLE, CLIENT_PREPARED, CLIENT_ACTIONS)
         else:
@@ -147,7 +138,7 @@ def test_released_server_goes_to_the_waiting_client_with_its_queued_query():
     assert server.transport.output() == query("SELECT 1") + query("SELECT 2")
     assert server.pending == 1
     assert pool.core.assignments == 2
-    assert len(pool.stats.waits) == 1 and pool.stats.waits[0] >= 0
+    assert sum(pool.core.wait_histogram()) == 1 and pool.core.wait_us >= 0
     assert pool.core.counters() == {"links": 1, "releases": 0, "handoffs": 1, "queued": 1}
 
     feed(server, REPLY)
@@ -233,7 +224,7 @@ def test_unusual_release_is_left_to_python_untouched(unusual):
     assert list(pool.waiting) == [pool.second] and pool.second.held
     assert pool.second.state == "waiting" and pool.second.server is None
     assert pool.server.transport.output() == query("SELECT 1")
-    assert pool.core.assignments == 1 and pool.stats.waits == []
+    assert pool.core.assignments == 1 and sum(pool.core.wait_histogram()) == 0
     assert pool.core.fast_handoffs == 0 and pool.core.fast_releases == 0
 
 

@@ -73,7 +73,7 @@ def linked_pair():
     client.set_actions(CLIENT_ACTIONS)
     expected = collections.deque()
     server.expect_replies_in(expected)
-    core = client.pool_core = PoolCore(collections.deque(), None, WorkerFlags())
+    core = client.pool_core = PoolCore(collections.deque(), WorkerFlags())
     return client, server, client_peer, server_peer, expected, core
 
 

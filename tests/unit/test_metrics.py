@@ -32,10 +32,10 @@ class Sink:
 class FakePool:
     """The three things PoolStats reads from a pool."""
 
-    def __init__(self, stats: PoolStats):
+    def __init__(self):
         self.servers: list[Relay] = []
         self.clients: set[Relay] = set()
-        self.core = PoolCore(collections.deque(), stats, WorkerFlags())  # counts assignments
+        self.core = PoolCore(collections.deque(), WorkerFlags())  # assignments, waits
 
     def all_servers(self):
         return iter(self.servers)
@@ -64,8 +64,7 @@ def run_transaction(client: Relay, server: Relay, statements=("SELECT 1",)) -> N
 
 
 def test_totals_and_histograms_survive_closed_servers():
-    stats = PoolStats()
-    pool = FakePool(stats)
+    stats, pool = PoolStats(), FakePool()
     first_client, first = linked_pair()
     second_client, second = linked_pair()
     pool.servers = [first, second]
@@ -92,11 +91,10 @@ def test_totals_and_histograms_survive_closed_servers():
 
 
 def test_wait_histogram_counts_only_real_waits_and_derives_zero_waits():
-    stats = PoolStats()
-    pool = FakePool(stats)
+    stats, pool = PoolStats(), FakePool()
     pool.core.assignments = 10
-    stats.record_wait(0.2)   # two clients queued; eight were served at once
-    stats.record_wait(3.0)
+    pool.core.record_wait(0.2)   # two clients queued; eight were served at once
+    pool.core.record_wait(3.0)
     wait = stats.histograms(pool).wait
     assert len(wait) == BUCKET_COUNT and sum(wait) == 10
     assert wait[0] == 8
@@ -106,10 +104,9 @@ def test_wait_histogram_counts_only_real_waits_and_derives_zero_waits():
 
 
 def test_a_wait_beyond_the_last_bound_is_in_the_inf_bucket():
-    stats = PoolStats()
-    pool = FakePool(stats)
+    stats, pool = PoolStats(), FakePool()
     pool.core.assignments = 1
-    stats.record_wait(60.0)
+    pool.core.record_wait(60.0)
     assert stats.histograms(pool).wait[-1] == 1
 
 
