@@ -70,6 +70,7 @@ class App:
         self.clients: set = set()
         self.login_clients: set = set()
         self.cancel_keys: dict[tuple[int, bytes], object] = {}
+        self.known_startup_logins = 0    # logins that took a remembered startup packet's path
         self.flags = WorkerFlags()       # paused and shutting_down, read by every hand-off
         self.disabled_databases: set[str] = set()
         self.shutdown_waits_for_clients = False
@@ -113,6 +114,7 @@ class App:
         """Take up a configuration (start, RELOAD, SET); refresh_pools() passes it to pools."""
         self.tls = tls or TlsContexts(config.pgbouncer)
         self.config = config
+        self.known_startups: dict[bytes, object] = {}  # client.KnownStartup, by packet
         cfg = config.pgbouncer
         self.admin_users = _names(cfg.admin_users)
         self.stats_users = _names(cfg.stats_users)
@@ -120,6 +122,7 @@ class App:
         self.ignored_startup_parameters = {name.lower() for name in _names(cfg.ignore_startup_parameters)}
 
     def load_userlist(self) -> None:
+        self.known_startups = {}  # they were looked up in the old list
         path = self.config.pgbouncer.auth_file
         if not path:
             self.userlist = {}

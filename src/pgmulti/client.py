@@ -53,10 +53,32 @@ LONG_CANCEL_KEY_BYTES = 32
 # Startup parameters PostgreSQL clients send that the pooler understands.
 KNOWN_STARTUP_PARAMETERS = {"user", "database", "options", "replication"} | set(session.TRACKED_BY_LOWER)
 
+# Startup packets remembered per worker (see KnownStartup); an application sends few distinct ones.
+KNOWN_STARTUPS_MAX = 256
+
 _PROTOCOL_ERROR_TEXT = {
     protocol.ERR_LENGTH: "invalid message length",
     protocol.ERR_TOO_LONG: "message too long",
 }
+
+
+class KnownStartup:
+    """What a startup packet resolved to when it logged in at once (trust or any, no task):
+    the next connection sending the same bytes (every pgbench -C connection, an application's
+    pool filling up) skips the parsing and lookups. App forgets them all when the config or the
+    auth_file changes; a change of the servers' parameters shows in `welcome_params`."""
+
+    __slots__ = ("pool", "welcome_params", "greeting", "user", "database", "startup_params",
+                 "protocol_version")
+
+    def __init__(self, client: ClientConnection, greeting: tuple):
+        self.pool = client.pool
+        self.welcome_params = client.pool.welcome_params
+        self.greeting = greeting
+        self.user = client.user
+        self.database = client.database
+        self.startup_params = client.startup_params  # never changed after login: shared
+        self.protocol_version = client.protocol_version
 
 
 class ClientConnection(Relay, asyncio.BufferedProtocol):
@@ -64,7 +86,7 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
 
     # Defaults most connections never change: class attributes cost a -C login nothing.
     # (Fields of the Relay itself, such as state or closed, are set in __init__.)
-    addr = ("unix", 0)
+    _addr: tuple | None = None
     _local_addr: tuple | None = None
     user = ""
     database = ""
@@ -82,6 +104,9 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
     tls_binding: bytes | None = None   # tls-server-end-point data for SCRAM-PLUS
     statements: prepared.ClientStatements | None = None  # transaction pooling only
     _password_waiter: asyncio.Future | None = None
+    # uvloop looks this up at every connection (for plain protocols) and would raise and
+    # catch an AttributeError; a BufferedProtocol is given get_buffer/buffer_updated instead.
+    data_received = None
 
     def __init__(self, app: App, listener_kind: str):
         self.app = app
@@ -112,6 +137,17 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         return f"{self.addr[0]}:{self.addr[1]}"
 
     @property
+    def addr(self) -> tuple:
+        """The client's address, turned into Python objects only when something asks: uvloop
+        keeps the raw one from connection_made on, after close too."""
+        if self._addr is None:
+            if self.transport is None:
+                return ("unix", 0)  # not connected yet
+            peer = self.transport.get_extra_info("peername")
+            self._addr = peer[:2] if isinstance(peer, tuple) else ("unix", 0)
+        return self._addr
+
+    @property
     def local_addr(self) -> tuple:
         """The address the client connected to; asked of the socket only when SHOW CLIENTS
         wants it, not for every connection."""
@@ -128,9 +164,6 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
 
     def connection_made(self, transport) -> None:
         self.attach_transport(transport)
-        peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple):
-            self.addr = peer[:2]
         self.app.client_opened(self)
 
     def connection_lost(self, exc) -> None:
@@ -232,6 +265,10 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
             self.report(errors.protocol_violation(str(exc)))
 
     def _startup_packet(self, view) -> None:
+        packet = bytes(view)
+        known = self.app.known_startups.get(packet)
+        if known is not None and self._login_known(known):
+            return
         code, rest = protocol.parse_startup(view)
         if code == protocol.SSL_REQUEST_CODE or code == protocol.GSSENC_REQUEST_CODE:
             if self.buffered:
@@ -271,8 +308,36 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
                                                                      unsupported_options))
         self._accept_startup_params(params)
         self.hold()
-        if not self._login_at_once():
+        greeting = self._login_at_once()
+        if greeting is None:
             self.app.spawn(self._login())
+        elif (code <= protocol.PROTOCOL_LATEST and not unsupported_options
+              and self.app.config.pgbouncer.auth_type != "hba"
+              and not self.app.tls.client_tls_required):
+            # Nothing but these bytes decided this login: remember it for the next client.
+            known = self.app.known_startups
+            if len(known) >= KNOWN_STARTUPS_MAX:
+                known.clear()
+            known[packet] = KnownStartup(self, greeting)
+
+    def _login_known(self, known: KnownStartup) -> bool:
+        """Log in as an earlier client with the same startup packet did, after the checks that
+        can change from one connection to the next. False leaves it to the full path."""
+        app = self.app
+        pool = known.pool
+        if (pool.welcome_params is not known.welcome_params
+                or known.database in app.disabled_databases
+                or app.admission_error(self) is not None
+                or app.client_limit_error(pool) is not None):
+            return False
+        app.known_startup_logins += 1
+        self.startup_phase = False
+        self.protocol_version = known.protocol_version
+        self.startup_params = known.startup_params
+        self.user = known.user
+        self.database = known.database
+        self._enter_pool(pool, known.greeting)
+        return True
 
     def on_direct_tls(self) -> None:
         """A TLS ClientHello instead of a startup packet: direct TLS (libpq 17+
@@ -425,23 +490,22 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         if not self.closed:
             self._enter_pool(pool)
 
-    def _login_at_once(self) -> bool:
+    def _login_at_once(self) -> tuple | None:
         """Log in now, without a task, when no step has to wait: a pooled database, a user the
         auth_file knows, trust (or any), and a pool that already knows its servers' parameters.
-        That is every login after the first for most applications (and pgbench -C). False
-        leaves everything, errors included, to _login."""
+        That is every login after the first for most applications (and pgbench -C). Returns
+        the pool's greeting sent; None leaves everything, errors included, to _login."""
         if (self.database in ADMIN_DATABASES or self.database in self.app.disabled_databases
                 or self.app.admission_error(self) is not None):
-            return False
+            return None
         db = self.app.config.database_for(self.database)
         secret = self.app.userlist.get(self.user)
         if db is None or secret is None or self._auth_method() not in ("trust", "any"):
-            return False
+            return None
         pool = self.app.get_pool(self.database, db, self.user, secret, None)
         if pool.welcome_params is None or self.app.client_limit_error(pool) is not None:
-            return False
-        self._enter_pool(pool)
-        return True
+            return None
+        return self._enter_pool(pool)
 
     def _pooled_database(self):
         db = self.app.config.database_for(self.database)
@@ -451,11 +515,14 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
             raise errors.fatal(errors.CANNOT_CONNECT_NOW, "database does not allow connections")
         return db
 
-    def _enter_pool(self, pool: Pool) -> None:
-        """Logged in to a pooled database: greet the client and start relaying."""
+    def _enter_pool(self, pool: Pool, greeting: tuple | None = None) -> tuple:
+        """Logged in to a pooled database: greet the client and start relaying. `greeting`:
+        pool.greeting() of these startup parameters if the caller has it; returned."""
         self.pool = pool
-        tracked, greeting, signature = pool.greeting(self.startup_params)
-        self._finish_login(tracked, greeting)
+        if greeting is None:
+            greeting = pool.greeting(self.startup_params)
+        tracked, message, signature = greeting
+        self._finish_login(tracked, message)
         if pool.prepared_limit:
             self.statements = prepared.ClientStatements(self.app.prepared_registry)
             # Parse/Bind are rewritten whole, so they may be as large as any message.
@@ -468,6 +535,7 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         if not self.tls:
             self.enable_direct_io(self.app.direct_io, DIRECT_IO_AFTER_READS)
         self.resume()
+        return greeting
 
     def _auth_method(self) -> str:
         method = self.app.config.pgbouncer.auth_type

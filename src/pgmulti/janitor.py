@@ -123,6 +123,7 @@ class Janitor:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("direct I/O: %s", ", ".join(
                 f"{name} {count}" for name, count in app.direct_io.counters().items()))
+            log.debug("logins from known startup packets: %d", app.known_startup_logins)
         if not app.config.pgbouncer.log_stats:
             return
         for name, averages in sorted(by_db.items()):

@@ -8,9 +8,12 @@ wrong parameters or a server handed to the wrong client fails the test.
 
 from __future__ import annotations
 
-import psycopg
+import re
 
-from support import latest_counters, wait_for
+import psycopg
+import pytest
+
+from support import admin, latest_counters, wait_for
 
 CONNECTIONS = 40
 
@@ -47,3 +50,49 @@ def test_each_connection_gets_its_own_greeting_and_first_link_in_c(pgmulti):
         return counters if counters and counters[0] - before[0] >= CONNECTIONS - 2 else None
 
     wait_for(counted, 5, "codec links logged")
+
+
+def known_startup_logins(proxy) -> int:
+    """Logins that took a remembered startup packet's path (verbose, once per stats_period)."""
+    found = re.findall(r"logins from known startup packets: (\d+)", proxy.log_text())
+    return int(found[-1]) if found else 0
+
+
+def test_a_remembered_startup_packet_meets_every_login_check_again(pgmulti, userlist):
+    """The same startup packet skips parsing and lookups after its first login at once, but
+    DISABLE, max_client_conn and an auth_file without the user still refuse it."""
+    proxy = pgmulti({"max_client_conn": 3, "stats_period": 1, "verbose": 1})
+    dsn = proxy.dsn(user="plainuser", db="testdb")
+
+    def login() -> str:
+        with psycopg.connect(dsn, connect_timeout=5, autocommit=True,
+                             application_name="known") as conn:
+            assert conn.info.parameter_status("application_name") == "known"
+            return conn.execute("SELECT current_user").fetchone()[0]
+
+    for _ in range(4):
+        assert login() == "plainuser"
+    # The first login learns the servers' parameters, the second is remembered, the rest
+    # come from memory.
+    wait_for(lambda: known_startup_logins(proxy) >= 2, 5, "logins from a known packet")
+
+    admin(proxy, "DISABLE testdb")
+    with pytest.raises(psycopg.OperationalError, match="does not allow connections"):
+        login()
+    admin(proxy, "ENABLE testdb")
+    assert login() == "plainuser"
+
+    # max_client_conn 3 held: a fourth client is refused.
+    held = [psycopg.connect(dsn, connect_timeout=5, application_name="known") for _ in range(3)]
+    try:
+        with pytest.raises(psycopg.OperationalError, match="max_client_conn"):
+            login()
+    finally:
+        for conn in held:
+            conn.close()
+    assert login() == "plainuser"
+
+    proxy.write_users(userlist(plainuser=None))
+    admin(proxy, "RELOAD")
+    with pytest.raises(psycopg.OperationalError, match="plainuser"):
+        login()
