@@ -120,6 +120,14 @@ class App:
         self.stats_users = _names(cfg.stats_users)
         load_hba_rules(config)
         self.ignored_startup_parameters = {name.lower() for name in _names(cfg.ignore_startup_parameters)}
+        self._refresh_client_settings()
+
+    def _refresh_client_settings(self) -> None:
+        """Settings every new client reads, worked out once per config and worker."""
+        cfg = self.config.pgbouncer
+        self.client_limit = self.limit_share(cfg.max_client_conn)
+        self.client_max_packet = cfg.max_packet_size
+        self.client_buffer_size = max(4096, cfg.pkt_buf * 4)
 
     def load_userlist(self) -> None:
         self.known_startups = {}  # they were looked up in the old list
@@ -295,17 +303,19 @@ class App:
         self.login_clients.add(client)
 
     def admission_error(self, client) -> PgError | None:
-        if self.shutting_down and not self.shutdown_waits_for_clients:
+        if self.flags.shutting_down and not self.shutdown_waits_for_clients:
             return errors.shutting_down()
-        if len(self.clients) > self.limit_share(self.config.pgbouncer.max_client_conn):
+        if len(self.clients) > self.client_limit:
             return errors.too_many_clients()
         return None
 
-    def new_cancel_pid(self) -> int:
-        """The "process id" of a client's cancel key: random, with this worker's number in
-        the top bits so any worker receiving the CancelRequest knows whose client it is."""
-        bits = int.from_bytes(auth.random_bytes(4), "big") & ((1 << WORKER_SHIFT) - 1)
-        return (self.worker_index << WORKER_SHIFT) | (bits or 1)
+    def new_cancel_key(self, key_length: int) -> tuple[int, bytes]:
+        """A client's cancel key: a "process id" and `key_length` secret bytes, all random
+        but for this worker's number in the pid's top bits, so any worker receiving the
+        CancelRequest knows whose client it is."""
+        drawn = auth.random_bytes(4 + key_length)
+        bits = int.from_bytes(drawn[:4], "big") & ((1 << WORKER_SHIFT) - 1)
+        return (self.worker_index << WORKER_SHIFT) | (bits or 1), drawn[4:]
 
     def client_logged_in(self, client) -> None:
         self.login_clients.discard(client)
@@ -350,6 +360,7 @@ class App:
         """One of `count` processes sharing the listen sockets (see pgmulti.supervisor)."""
         self.worker_index = index
         self.worker_count = count
+        self._refresh_client_settings()  # max_client_conn is shared among the workers
         self.peers = peers.Peers(control_dir, index, count)
         self.console = aggregate.ConsoleAcrossWorkers(self)
         self.peers.handlers.update(self.console.peer_handlers())

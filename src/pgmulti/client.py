@@ -97,7 +97,8 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
     rx_bytes_at_trim = -1       # janitor: no read since its last pass -> trim buffer
     busy_since = 0.0            # janitor's clock for query_timeout
     xact_since = 0.0            # janitor's clock for transaction_timeout
-    cancel_key = b""            # made at login, as long as the protocol version allows
+    cancel_pid = 0              # cancel key: made at login, the key as long as the
+    cancel_key = b""            # protocol version allows
     protocol_version = protocol.PROTOCOL_3_0
     scram_keys: tuple[bytes, bytes] | None = None
     tls = ""                    # "" for plain text, else protocol/cipher
@@ -120,10 +121,8 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         self.created = time.monotonic()
         self.request_time = self.connect_time
         self.last_active = self.created
-        self.cancel_pid = app.new_cancel_pid()
-        cfg = app.config.pgbouncer
-        self.max_packet = cfg.max_packet_size
-        self.buffer_size = max(4096, cfg.pkt_buf * 4)
+        self.max_packet = app.client_max_packet
+        self.buffer_size = app.client_buffer_size
         self.startup_phase = True
         self.batch_output = True
 
@@ -649,7 +648,7 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         """AuthenticationOk and ParameterStatus (`greeting`), cancel key, ReadyForQuery."""
         self.params = dict(tracked)
         key_length = LONG_CANCEL_KEY_BYTES if self.protocol_version >= protocol.PROTOCOL_3_2 else 4
-        self.cancel_key = auth.random_bytes(key_length)
+        self.cancel_pid, self.cancel_key = self.app.new_cancel_key(key_length)
         self.transport.write(greeting + protocol.backend_key_data(self.cancel_pid, self.cancel_key)
                              + READY_IDLE)
         # Until its first query the client needs no read buffer (most idle clients never
