@@ -325,7 +325,7 @@ class App:
         self.clients.discard(client)
         self.login_clients.discard(client)
         self.cancel_keys.pop((client.cancel_pid, client.cancel_key), None)
-        if self.shutting_down:
+        if self.flags.shutting_down:
             self.janitor.check_shutdown()
 
     def forward_cancel(self, pid: int, key: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -91,14 +92,14 @@ class Listener:
         loop = asyncio.get_running_loop()
         for host in listen_addresses(cfg.listen_addr):
             sock = tcp_socket(host, cfg.listen_port, cfg.listen_backlog, bool(cfg.so_reuseport))
-            server = await loop.create_server(lambda: ClientConnection(self.app, "tcp"), sock=sock)
+            server = await loop.create_server(self._client_factory("tcp"), sock=sock)
             self.servers.append(server)
             self.addresses.append(f"{host}:{cfg.listen_port}")
             log.info("listening on %s:%d", host, cfg.listen_port)
         if cfg.unix_socket_dir:
             mode = socket_mode(cfg.unix_socket_mode)
             sock, path = unix_socket(cfg.unix_socket_dir, cfg.listen_port, cfg.listen_backlog, mode)
-            server = await loop.create_server(lambda: ClientConnection(self.app, "unix"), sock=sock)
+            server = await loop.create_server(self._client_factory("unix"), sock=sock)
             self.servers.append(server)
             self.unix_path = path
             log.info("listening on unix:%s", path)
@@ -108,10 +109,13 @@ class Listener:
     async def _serve_inherited(self, sockets) -> None:
         loop = asyncio.get_running_loop()
         for kind, label, sock in sockets:
-            server = await loop.create_server(
-                lambda kind=kind: ClientConnection(self.app, kind), sock=sock)
+            server = await loop.create_server(self._client_factory(kind), sock=sock)
             self.servers.append(server)
             self.addresses.append(label)
+
+    def _client_factory(self, kind: str):
+        """A new ClientConnection per accepted socket (a partial: no Python frame of its own)."""
+        return functools.partial(ClientConnection, self.app, kind)
 
     def close(self) -> None:
         for server in self.servers:
