@@ -78,7 +78,9 @@ ERR_TOO_LONG = 2    # longer than max_packet, or than max_inspect for a message 
 ERR_TYPE = 3        # message type rejected by the action table
 
 # PostgreSQL's own limit for untyped startup packets (MAX_STARTUP_PACKET_LENGTH).
-STARTUP_MAX = 10000
+cdef enum:
+    _STARTUP_MAX = 10000
+STARTUP_MAX = _STARTUP_MAX
 # First byte of a TLS handshake record: a ClientHello sent without SSLRequest (direct TLS,
 # PostgreSQL 17+). No startup packet starts with it: its length would exceed STARTUP_MAX.
 DEF TLS_HANDSHAKE_RECORD = 0x16
@@ -100,7 +102,10 @@ for _i, _bound in enumerate(TIMING_BUCKETS_US):
     _bucket_bounds[_i] = _bound
 assert len(TIMING_BUCKETS_US) == N_BUCKETS
 
-READY_IDLE = 73  # 'I'
+# ReadyForQuery status 'I'; a C constant, so comparing with it makes no int object.
+cdef enum:
+    _READY_IDLE = 73
+READY_IDLE = _READY_IDLE
 
 # CommandComplete tags after which a server has no prepared statements left.
 cdef bytes _DEALLOCATE_ALL_TAG = b"DEALLOCATE ALL\0"
@@ -382,7 +387,7 @@ cdef class Relay:
         if self._pending == 0:
             now = _now_us()
             self._query_start_us = now
-            if self.ready_status == READY_IDLE and self._xact_start_us == 0:
+            if self.ready_status == _READY_IDLE and self._xact_start_us == 0:
                 self._xact_start_us = now
         self._pending += 1
 
@@ -401,7 +406,7 @@ cdef class Relay:
                 self.query_time_us += elapsed
                 self.query_count += 1
                 self._query_buckets[_bucket(elapsed)] += 1
-        if status == READY_IDLE:
+        if status == _READY_IDLE:
             self.idle_ready_count += 1
             if self._xact_start_us:
                 if now == 0:
@@ -869,7 +874,7 @@ cdef class Relay:
                 if avail < 4:
                     break
                 length = _be32(d + start)
-                if length < 8 or length > STARTUP_MAX:
+                if length < 8 or length > _STARTUP_MAX:
                     self._start = start
                     self._fail(ERR_LENGTH if length < 8 or length > 0x7FFFFFFF else ERR_TOO_LONG, 0)
                     break
@@ -994,7 +999,7 @@ cdef class Relay:
         if saw_discard:
             self.on_statements_discarded()
         if saw_ready and self.notify_ready:
-            if (self.pool_core is None or self._pending or self.ready_status != READY_IDLE
+            if (self.pool_core is None or self._pending or self.ready_status != _READY_IDLE
                     or not self.pool_core._release_idle(self)):
                 self.on_ready(self.ready_status)
         return 0
