@@ -13,7 +13,7 @@ import re
 import psycopg
 import pytest
 
-from support import admin, latest_counters, wait_for
+from support import admin, client_port, latest_counters, wait_for
 
 CONNECTIONS = 40
 
@@ -96,3 +96,19 @@ def test_a_remembered_startup_packet_meets_every_login_check_again(pgmulti, user
     admin(proxy, "RELOAD")
     with pytest.raises(psycopg.OperationalError, match="plainuser"):
         login()
+
+
+def test_the_client_address_is_logged_after_the_connection_closed(pgmulti):
+    """The address becomes Python objects only when asked; the disconnection line asks after
+    the socket has closed, and must still name the client's own address and port."""
+    proxy = pgmulti({"log_connections": 1, "log_disconnections": 1})
+    ports = []
+    for _ in range(2):  # the second login comes from a remembered startup packet
+        with psycopg.connect(proxy.dsn(db="testdb"), connect_timeout=5, autocommit=True) as conn:
+            conn.execute("SELECT 1")
+            ports.append(client_port(conn))
+    for port in ports:
+        wait_for(lambda: re.search(rf"testdb/postgres@127\.0\.0\.1:{port} closing because: "
+                                   "client close request", proxy.log_text()),
+                 5, f"the disconnection of port {port} logged")
+        assert f"testdb/postgres@127.0.0.1:{port} login attempt" in proxy.log_text()
