@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -282,10 +283,10 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
             self.transport.write(b"S")
             self.hold()
             # Stop reading now: the ClientHello must reach the TLS layer, not our buffer.
-            # start_tls resumes reading once it owns the transport.
+            # The TLS layer resumes reading once it owns the transport.
             self.transport.pause_reading()
             # The binding belongs to the certificate of this context, even if a reload follows.
-            self.app.spawn(self._start_tls(context, self.app.tls.client_binding))
+            self._start_tls(context, self.app.tls.client_binding)
             return
         if code == protocol.CANCEL_REQUEST_CODE:
             self._cancel_request(rest)
@@ -353,29 +354,32 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
             return
         client_hello = self.take_buffered()
         self.transport.pause_reading()  # the rest of the handshake is for the TLS layer
-        self.app.spawn(self._start_tls(context, self.app.tls.client_binding, client_hello))
+        self._start_tls(context, self.app.tls.client_binding, client_hello)
 
-    async def _start_tls(self, context, binding: bytes | None,
-                         client_hello: bytes | None = None) -> None:
+    def _start_tls(self, context, binding: bytes | None, client_hello: bytes = b"") -> None:
         """Answered 'S' to SSLRequest, or read the first bytes of a direct TLS handshake
         (`client_hello`): handshake, then read the startup packet decrypted."""
-        loop = asyncio.get_running_loop()
-        timeout = self.app.config.pgbouncer.client_login_timeout or None
-        if client_hello is None:
-            handshake = loop.start_tls(self.transport, self, context, server_side=True)
-        else:
-            handshake = tls.accept_after_read(self.transport, self, context, client_hello)
+        timeout = self.app.config.pgbouncer.client_login_timeout
         try:
-            transport = await asyncio.wait_for(handshake, timeout)
-        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
-            log.info("%r TLS handshake failed: %s", self, exc or "timeout")
+            transport, handshake = tls.accept(self.transport, self, context, client_hello, timeout)
+        except (OSError, ssl.SSLError) as exc:
+            log.info("%r TLS handshake failed: %s", self, exc)
             self.close("TLS handshake failed")
             return
-        if transport is None or self.closed:
+        handshake.add_done_callback(functools.partial(
+            self._tls_started, transport, binding, bool(client_hello)))
+
+    def _tls_started(self, transport, binding: bytes | None, direct: bool, handshake) -> None:
+        failure = "stopped" if handshake.cancelled() else handshake.exception()
+        if failure is not None:
+            log.info("%r TLS handshake failed: %s", self, failure or type(failure).__name__)
             self.close("TLS handshake failed")
+            return
+        if self.closed:
+            transport.close()
             return
         ssl_object = transport.get_extra_info("ssl_object")
-        if client_hello is not None and ssl_object.selected_alpn_protocol() != tls.ALPN_POSTGRESQL:
+        if direct and ssl_object.selected_alpn_protocol() != tls.ALPN_POSTGRESQL:
             # As PostgreSQL: direct TLS without ALPN could be another protocol's client
             # talking to us by mistake (ALPACA), so it is refused.
             log.info("%r direct TLS connection refused: no ALPN protocol \"%s\"", self,

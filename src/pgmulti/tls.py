@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import ssl
 
@@ -33,6 +34,8 @@ _CIPHER_ALIASES = {
 ALPN_POSTGRESQL = "postgresql"
 # Bytes handed to the TLS layer per call (uvloop's SSLProtocol buffer holds 256 KiB).
 _FEED_CHUNK = 65536
+# uvloop's handshake timeout has no "never": client_login_timeout = 0 waits this long.
+_NO_TIMEOUT = 365 * 86400.0
 
 VERIFYING_MODES = ("verify-ca", "verify-full")
 REQUIRING_MODES = ("require", "verify-ca", "verify-full")
@@ -109,6 +112,9 @@ def client_context(cfg) -> ssl.SSLContext | None:
         ctx.verify_mode = ssl.CERT_NONE
     _apply_common(ctx, cfg.client_tls_protocols, cfg.client_tls_ciphers)
     ctx.set_alpn_protocols([ALPN_POSTGRESQL])
+    # As PostgreSQL's server: no TLS 1.3 session tickets. libpq never resumes a session, and
+    # making the two tickets OpenSSL sends by default costs about half of a handshake.
+    ctx.num_tickets = 0
     return ctx
 
 
@@ -179,18 +185,22 @@ def _end_point_binding(cert_file: str) -> bytes | None:
         return None
 
 
-async def accept_after_read(transport, protocol, context: ssl.SSLContext, already_read: bytes):
-    """Server-side TLS on `transport` whose first bytes (the ClientHello) were already read.
+def accept(transport, protocol, context: ssl.SSLContext, already_read: bytes,
+           timeout: float) -> tuple[asyncio.BaseTransport, asyncio.Future]:
+    """Start server-side TLS on `transport`; `protocol` receives the decrypted bytes.
 
-    loop.start_tls() can only take a handshake still unread in the socket. Direct TLS is
-    recognised by reading its first byte, so this makes the same steps as uvloop's start_tls
-    with one more: the bytes read go into the TLS layer before reading resumes. Returns the
-    TLS transport once the handshake is done; `protocol` receives the decrypted bytes.
+    What loop.start_tls() does, without its coroutine and the task it needs (a login over
+    TLS would pay for both): returns the TLS transport at once, and a future that is done
+    when the handshake is, with the reason as its exception if it failed (the transport is
+    then closed). `already_read` is the start of the handshake if it was read already
+    (direct TLS is recognised by its first byte): it goes into the TLS layer first.
+    `timeout` 0 waits for the handshake without limit.
     """
     loop = asyncio.get_running_loop()
-    waiter = loop.create_future()
-    tls_protocol = SSLProtocol(loop, protocol, context, waiter, server_side=True,
-                               call_connection_made=False)
+    handshake = loop.create_future()
+    tls_protocol = SSLProtocol(loop, protocol, context, handshake, server_side=True,
+                               call_connection_made=False,
+                               ssl_handshake_timeout=timeout if timeout > 0 else _NO_TIMEOUT)
     transport.pause_reading()
     transport.set_protocol(tls_protocol)
     tls_protocol.connection_made(transport)  # starts the handshake: waits for input
@@ -202,11 +212,16 @@ async def accept_after_read(transport, protocol, context: ssl.SSLContext, alread
             buffer[:len(chunk)] = chunk
             tls_protocol.buffer_updated(len(chunk))
         transport.resume_reading()
-        await waiter
     except BaseException:
         app_transport.close()
         raise
-    return app_transport
+    handshake.add_done_callback(functools.partial(_close_if_failed, app_transport))
+    return app_transport, handshake
+
+
+def _close_if_failed(app_transport, handshake: asyncio.Future) -> None:
+    if handshake.cancelled() or handshake.exception() is not None:
+        app_transport.close()
 
 
 def describe(ssl_object) -> str:

@@ -86,3 +86,13 @@ def test_records_read_into_a_buffer_or_as_bytes_as_ssl_object_does(contexts):
     server.write(memoryview(b"reply"))
     _pump(s_out, c_in)
     assert client.read(1024) == b"reply"
+
+
+def test_clients_get_no_session_tickets_as_from_postgresql(contexts):
+    """libpq never resumes a TLS session; tickets would only cost handshake time."""
+    (server, s_in, s_out), (client, c_in, c_out) = _connected_pair(contexts)
+    server.write(b"after the handshake")
+    _pump(s_out, c_in)
+    assert client.read(1024) == b"after the handshake"  # reads any ticket sent before it
+    assert client.version() == "TLSv1.3"
+    assert client.session is None or not client.session.has_ticket
