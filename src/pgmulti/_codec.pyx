@@ -6,12 +6,16 @@ buffer_updated), finds PostgreSQL message boundaries in it, forwards runs of pas
 messages to the linked peer with one write, reads ReadyForQuery inline, and hands only the
 messages the proxy must act on to Python. It never imports asyncio and never raises through a
 uvloop callback: failures are reported to Python as error codes. A busy plain-text connection
-is read and written by the codec itself (DirectIO), without uvloop's per-read callbacks.
+is read and written by the codec itself (DirectIO), without uvloop's per-read callbacks; a
+busy TLS connection too, with the TLS object uvloop made (records are decrypted straight into
+the relay's buffer and encrypted from it).
 """
 
 cimport cython
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
 from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.memoryview cimport PyMemoryView_FromMemory
+from cpython.buffer cimport PyBUF_READ, PyBUF_WRITE
 from libc.stdint cimport uint32_t
 from libc.string cimport memcmp, memcpy, memmove
 from libc.errno cimport EAGAIN, EINTR, errno
@@ -190,6 +194,10 @@ cdef inline void _use_actions(Relay relay, bytes table) noexcept:
 # Ready sockets DirectIO takes from the kernel per call (more wait for the next call).
 cdef enum:
     DIRECT_EVENTS = 64
+    # Encrypted bytes read per direct TLS read: four full TLS records.
+    TLS_READ_MAX = 65536
+
+from ssl import SSLError, SSLWantReadError
 
 
 def action_table(default=ACT_PASS, **by_type):
@@ -215,6 +223,8 @@ cdef class Relay:
                                    are forwarded, before on_ready)
       on_direct_tls()              startup phase, a TLS handshake record instead of a packet:
                                    called held, the record still buffered (take_buffered)
+      on_tls_error(exc)            direct TLS: a record could not be decrypted (the codec has
+                                   given the socket back; the connection must close)
 
     The relay implements asyncio's flow control itself (pause_writing/resume_writing: the
     peer filling a full transport is not read until it drains) and, once enabled, reads and
@@ -301,6 +311,20 @@ cdef class Relay:
     cdef Relay _paused_peer         # the peer whose reading our full transport stopped
     cdef Py_ssize_t _run_a          # a batch's first piece while it is still only
     cdef Py_ssize_t _run_b          #   bytes [_run_a, _run_b) of the buffer (0, 0: none)
+    # TLS run by the codec while direct (use_direct_tls): uvloop's TLS object and its memory
+    # BIOs, shared with uvloop's SSLProtocol, which runs them whenever we do not. Methods are
+    # bound once: each is called once or twice per transaction.
+    cdef object _tls                # the _ssl._SSLSocket, or None: not a TLS connection
+    cdef object _tls_read           # its read(n, buffer) -> bytes decrypted into buffer
+    cdef object _tls_write          # its write(buffer): encrypt into _tls_out
+    cdef object _tls_pending        # its pending(): decrypted bytes not yet read
+    cdef object _tls_in             # encrypted bytes read, not yet decrypted (MemoryBIO)
+    cdef object _tls_in_write
+    cdef object _tls_out            # encrypted bytes to send (MemoryBIO)
+    cdef object _tls_out_read
+    cdef object _raw                # the TCP transport under the TLS transport
+    cdef object _raw_buffered       # its get_write_buffer_size
+    cdef object _tls_buffered       # the TLS transport's get_write_buffer_size
 
     def __cinit__(self, *args, **kwargs):
         self.buffer_size = DEF_BUFFER_SIZE
@@ -499,9 +523,26 @@ cdef class Relay:
         if self._fd >= 0:
             close(self._fd)  # never reached after connection_lost; a leak guard only
 
+    def use_direct_tls(self, raw_transport not None, ssl_object not None):
+        """This connection's transport is uvloop's TLS transport on raw_transport, and
+        ssl_object (tls.DirectSSLObject) knows its BIOs: direct I/O may run the TLS itself."""
+        tls = ssl_object._sslobj
+        self._raw = raw_transport
+        self._raw_buffered = raw_transport.get_write_buffer_size
+        self._tls_buffered = self.transport.get_write_buffer_size
+        self._tls = tls
+        self._tls_read = tls.read
+        self._tls_write = tls.write
+        self._tls_pending = tls.pending
+        self._tls_in = ssl_object.incoming
+        self._tls_in_write = self._tls_in.write
+        self._tls_out = ssl_object.outgoing
+        self._tls_out_read = self._tls_out.read
+
     def enable_direct_io(self, DirectIO io not None, int after_reads):
         """Let the codec read and write this connection's socket itself once `after_reads`
-        more reads have come through the transport (plain TCP or Unix sockets only)."""
+        more reads have come through the transport (plain TCP or Unix sockets, or TLS after
+        use_direct_tls)."""
         if self._fd < 0:
             self.direct_io = io
             self._direct_after = after_reads
@@ -528,10 +569,18 @@ cdef class Relay:
         cdef int fd
         transport = self.transport
         self.direct_io = None  # one attempt
-        if (self.closed or transport is None or transport.is_closing()
-                or transport.get_extra_info("sslcontext") is not None):
+        if self.closed or transport is None or transport.is_closing():
             return 0
-        sock = transport.get_extra_info("socket")
+        if transport.get_extra_info("sslcontext") is not None:
+            if self._tls is None:
+                return 0
+            if not transport.is_reading() or not self._tls_at_rest():
+                self.direct_io = io  # try again after the next read
+                self._direct_after = 1
+                return 0
+            sock = self._raw.get_extra_info("socket")
+        else:
+            sock = transport.get_extra_info("socket")
         if sock is None:
             return 0
         # A dup of our own: the transport may close its descriptor before connection_lost,
@@ -551,8 +600,10 @@ cdef class Relay:
                 self._fd = -1
                 close(fd)
                 return 0
-            transport.pause_reading()
+            (self._raw if self._tls is not None else transport).pause_reading()
         self.direct_io = io
+        if self._tls is not None:
+            return 0  # TLS: each send asks whether uvloop holds bytes (_tls_writable)
         # Direct writes must never overtake bytes the transport holds: have it call
         # pause_writing (_send_blocked) as soon as it holds any.
         if transport.get_write_buffer_size():
@@ -571,7 +622,15 @@ cdef class Relay:
         self._fd = -1
         close(fd)
         self.direct_io = None
-        if resume_transport and not self._direct_paused and not self.transport.is_closing():
+        if not resume_transport or self.transport.is_closing():
+            return 0
+        if self._tls is not None:
+            # uvloop reads the socket again; reading paused here becomes its TLS transport's
+            # pause (its own resume_reading never restarts the socket we stopped).
+            if self._direct_paused:
+                self.transport.pause_reading()
+            self._raw.resume_reading()
+        elif not self._direct_paused:
             self.transport.resume_reading()
         return 0
 
@@ -579,6 +638,8 @@ cdef class Relay:
         cdef ssize_t n
         if self._fd < 0 or self._direct_paused:
             return 0
+        if self._tls is not None:
+            return self._read_direct_tls()
         self._prepare_read()
         n = recv(self._fd, self._data + self._end, self._cap - self._end, 0)
         self.direct_io.reads += 1
@@ -586,6 +647,78 @@ cdef class Relay:
             self._received(n)
         elif n == 0 or (errno != EAGAIN and errno != EINTR):  # EWOULDBLOCK is EAGAIN on Linux
             self._leave_direct(True)
+        return 0
+
+    # -- direct TLS: uvloop's TLS object, run by the codec ---------------------------------
+
+    cdef bint _tls_at_rest(self) except -1:
+        """Nothing waits in uvloop's TLS layer: no bytes to decrypt or send, none queued."""
+        return self._tls_in.pending == 0 and self._tls_pending() == 0 and self._tls_writable()
+
+    cdef bint _tls_writable(self) except -1:
+        """No bytes wait in uvloop's TLS transport or under it: records sent now come next."""
+        return self._tls_buffered() == 0 and self._raw_buffered() == 0
+
+    cdef int _read_direct_tls(self) except -1:
+        cdef DirectIO io = self.direct_io
+        cdef ssize_t n = recv(self._fd, io._tls_scratch, TLS_READ_MAX, 0)
+        io.reads += 1
+        if n > 0:
+            self._tls_in_write(PyMemoryView_FromMemory(io._tls_scratch, n, PyBUF_READ))
+            self._decrypt()
+            if self._tls_out.pending:  # the TLS layer answers something (a key update)
+                self._send_records(False)
+        elif n == 0 or (errno != EAGAIN and errno != EINTR):
+            self._leave_direct(True)
+        return 0
+
+    cdef int _decrypt(self) except -1:
+        """Decrypt every whole record read into this relay's buffer and process it. All of it,
+        also while held: what is left in the BIO would wait for the next read (bounded: one
+        read's worth on top of what held relays buffer anyway)."""
+        cdef Py_ssize_t room, got
+        while self._fd >= 0 and (self._tls_in.pending or self._tls_pending()):
+            self._prepare_read()
+            room = self._cap - self._end
+            try:
+                got = self._tls_read(room, PyMemoryView_FromMemory(<char*>self._data + self._end,
+                                                                   room, PyBUF_WRITE))
+            except SSLWantReadError:
+                break  # the rest of a record is still to come
+            except SSLError as exc:
+                self._leave_direct(False)
+                self.on_tls_error(exc)
+                break
+            if got == 0:
+                # close_notify: the transport reads again and meets the end itself.
+                self._leave_direct(True)
+                break
+            self._received(got)
+        return 0
+
+    cdef int _send_tls(self, Relay peer, data) except -1:
+        """Encrypt data (any buffer) for the direct TLS peer and send the records."""
+        peer._tls_write(data)  # a memory BIO takes it all
+        peer._send_records(True)
+        return 0
+
+    cdef int _send_records(self, bint writable) except -1:
+        """Send what the TLS layer has encrypted; behind uvloop's bytes if it holds any, and
+        what the socket does not take goes to the transport under TLS, in order."""
+        cdef bytes records = self._tls_out_read()
+        cdef Py_ssize_t n = len(records)
+        cdef ssize_t sent
+        if n == 0:
+            return 0
+        if self._fd < 0 or (not writable and self._raw_buffered()):
+            if not self._raw.is_closing():
+                self._raw.write(records)
+            return 0
+        sent = send(self._fd, <const char*>records, n, MSG_NOSIGNAL)
+        self.direct_io.sends += 1
+        if sent < n:
+            self.direct_io.handed_back += 1
+            self._raw.write(records[sent:] if sent > 0 else records)
         return 0
 
     def pause_reading(self):
@@ -774,6 +907,8 @@ cdef class Relay:
         transport holds nothing unsent (so nothing can be overtaken)."""
         cdef Relay peer = self._peer
         if peer is not None and peer._fd >= 0 and not peer._send_blocked:
+            if peer._tls is not None and not peer._tls_writable():
+                return None
             return peer
         return None
 
@@ -783,6 +918,9 @@ cdef class Relay:
         if peer is None:
             self.writer(self._piece(a, b))  # the peer's transport.write, bound once
             return 0
+        if peer._tls is not None:
+            return self._send_tls(peer, PyMemoryView_FromMemory(<char*>self._data + a, b - a,
+                                                                PyBUF_READ))
         sent = send(peer._fd, self._data + a, b - a, MSG_NOSIGNAL)
         peer.direct_io.sends += 1
         if sent < b - a:
@@ -798,6 +936,8 @@ cdef class Relay:
         if peer is None or type(data) is not bytes:
             self.writer(data)
             return 0
+        if peer._tls is not None:
+            return self._send_tls(peer, data)
         n = len(<bytes>data)
         sent = send(peer._fd, <const char*>(<bytes>data), n, MSG_NOSIGNAL)
         peer.direct_io.sends += 1
@@ -1026,6 +1166,9 @@ cdef class Relay:
     def on_direct_tls(self):
         pass
 
+    def on_tls_error(self, exc):
+        pass
+
 
 @cython.final
 cdef class DirectIO:
@@ -1046,6 +1189,7 @@ cdef class DirectIO:
     cdef object _loop
     cdef int _fd_budget             # descriptors from this number on are not used for dups
     cdef epoll_event _events[DIRECT_EVENTS]
+    cdef char _tls_scratch[TLS_READ_MAX]  # encrypted bytes of one direct TLS read
     cdef readonly unsigned long long reads      # socket reads made here
     cdef readonly unsigned long long sends      # writes that went straight to a socket
     cdef readonly unsigned long long handed_back  # sends the socket took only part of

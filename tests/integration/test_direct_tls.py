@@ -1,0 +1,151 @@
+"""Direct I/O over TLS: once a TLS client is busy, the codec reads its socket itself, decrypts
+the records into the relay's buffer and encrypts what it forwards, with the TLS object
+uvloop's TLS transport made (which runs it again whenever the codec gives the socket back).
+Every result is checked in full, so a record lost, repeated or sent out of order fails.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import threading
+import time
+
+import pytest
+
+from support import direct_io_counters, direct_io_reaching, wait_for
+from test_direct_io import VERBOSE, WARM_UP_QUERIES
+from test_errors import Raw, query_message
+from test_pool_modes import scalar
+from test_tls import SSL_REQUEST, Certs, client_tls, pconnect
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> Certs:
+    return Certs(tmp_path_factory.mktemp("direct-tls-certs"))
+
+
+def tls_proxy(pgmulti, certs, **settings):
+    return pgmulti(client_tls(certs, "require", pool_mode="transaction", **VERBOSE, **settings))
+
+
+class RawTls(Raw):
+    """Raw's protocol by hand, over TLS after SSLRequest; `encrypted_fd` writes under it."""
+
+    def __init__(self, proc, timeout: float = 5.0):
+        super().__init__(proc, timeout)
+        self.sock.sendall(SSL_REQUEST)
+        assert self.sock.recv(1) == b"S"
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        self.sock = context.wrap_socket(self.sock)
+        self.encrypted_fd = self.sock.fileno()
+
+
+def sockets_watched(proxy, count: int):
+    return lambda: (direct_io_counters(proxy) or {}).get("sockets") == count
+
+
+def test_busy_tls_clients_share_servers_directly(pgmulti, certs):
+    """Several TLS clients take turns on two servers, every transaction answered by its own."""
+    proxy = tls_proxy(pgmulti, certs, default_pool_size=2)
+    errors: list[BaseException] = []
+
+    def client(n: int) -> None:
+        try:
+            with pconnect(proxy, "require") as conn:
+                assert conn.pgconn.ssl_in_use
+                for i in range(60):
+                    value = n * 1000 + i
+                    assert scalar(conn, "SELECT %s::int", [value]) == value
+                    if i % 20 == 0:  # a reply of many records, several reads on either side
+                        rows = conn.execute("SELECT g, repeat('x', g % 97) FROM "
+                                            "generate_series(1, 3000) g").fetchall()
+                        assert rows == [(g, "x" * (g % 97)) for g in range(1, 3001)]
+        except BaseException as exc:  # reported below, with the thread's own assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not errors, errors[0]
+    assert not any(thread.is_alive() for thread in threads), "a client hung"
+    # Server sockets alone would not read that often: about one read per query each side.
+    direct_io_reaching(proxy, reads=600, sends=600)
+
+
+def test_an_idle_tls_client_gives_its_socket_back_and_goes_direct_again(pgmulti, certs):
+    """Between the codec's turns uvloop's TLS transport runs the same TLS object: the
+    session goes on across the hand-overs both ways."""
+    proxy = tls_proxy(pgmulti, certs, default_pool_size=1)
+    with pconnect(proxy, "require") as conn:
+        for i in range(WARM_UP_QUERIES):
+            assert scalar(conn, "SELECT %s::int", [i]) == i
+        wait_for(sockets_watched(proxy, 2), 5, "TLS client and server direct")
+        wait_for(sockets_watched(proxy, 1), 15, "the idle client's socket given back")
+        assert scalar(conn, "SELECT repeat('z', 100000)") == "z" * 100000  # through uvloop
+        for i in range(WARM_UP_QUERIES):
+            assert scalar(conn, "SELECT %s::int", [i]) == i
+        wait_for(sockets_watched(proxy, 2), 5, "TLS client direct again")
+        assert scalar(conn, "SELECT repeat('w', 100000)") == "w" * 100000
+
+
+def test_a_tls_client_too_slow_for_its_result_gets_all_of_it_in_order(pgmulti, certs):
+    """Records the socket does not take go to the transport under TLS; later ones queue
+    behind them in uvloop's TLS transport, which stops the server being read when full."""
+    proxy = tls_proxy(pgmulti, certs, default_pool_size=1)
+    rows = 200_000  # 22 MB: more than the kernel buffers between pgmulti and us hold
+    with RawTls(proxy, timeout=30) as raw:
+        raw.login()
+        for i in range(WARM_UP_QUERIES):
+            assert raw.simple_query(f"SELECT {i}")[-1][0] == b"Z"
+        wait_for(sockets_watched(proxy, 2), 5, "TLS client and server direct")
+        raw.send(query_message(f"SELECT g, repeat('y', 90) FROM generate_series(1, {rows}) g"))
+        time.sleep(1.0)  # let every buffer between the server and us fill up
+        messages = raw.read_until(b"Z", timeout=60)
+        data_rows = [body for msg_type, body in messages if msg_type == b"D"]
+        assert len(data_rows) == rows
+        for expected, body in enumerate(data_rows, start=1):
+            first_len = int.from_bytes(body[2:6], "big")
+            assert int(body[6:6 + first_len]) == expected
+        assert messages[-2][0] == b"C" and messages[-2][1] == f"SELECT {rows}\0".encode()
+        # The session goes on, in order, and direct again.
+        for i in range(WARM_UP_QUERIES):
+            assert raw.simple_query(f"SELECT 'after {i}'")[1][1].endswith(f"after {i}".encode())
+    direct_io_reaching(proxy, handed_back=1)
+
+
+def test_a_broken_tls_record_closes_only_its_connection(pgmulti, certs):
+    proxy = tls_proxy(pgmulti, certs, default_pool_size=2)
+    with pconnect(proxy, "require") as bystander, RawTls(proxy) as raw:
+        raw.login()
+        for i in range(WARM_UP_QUERIES):
+            raw.simple_query(f"SELECT {i}")
+            assert scalar(bystander, "SELECT %s::int", [i]) == i
+        wait_for(lambda: (direct_io_counters(proxy) or {}).get("sockets", 0) >= 3, 5,
+                 "the raw TLS client direct")
+        # An application-data record whose authentication tag cannot match.
+        os.write(raw.encrypted_fd, b"\x17\x03\x03\x00\x20" + bytes(range(32)))
+        with pytest.raises((EOFError, ConnectionError, ssl.SSLError)):
+            raw.simple_query("SELECT 'never'")
+        wait_for(lambda: proxy.log_text().count("TLS error") == 1, 5, "the TLS error logged once")
+        assert scalar(bystander, "SELECT 42") == 42
+    with pconnect(proxy, "require") as conn:
+        assert scalar(conn, "SELECT 1") == 1
+
+
+def test_a_tls_client_vanishing_mid_query_frees_its_server(pgmulti, certs):
+    proxy = tls_proxy(pgmulti, certs, default_pool_size=1)
+    with RawTls(proxy) as raw:
+        raw.login()
+        for i in range(WARM_UP_QUERIES):
+            raw.simple_query(f"SELECT {i}")
+        wait_for(sockets_watched(proxy, 2), 5, "TLS client and server direct")
+        raw.send(query_message("SELECT pg_sleep(0.3)"))
+    # The only server is given to the next client once the abandoned query is over.
+    with pconnect(proxy, "require") as conn:
+        for i in range(WARM_UP_QUERIES):
+            assert scalar(conn, "SELECT %s::int", [i]) == i
