@@ -6,6 +6,7 @@ Every result is checked in full, so a record lost, repeated or sent out of order
 
 from __future__ import annotations
 
+import hashlib
 import os
 import ssl
 import threading
@@ -17,7 +18,8 @@ from support import direct_io_counters, direct_io_reaching, wait_for
 from test_direct_io import VERBOSE, WARM_UP_QUERIES
 from test_errors import Raw, query_message
 from test_pool_modes import scalar
-from test_tls import SSL_REQUEST, Certs, client_tls, pconnect
+from test_tls import (SSL_REQUEST, Certs, client_tls, pconnect, server_tls,  # noqa: F401
+                      ssl_pg, ssl_pg_good)
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +151,24 @@ def test_a_tls_client_vanishing_mid_query_frees_its_server(pgmulti, certs):
     with pconnect(proxy, "require") as conn:
         for i in range(WARM_UP_QUERIES):
             assert scalar(conn, "SELECT %s::int", [i]) == i
+
+
+def test_tls_on_both_legs_runs_direct_on_both(pgmulti, certs, ssl_pg_good):
+    """server_tls_sslmode too: the server's TLS session is run by the codec as well, each
+    record decrypted from one session and encrypted into the other."""
+    proxy = pgmulti({**client_tls(certs, "require", pool_mode="transaction",
+                                  default_pool_size=1, **VERBOSE),
+                     **server_tls(ssl_pg_good, "verify-full", certs.ca_file)})
+    with pconnect(proxy, "require", db="sslpg") as conn:
+        assert conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+                            ).fetchone() == (True,)
+        for i in range(WARM_UP_QUERIES):
+            assert scalar(conn, "SELECT %s::int", [i]) == i
+        wait_for(sockets_watched(proxy, 2), 5, "TLS client and TLS server direct")
+        for i in range(3):
+            rows = conn.execute("SELECT g, md5(g::text) FROM generate_series(1, 20000) g"
+                                ).fetchall()
+            assert rows == [(g, hashlib.md5(str(g).encode()).hexdigest())
+                            for g in range(1, 20001)]
+        assert scalar(conn, "SELECT %s::text", ["x" * 300_000]) == "x" * 300_000
+    direct_io_reaching(proxy, reads=20, sends=20)
