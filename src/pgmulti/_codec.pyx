@@ -174,6 +174,7 @@ cdef inline uint32_t _be32(const unsigned char* p) noexcept nogil:
 
 cdef class PoolCore
 cdef class DirectIO
+cdef class DirectTls
 cdef class Relay
 
 # Action tables are shared, not copied: a relay points at the bytes of its current one.
@@ -198,6 +199,33 @@ cdef enum:
     TLS_READ_MAX = 65536
 
 from ssl import SSLError, SSLWantReadError
+
+
+@cython.final
+cdef class DirectTls:
+    """The parts of a TLS connection the codec runs while it is direct: uvloop's TLS object
+    and its memory BIOs (shared with uvloop's SSLProtocol, which runs them whenever the codec
+    does not) and the TCP transport under TLS. Methods are bound once: each is called once
+    or twice per transaction."""
+
+    cdef object read            # the SSL object's read(n, buffer): decrypt into buffer
+    cdef object write           # its write(buffer): encrypt into outgoing
+    cdef object pending         # its pending(): decrypted bytes not yet read
+    cdef object incoming        # MemoryBIO: encrypted bytes read, not yet decrypted
+    cdef object incoming_write
+    cdef object outgoing        # MemoryBIO: encrypted bytes to send
+    cdef object outgoing_read
+    cdef object raw             # the TCP transport under the TLS transport
+    cdef object raw_buffered    # its get_write_buffer_size
+    cdef object tls_buffered    # the TLS transport's get_write_buffer_size
+
+    cdef bint writable(self) except -1:
+        """No bytes wait in uvloop's TLS transport or under it: records sent now come next."""
+        return self.tls_buffered() == 0 and self.raw_buffered() == 0
+
+    cdef bint at_rest(self) except -1:
+        """Nothing waits in uvloop's TLS layer: no bytes to decrypt or send, none queued."""
+        return self.incoming.pending == 0 and self.pending() == 0 and self.writable()
 
 
 def action_table(default=ACT_PASS, **by_type):
@@ -311,20 +339,7 @@ cdef class Relay:
     cdef Relay _paused_peer         # the peer whose reading our full transport stopped
     cdef Py_ssize_t _run_a          # a batch's first piece while it is still only
     cdef Py_ssize_t _run_b          #   bytes [_run_a, _run_b) of the buffer (0, 0: none)
-    # TLS run by the codec while direct (use_direct_tls): uvloop's TLS object and its memory
-    # BIOs, shared with uvloop's SSLProtocol, which runs them whenever we do not. Methods are
-    # bound once: each is called once or twice per transaction.
-    cdef object _tls                # the _ssl._SSLSocket, or None: not a TLS connection
-    cdef object _tls_read           # its read(n, buffer) -> bytes decrypted into buffer
-    cdef object _tls_write          # its write(buffer): encrypt into _tls_out
-    cdef object _tls_pending        # its pending(): decrypted bytes not yet read
-    cdef object _tls_in             # encrypted bytes read, not yet decrypted (MemoryBIO)
-    cdef object _tls_in_write
-    cdef object _tls_out            # encrypted bytes to send (MemoryBIO)
-    cdef object _tls_out_read
-    cdef object _raw                # the TCP transport under the TLS transport
-    cdef object _raw_buffered       # its get_write_buffer_size
-    cdef object _tls_buffered       # the TLS transport's get_write_buffer_size
+    cdef DirectTls _tls             # TLS the codec may run while direct (use_direct_tls)
 
     def __cinit__(self, *args, **kwargs):
         self.buffer_size = DEF_BUFFER_SIZE
@@ -526,18 +541,19 @@ cdef class Relay:
     def use_direct_tls(self, raw_transport not None, ssl_object not None):
         """This connection's transport is uvloop's TLS transport on raw_transport, and
         ssl_object (tls.DirectSSLObject) knows its BIOs: direct I/O may run the TLS itself."""
-        tls = ssl_object._sslobj
-        self._raw = raw_transport
-        self._raw_buffered = raw_transport.get_write_buffer_size
-        self._tls_buffered = self.transport.get_write_buffer_size
+        cdef DirectTls tls = DirectTls.__new__(DirectTls)
+        c_object = ssl_object._sslobj
+        tls.read = c_object.read
+        tls.write = c_object.write
+        tls.pending = c_object.pending
+        tls.incoming = ssl_object.incoming
+        tls.incoming_write = tls.incoming.write
+        tls.outgoing = ssl_object.outgoing
+        tls.outgoing_read = tls.outgoing.read
+        tls.raw = raw_transport
+        tls.raw_buffered = raw_transport.get_write_buffer_size
+        tls.tls_buffered = self.transport.get_write_buffer_size
         self._tls = tls
-        self._tls_read = tls.read
-        self._tls_write = tls.write
-        self._tls_pending = tls.pending
-        self._tls_in = ssl_object.incoming
-        self._tls_in_write = self._tls_in.write
-        self._tls_out = ssl_object.outgoing
-        self._tls_out_read = self._tls_out.read
 
     def enable_direct_io(self, DirectIO io not None, int after_reads):
         """Let the codec read and write this connection's socket itself once `after_reads`
@@ -574,11 +590,11 @@ cdef class Relay:
         if transport.get_extra_info("sslcontext") is not None:
             if self._tls is None:
                 return 0
-            if not transport.is_reading() or not self._tls_at_rest():
+            if not transport.is_reading() or not self._tls.at_rest():
                 self.direct_io = io  # try again after the next read
                 self._direct_after = 1
                 return 0
-            sock = self._raw.get_extra_info("socket")
+            sock = self._tls.raw.get_extra_info("socket")
         else:
             sock = transport.get_extra_info("socket")
         if sock is None:
@@ -600,10 +616,10 @@ cdef class Relay:
                 self._fd = -1
                 close(fd)
                 return 0
-            (self._raw if self._tls is not None else transport).pause_reading()
+            (self._tls.raw if self._tls is not None else transport).pause_reading()
         self.direct_io = io
         if self._tls is not None:
-            return 0  # TLS: each send asks whether uvloop holds bytes (_tls_writable)
+            return 0  # TLS: each send asks whether uvloop holds bytes (DirectTls.writable)
         # Direct writes must never overtake bytes the transport holds: have it call
         # pause_writing (_send_blocked) as soon as it holds any.
         if transport.get_write_buffer_size():
@@ -629,7 +645,7 @@ cdef class Relay:
             # pause (its own resume_reading never restarts the socket we stopped).
             if self._direct_paused:
                 self.transport.pause_reading()
-            self._raw.resume_reading()
+            self._tls.raw.resume_reading()
         elif not self._direct_paused:
             self.transport.resume_reading()
         return 0
@@ -651,22 +667,14 @@ cdef class Relay:
 
     # -- direct TLS: uvloop's TLS object, run by the codec ---------------------------------
 
-    cdef bint _tls_at_rest(self) except -1:
-        """Nothing waits in uvloop's TLS layer: no bytes to decrypt or send, none queued."""
-        return self._tls_in.pending == 0 and self._tls_pending() == 0 and self._tls_writable()
-
-    cdef bint _tls_writable(self) except -1:
-        """No bytes wait in uvloop's TLS transport or under it: records sent now come next."""
-        return self._tls_buffered() == 0 and self._raw_buffered() == 0
-
     cdef int _read_direct_tls(self) except -1:
         cdef DirectIO io = self.direct_io
         cdef ssize_t n = recv(self._fd, io._tls_scratch, TLS_READ_MAX, 0)
         io.reads += 1
         if n > 0:
-            self._tls_in_write(PyMemoryView_FromMemory(io._tls_scratch, n, PyBUF_READ))
+            self._tls.incoming_write(PyMemoryView_FromMemory(io._tls_scratch, n, PyBUF_READ))
             self._decrypt()
-            if self._tls_out.pending:  # the TLS layer answers something (a key update)
+            if self._tls.outgoing.pending:  # the TLS layer answers something (a key update)
                 self._send_records(False)
         elif n == 0 or (errno != EAGAIN and errno != EINTR):
             self._leave_direct(True)
@@ -676,13 +684,14 @@ cdef class Relay:
         """Decrypt every whole record read into this relay's buffer and process it. All of it,
         also while held: what is left in the BIO would wait for the next read (bounded: one
         read's worth on top of what held relays buffer anyway)."""
+        cdef DirectTls tls = self._tls
         cdef Py_ssize_t room, got
-        while self._fd >= 0 and (self._tls_in.pending or self._tls_pending()):
+        while self._fd >= 0 and (tls.incoming.pending or tls.pending()):
             self._prepare_read()
             room = self._cap - self._end
             try:
-                got = self._tls_read(room, PyMemoryView_FromMemory(<char*>self._data + self._end,
-                                                                   room, PyBUF_WRITE))
+                got = tls.read(room, PyMemoryView_FromMemory(<char*>self._data + self._end,
+                                                             room, PyBUF_WRITE))
             except SSLWantReadError:
                 break  # the rest of a record is still to come
             except SSLError as exc:
@@ -698,27 +707,28 @@ cdef class Relay:
 
     cdef int _send_tls(self, Relay peer, data) except -1:
         """Encrypt data (any buffer) for the direct TLS peer and send the records."""
-        peer._tls_write(data)  # a memory BIO takes it all
+        peer._tls.write(data)  # a memory BIO takes it all
         peer._send_records(True)
         return 0
 
     cdef int _send_records(self, bint writable) except -1:
         """Send what the TLS layer has encrypted; behind uvloop's bytes if it holds any, and
         what the socket does not take goes to the transport under TLS, in order."""
-        cdef bytes records = self._tls_out_read()
+        cdef DirectTls tls = self._tls
+        cdef bytes records = tls.outgoing_read()
         cdef Py_ssize_t n = len(records)
         cdef ssize_t sent
         if n == 0:
             return 0
-        if self._fd < 0 or (not writable and self._raw_buffered()):
-            if not self._raw.is_closing():
-                self._raw.write(records)
+        if self._fd < 0 or (not writable and tls.raw_buffered()):
+            if not tls.raw.is_closing():
+                tls.raw.write(records)
             return 0
         sent = send(self._fd, <const char*>records, n, MSG_NOSIGNAL)
         self.direct_io.sends += 1
         if sent < n:
             self.direct_io.handed_back += 1
-            self._raw.write(records[sent:] if sent > 0 else records)
+            tls.raw.write(records[sent:] if sent > 0 else records)
         return 0
 
     def pause_reading(self):
@@ -907,7 +917,7 @@ cdef class Relay:
         transport holds nothing unsent (so nothing can be overtaken)."""
         cdef Relay peer = self._peer
         if peer is not None and peer._fd >= 0 and not peer._send_blocked:
-            if peer._tls is not None and not peer._tls_writable():
+            if peer._tls is not None and not peer._tls.writable():
                 return None
             return peer
         return None
