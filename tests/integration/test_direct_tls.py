@@ -173,3 +173,29 @@ def test_tls_on_both_legs_runs_direct_on_both(pgmulti, certs, ssl_pg_good):
                             for g in range(1, 20001)]
         assert scalar(conn, "SELECT %s::text", ["x" * 300_000]) == "x" * 300_000
     direct_io_reaching(proxy, reads=20, sends=20)
+
+
+def test_copy_both_ways_through_a_direct_tls_client(pgmulti, certs):
+    """Client to server in bulk: records decrypted into the relay's buffer faster than one
+    read each, across message boundaries; and back, encrypted from the server's buffer."""
+    proxy = tls_proxy(pgmulti, certs, default_pool_size=1)
+    lines = [f"{n}\t{hashlib.sha256(str(n).encode()).hexdigest() * 4}\n" for n in range(80_000)]
+    sent = "".join(lines).encode()  # 21 MB
+    with pconnect(proxy, "require", db="testdb") as conn:
+        for i in range(WARM_UP_QUERIES):
+            assert scalar(conn, "SELECT %s::int", [i]) == i
+        wait_for(sockets_watched(proxy, 2), 5, "TLS client and server direct")
+        with conn.transaction():
+            conn.execute("CREATE TEMP TABLE tls_bulk (n int, t text) ON COMMIT DROP")
+            with conn.cursor().copy("COPY tls_bulk FROM STDIN") as copy:
+                for start in range(0, len(sent), 1_000_000):
+                    copy.write(sent[start:start + 1_000_000])
+            assert conn.execute("SELECT count(*), sum(n) FROM tls_bulk").fetchone() == (
+                80_000, sum(range(80_000)))
+            received = bytearray()
+            with conn.cursor().copy("COPY (SELECT * FROM tls_bulk ORDER BY n) TO STDOUT") as copy:
+                for chunk in copy:
+                    received += chunk
+        assert hashlib.sha256(received).hexdigest() == hashlib.sha256(sent).hexdigest()
+        assert scalar(conn, "SELECT 1") == 1
+    direct_io_reaching(proxy, reads=100)
