@@ -21,11 +21,38 @@ VERBOSE = {"stats_period": 1, "verbose": 1}
 WARM_UP_QUERIES = 5   # more than the reads a client makes through uvloop before going direct
 
 
+def take_turns_on_servers(open_connection, clients: int = 6) -> None:
+    """`clients` threads on connections of their own run 60 queries each (three of them with
+    3,000-row replies, several reads on either side) and check every answer; the first
+    failure is raised here, as is a client that hangs."""
+    errors: list[BaseException] = []
+
+    def client(n: int) -> None:
+        try:
+            with open_connection() as conn:
+                for i in range(60):
+                    value = n * 1000 + i
+                    assert scalar(conn, "SELECT %s::int", [value]) == value
+                    if i % 20 == 0:
+                        rows = conn.execute("SELECT g, repeat('x', g % 97) FROM "
+                                            "generate_series(1, 3000) g").fetchall()
+                        assert rows == [(g, "x" * (g % 97)) for g in range(1, 3001)]
+        except BaseException as exc:  # reported below, with the thread's own assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not errors, errors[0]
+    assert not any(thread.is_alive() for thread in threads), "a client hung"
+
+
 @pytest.mark.parametrize("listener", ["tcp", "unix"])
 def test_busy_clients_share_servers_directly(pgmulti, listener):
     """Several clients take turns on two servers, every transaction answered by its own."""
     proxy = pgmulti({"pool_mode": "transaction", "default_pool_size": 2, **VERBOSE})
-    errors: list[BaseException] = []
 
     def open_connection() -> psycopg.Connection:
         if listener == "tcp":
@@ -34,26 +61,7 @@ def test_busy_clients_share_servers_directly(pgmulti, listener):
                                user="postgres", autocommit=True, prepare_threshold=None,
                                connect_timeout=CONNECT_TIMEOUT_S)
 
-    def client(n: int) -> None:
-        try:
-            with open_connection() as conn:
-                for i in range(60):
-                    value = n * 1000 + i
-                    assert scalar(conn, "SELECT %s::int", [value]) == value
-                    if i % 20 == 0:  # a longer reply, several reads on either side
-                        rows = conn.execute("SELECT g, repeat('x', g % 97) FROM "
-                                            "generate_series(1, 3000) g").fetchall()
-                        assert rows == [(g, "x" * (g % 97)) for g in range(1, 3001)]
-        except BaseException as exc:  # reported below, with the thread's own assertion
-            errors.append(exc)
-
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(25)
-    assert not errors, errors[0]
-    assert not any(thread.is_alive() for thread in threads), "a client hung"
+    take_turns_on_servers(open_connection)
     direct_io_reaching(proxy, reads=300, sends=300)
 
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 import hashlib
 import os
 import ssl
-import threading
 import time
 
 import pytest
 
 from support import direct_io_counters, direct_io_reaching, wait_for
-from test_direct_io import VERBOSE, WARM_UP_QUERIES
+from test_direct_io import VERBOSE, WARM_UP_QUERIES, take_turns_on_servers
 from test_errors import Raw, query_message
 from test_pool_modes import scalar
 from test_tls import (SSL_REQUEST, Certs, client_tls, pconnect, server_tls,  # noqa: F401
@@ -44,6 +43,13 @@ class RawTls(Raw):
         self.sock = context.wrap_socket(self.sock)
         self.encrypted_fd = self.sock.fileno()
 
+    def login_and_go_direct(self, proxy) -> None:
+        """Log in and query until the codec runs this client's TLS and its one server."""
+        self.login()
+        for i in range(WARM_UP_QUERIES):
+            assert self.simple_query(f"SELECT {i}")[-1][0] == b"Z"
+        wait_for(sockets_watched(proxy, 2), 5, "TLS client and server direct")
+
 
 def sockets_watched(proxy, count: int):
     return lambda: (direct_io_counters(proxy) or {}).get("sockets") == count
@@ -52,29 +58,9 @@ def sockets_watched(proxy, count: int):
 def test_busy_tls_clients_share_servers_directly(pgmulti, certs):
     """Several TLS clients take turns on two servers, every transaction answered by its own."""
     proxy = tls_proxy(pgmulti, certs, default_pool_size=2)
-    errors: list[BaseException] = []
-
-    def client(n: int) -> None:
-        try:
-            with pconnect(proxy, "require") as conn:
-                assert conn.pgconn.ssl_in_use
-                for i in range(60):
-                    value = n * 1000 + i
-                    assert scalar(conn, "SELECT %s::int", [value]) == value
-                    if i % 20 == 0:  # a reply of many records, several reads on either side
-                        rows = conn.execute("SELECT g, repeat('x', g % 97) FROM "
-                                            "generate_series(1, 3000) g").fetchall()
-                        assert rows == [(g, "x" * (g % 97)) for g in range(1, 3001)]
-        except BaseException as exc:  # reported below, with the thread's own assertion
-            errors.append(exc)
-
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    assert not errors, errors[0]
-    assert not any(thread.is_alive() for thread in threads), "a client hung"
+    with pconnect(proxy, "require") as conn:
+        assert conn.pgconn.ssl_in_use
+    take_turns_on_servers(lambda: pconnect(proxy, "require"))
     # Server sockets alone would not read that often: about one read per query each side.
     direct_io_reaching(proxy, reads=600, sends=600)
 
@@ -101,10 +87,7 @@ def test_a_tls_client_too_slow_for_its_result_gets_all_of_it_in_order(pgmulti, c
     proxy = tls_proxy(pgmulti, certs, default_pool_size=1)
     rows = 200_000  # 22 MB: more than the kernel buffers between pgmulti and us hold
     with RawTls(proxy, timeout=30) as raw:
-        raw.login()
-        for i in range(WARM_UP_QUERIES):
-            assert raw.simple_query(f"SELECT {i}")[-1][0] == b"Z"
-        wait_for(sockets_watched(proxy, 2), 5, "TLS client and server direct")
+        raw.login_and_go_direct(proxy)
         raw.send(query_message(f"SELECT g, repeat('y', 90) FROM generate_series(1, {rows}) g"))
         time.sleep(1.0)  # let every buffer between the server and us fill up
         messages = raw.read_until(b"Z", timeout=60)
@@ -123,10 +106,7 @@ def test_a_tls_client_too_slow_for_its_result_gets_all_of_it_in_order(pgmulti, c
 def test_a_broken_tls_record_closes_only_its_connection(pgmulti, certs):
     proxy = tls_proxy(pgmulti, certs, default_pool_size=1)
     with RawTls(proxy) as raw:
-        raw.login()
-        for i in range(WARM_UP_QUERIES):
-            raw.simple_query(f"SELECT {i}")
-        wait_for(sockets_watched(proxy, 2), 5, "TLS client and server direct")
+        raw.login_and_go_direct(proxy)
         with pconnect(proxy, "require") as bystander:
             assert scalar(bystander, "SELECT 1") == 1
             # An application-data record whose authentication tag cannot match.
@@ -143,10 +123,7 @@ def test_a_broken_tls_record_closes_only_its_connection(pgmulti, certs):
 def test_a_tls_client_vanishing_mid_query_frees_its_server(pgmulti, certs):
     proxy = tls_proxy(pgmulti, certs, default_pool_size=1)
     with RawTls(proxy) as raw:
-        raw.login()
-        for i in range(WARM_UP_QUERIES):
-            raw.simple_query(f"SELECT {i}")
-        wait_for(sockets_watched(proxy, 2), 5, "TLS client and server direct")
+        raw.login_and_go_direct(proxy)
         raw.send(query_message("SELECT pg_sleep(0.3)"))
     # The only server is given to the next client once the abandoned query is over.
     with pconnect(proxy, "require") as conn:
