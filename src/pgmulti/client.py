@@ -291,7 +291,7 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         if code == protocol.CANCEL_REQUEST_CODE:
             self._cancel_request(rest)
             return
-        if self.app.tls.client_tls_required and not self.tls and self.listener_kind == "tcp":
+        if self._tls_missing():
             raise errors.fatal(errors.INVALID_AUTHORIZATION_SPECIFICATION, "SSL required",
                                hint="connect with sslmode=require (client_tls_sslmode)")
         if code >> 16 != 3:
@@ -312,13 +312,16 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         if greeting is None:
             self.app.spawn(self._login())
         elif (code <= protocol.PROTOCOL_LATEST and not unsupported_options
-              and self.app.config.pgbouncer.auth_type != "hba"
-              and not self.app.tls.client_tls_required):
+              and self.app.config.pgbouncer.auth_type != "hba"):
             # Nothing but these bytes decided this login: remember it for the next client.
             known = self.app.known_startups
             if len(known) >= KNOWN_STARTUPS_MAX:
                 known.clear()
             known[packet] = KnownStartup(self, greeting)
+
+    def _tls_missing(self) -> bool:
+        """client_tls_sslmode requires TLS and this TCP client logs in without it."""
+        return self.app.tls.client_tls_required and not self.tls and self.listener_kind == "tcp"
 
     def _login_known(self, known: KnownStartup) -> bool:
         """Log in as an earlier client with the same startup packet did, after the checks that
@@ -326,6 +329,7 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         app = self.app
         pool = known.pool
         if (pool.welcome_params is not known.welcome_params
+                or self._tls_missing()
                 or known.database in app.disabled_databases
                 or app.admission_error(self) is not None
                 or app.client_limit_error(pool) is not None):

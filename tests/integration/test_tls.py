@@ -297,6 +297,19 @@ def test_plain_client_refused_when_tls_required(pgmulti, certs):
         assert conn.pgconn.ssl_in_use
 
 
+def test_a_remembered_startup_packet_still_needs_tls_when_required(pgmulti, certs):
+    """TLS clients' startup packets are remembered (the same bytes log in without parsing);
+    the same bytes sent in plain text must still meet "SSL required"."""
+    proxy = pgmulti(client_tls(certs, "require", stats_period=1, verbose=1))
+    for _ in range(3):
+        with pconnect(proxy, "require", db="testdb", application_name="same") as conn:
+            assert scalar(conn, "SELECT 1") == 1
+    wait_for(lambda: re.search(r"logins from known startup packets: [1-9]", proxy.log_text()),
+             "a TLS login from a remembered startup packet")
+    with pytest.raises(psycopg.OperationalError, match="SSL required"):
+        pconnect(proxy, "disable", db="testdb", application_name="same")
+
+
 @pytest.mark.parametrize("mode", ["prefer", "allow"])
 def test_plain_client_allowed_when_tls_preferred(pgmulti, certs, mode):
     proxy = pgmulti(client_tls(certs, mode))
