@@ -65,24 +65,29 @@ def test_busy_clients_share_servers_directly(pgmulti, listener):
     direct_io_reaching(proxy, reads=300, sends=300)
 
 
+def read_a_big_result_slowly(raw: Raw, rows: int = 200_000) -> None:
+    """Ask for 22 MB (more than the kernel buffers between pgmulti and us hold), let every
+    buffer fill up before reading, then check that every row came, in order."""
+    raw.send(query_message(f"SELECT g, repeat('y', 90) FROM generate_series(1, {rows}) g"))
+    time.sleep(1.0)
+    messages = raw.read_until(b"Z", timeout=60)
+    data_rows = [body for msg_type, body in messages if msg_type == b"D"]
+    assert len(data_rows) == rows
+    for expected, body in enumerate(data_rows, start=1):
+        first_len = int.from_bytes(body[2:6], "big")
+        assert int(body[6:6 + first_len]) == expected
+    assert messages[-2][0] == b"C" and messages[-2][1] == f"SELECT {rows}\0".encode()
+
+
 def test_a_client_too_slow_for_its_result_gets_all_of_it_in_order(pgmulti):
     """The client's socket fills: the rest of a send goes to the transport, reading from the
     server pauses, and direct sends wait until the transport has written what it holds."""
     proxy = pgmulti({"pool_mode": "transaction", "default_pool_size": 1, **VERBOSE})
-    rows = 200_000  # 22 MB: more than the kernel buffers between pgmulti and us hold
     with Raw(proxy, timeout=30) as raw:
         raw.login()
         for i in range(WARM_UP_QUERIES):
             assert raw.simple_query(f"SELECT {i}")[-1][0] == b"Z"
-        raw.send(query_message(f"SELECT g, repeat('y', 90) FROM generate_series(1, {rows}) g"))
-        time.sleep(1.0)  # let every buffer between the server and us fill up
-        messages = raw.read_until(b"Z", timeout=30)
-        data_rows = [body for msg_type, body in messages if msg_type == b"D"]
-        assert len(data_rows) == rows
-        for expected, body in enumerate(data_rows, start=1):
-            first_len = int.from_bytes(body[2:6], "big")
-            assert int(body[6:6 + first_len]) == expected
-        assert messages[-2][0] == b"C" and messages[-2][1] == f"SELECT {rows}\0".encode()
+        read_a_big_result_slowly(raw)
         # The connection goes on, still in order.
         assert raw.simple_query("SELECT 'after'")[1][1].endswith(b"after")
     direct_io_reaching(proxy, handed_back=1)

@@ -9,12 +9,12 @@ from __future__ import annotations
 import hashlib
 import os
 import ssl
-import time
 
 import pytest
 
 from support import direct_io_counters, direct_io_reaching, wait_for
-from test_direct_io import VERBOSE, WARM_UP_QUERIES, take_turns_on_servers
+from test_direct_io import (VERBOSE, WARM_UP_QUERIES, read_a_big_result_slowly,
+                            take_turns_on_servers)
 from test_errors import Raw, query_message
 from test_pool_modes import scalar
 from test_tls import (SSL_REQUEST, Certs, client_tls, pconnect, server_tls,  # noqa: F401
@@ -85,18 +85,9 @@ def test_a_tls_client_too_slow_for_its_result_gets_all_of_it_in_order(pgmulti, c
     """Records the socket does not take go to the transport under TLS; later ones queue
     behind them in uvloop's TLS transport, which stops the server being read when full."""
     proxy = tls_proxy(pgmulti, certs, default_pool_size=1)
-    rows = 200_000  # 22 MB: more than the kernel buffers between pgmulti and us hold
     with RawTls(proxy, timeout=30) as raw:
         raw.login_and_go_direct(proxy)
-        raw.send(query_message(f"SELECT g, repeat('y', 90) FROM generate_series(1, {rows}) g"))
-        time.sleep(1.0)  # let every buffer between the server and us fill up
-        messages = raw.read_until(b"Z", timeout=60)
-        data_rows = [body for msg_type, body in messages if msg_type == b"D"]
-        assert len(data_rows) == rows
-        for expected, body in enumerate(data_rows, start=1):
-            first_len = int.from_bytes(body[2:6], "big")
-            assert int(body[6:6 + first_len]) == expected
-        assert messages[-2][0] == b"C" and messages[-2][1] == f"SELECT {rows}\0".encode()
+        read_a_big_result_slowly(raw)
         # The session goes on, in order, and direct again.
         for i in range(WARM_UP_QUERIES):
             assert raw.simple_query(f"SELECT 'after {i}'")[1][1].endswith(f"after {i}".encode())
