@@ -251,8 +251,8 @@ cdef class Relay:
                                    are forwarded, before on_ready)
       on_direct_tls()              startup phase, a TLS handshake record instead of a packet:
                                    called held, the record still buffered (take_buffered)
-      on_tls_error(exc)            direct TLS: a record could not be decrypted (the codec has
-                                   given the socket back; the connection must close)
+      on_tls_error(exc)            direct TLS: a record could not be decrypted or encrypted (the
+                                   codec has given the socket back; the connection must close)
 
     The relay implements asyncio's flow control itself (pause_writing/resume_writing: the
     peer filling a full transport is not read until it drains) and, once enabled, reads and
@@ -707,7 +707,13 @@ cdef class Relay:
 
     cdef int _send_tls(self, Relay peer, data) except -1:
         """Encrypt data (any buffer) for the direct TLS peer and send the records."""
-        peer._tls.write(data)  # a memory BIO takes it all
+        try:
+            peer._tls.write(data)  # a memory BIO takes it all
+        except SSLError as exc:
+            # The peer's session is broken (not ours): it closes, this relay goes on.
+            peer._leave_direct(False)
+            peer.on_tls_error(exc)
+            return 0
         peer._send_records(True)
         return 0
 

@@ -192,6 +192,13 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
         else:
             self.pool.server_lost(self, reason)
 
+    def on_tls_error(self, exc) -> None:
+        """Direct TLS met a record from the server it cannot decrypt, or could not encrypt
+        one for it: the session is broken, and the connection ends as a lost server's."""
+        self.close_reason = f"TLS error: {exc}"
+        if self.transport is not None:
+            self.transport.abort()
+
     # -- linking -------------------------------------------------------------------------
 
     @property

@@ -84,6 +84,9 @@ def _apply_common(ctx: ssl.SSLContext, protocols: str, ciphers: str) -> None:
     low, high = _versions(protocols)
     ctx.minimum_version = low
     ctx.maximum_version = high
+    # As PostgreSQL and libpq: no TLS 1.2 renegotiation, on either leg (nothing in the
+    # protocol needs it, and it would stall the codec's direct TLS mid-transaction).
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
     cipher_string = _CIPHER_ALIASES.get(ciphers.strip().lower(), ciphers)
     if cipher_string:
         try:

@@ -65,11 +65,14 @@ def test_busy_tls_clients_share_servers_directly(pgmulti, certs):
     direct_io_reaching(proxy, reads=600, sends=600)
 
 
-def test_an_idle_tls_client_gives_its_socket_back_and_goes_direct_again(pgmulti, certs):
+@pytest.mark.parametrize("version", ["TLSv1.3", "TLSv1.2"])
+def test_an_idle_tls_client_gives_its_socket_back_and_goes_direct_again(pgmulti, certs, version):
     """Between the codec's turns uvloop's TLS transport runs the same TLS object: the
     session goes on across the hand-overs both ways."""
     proxy = tls_proxy(pgmulti, certs, default_pool_size=1)
-    with pconnect(proxy, "require") as conn:
+    with pconnect(proxy, "require", ssl_max_protocol_version=version) as conn:
+        assert scalar(conn, "SELECT 1") == 1
+        assert f"tls={version}/" in proxy.log_text()  # the login line names the version
         for i in range(WARM_UP_QUERIES):
             assert scalar(conn, "SELECT %s::int", [i]) == i
         wait_for(sockets_watched(proxy, 2), 5, "TLS client and server direct")
