@@ -587,14 +587,14 @@ cdef class Relay:
         self.direct_io = None  # one attempt
         if self.closed or transport is None or transport.is_closing():
             return 0
-        if transport.get_extra_info("sslcontext") is not None:
-            if self._tls is None:
-                return 0
+        if self._tls is not None:
             if not transport.is_reading() or not self._tls.at_rest():
                 self.direct_io = io  # try again after the next read
                 self._direct_after = 1
                 return 0
             sock = self._tls.raw.get_extra_info("socket")
+        elif transport.get_extra_info("sslcontext") is not None:
+            return 0  # TLS whose parts the codec was not given (use_direct_tls)
         else:
             sock = transport.get_extra_info("socket")
         if sock is None:
@@ -705,16 +705,16 @@ cdef class Relay:
             self._received(got)
         return 0
 
-    cdef int _send_tls(self, Relay peer, data) except -1:
-        """Encrypt data (any buffer) for the direct TLS peer and send the records."""
+    cdef int _send_encrypted(self, data) except -1:
+        """A direct TLS relay's peer forwards data (any buffer) to it: encrypt, send the
+        records. A failure is this session's (the sending relay goes on)."""
         try:
-            peer._tls.write(data)  # a memory BIO takes it all
+            self._tls.write(data)  # a memory BIO takes it all
         except SSLError as exc:
-            # The peer's session is broken (not ours): it closes, this relay goes on.
-            peer._leave_direct(False)
-            peer.on_tls_error(exc)
+            self._leave_direct(False)
+            self.on_tls_error(exc)
             return 0
-        peer._send_records(True)
+        self._send_records(True)
         return 0
 
     cdef int _send_records(self, bint writable) except -1:
@@ -935,7 +935,7 @@ cdef class Relay:
             self.writer(self._piece(a, b))  # the peer's transport.write, bound once
             return 0
         if peer._tls is not None:
-            return self._send_tls(peer, PyMemoryView_FromMemory(<char*>self._data + a, b - a,
+            return peer._send_encrypted(PyMemoryView_FromMemory(<char*>self._data + a, b - a,
                                                                 PyBUF_READ))
         sent = send(peer._fd, self._data + a, b - a, MSG_NOSIGNAL)
         peer.direct_io.sends += 1
@@ -953,7 +953,7 @@ cdef class Relay:
             self.writer(data)
             return 0
         if peer._tls is not None:
-            return self._send_tls(peer, data)
+            return peer._send_encrypted(data)
         n = len(<bytes>data)
         sent = send(peer._fd, <const char*>(<bytes>data), n, MSG_NOSIGNAL)
         peer.direct_io.sends += 1

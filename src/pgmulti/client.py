@@ -400,8 +400,7 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
             return
         raw_transport = self.transport
         self.attach_transport(transport)
-        if isinstance(ssl_object, tls.DirectSSLObject):
-            self.use_direct_tls(raw_transport, ssl_object)
+        self.use_direct_tls(raw_transport, ssl_object)  # our contexts make DirectSSLObjects
         self.tls = tls.describe(ssl_object)
         self.tls_binding = binding
         self.resume()

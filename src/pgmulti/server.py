@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from . import auth, errors, prepared, protocol, session
 from ._codec import Relay
 from .errors import PgError
-from .tls import DirectSSLObject, describe as describe_tls
+from .tls import describe as describe_tls
 
 if TYPE_CHECKING:
     from .pool import Pool
@@ -135,8 +135,7 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
                 transport = await loop.start_tls(raw, self, context, server_hostname=hostname)
                 ssl_object = transport.get_extra_info("ssl_object")
                 self.connection_made(transport)
-                if isinstance(ssl_object, DirectSSLObject):
-                    self.use_direct_tls(raw, ssl_object)
+                self.use_direct_tls(raw, ssl_object)  # tls.server_context makes DirectSSLObjects
                 self.tls = describe_tls(ssl_object)
             elif answer == b"N" and not tls.server_tls_required:
                 await loop.create_connection(lambda: self, sock=sock)
