@@ -685,6 +685,13 @@ cdef class Relay:
         self._lent_to = None
         self._lent_to_several = False
 
+    cdef inline void _rewind_if_empty(self):
+        """All read bytes are processed: the next read starts at the buffer's beginning,
+        unless views of this buffer went to a transport (batched output lends its run only
+        when the batch is written, so this comes after that)."""
+        if self._start == self._end and not self._remain and self._lent_to is None:
+            self._start = self._end = 0
+
     cdef _reclaim(self, Py_ssize_t want):
         """Make room at the end: compact in place, or start a new buffer if views are lent."""
         cdef Py_ssize_t keep = self._end - self._start
@@ -832,6 +839,7 @@ cdef class Relay:
             self._processing = False
             if self._batching:
                 self._write_batch()
+                self._rewind_if_empty()
             if self._release_after:
                 self._release_after = False
                 self.release_buffer()
@@ -993,9 +1001,8 @@ cdef class Relay:
 
         self._flush(run_start, start)
         self._start = start
-        if self._start == self._end and not self._remain:
-            if self._lent_to is None:
-                self._start = self._end = 0
+        if not self._batching:
+            self._rewind_if_empty()
         if saw_discard:
             self.on_statements_discarded()
         if saw_ready and self.notify_ready:

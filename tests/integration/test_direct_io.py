@@ -123,3 +123,31 @@ def test_an_idle_client_gives_its_socket_back_and_goes_direct_again(pgmulti):
         for i in range(WARM_UP_QUERIES):
             assert scalar(conn, "SELECT %s::int", [i]) == i
         wait_for(sockets_watched(2), 5, "client direct again")
+
+
+
+def copy_into_a_slow_server(conn: psycopg.Connection, rows: int = 400) -> None:
+    """COPY FROM faster than the server takes it (a trigger sleeps for every row): its socket
+    fills, so pgmulti's writes to it queue while the client is still read. Every row is
+    different and is checked on the server: bytes overwritten while they wait to be sent, or
+    sent twice, fail the check."""
+    lines = [(f"{row}\t" + f"{row:07d}" * 2000 + "\n").encode() for row in range(rows)]
+    with conn.transaction():
+        conn.execute("CREATE TEMP TABLE slow_copy (n int, t text) ON COMMIT DROP")
+        conn.execute("CREATE FUNCTION pg_temp.slowly() RETURNS trigger LANGUAGE plpgsql AS "
+                     "$$ BEGIN PERFORM pg_sleep(0.002); RETURN NEW; END $$")
+        conn.execute("CREATE TRIGGER slowly BEFORE INSERT ON slow_copy "
+                     "FOR EACH ROW EXECUTE FUNCTION pg_temp.slowly()")
+        with conn.cursor().copy("COPY slow_copy FROM STDIN") as copy:
+            for line in lines:
+                copy.write(line)
+        counts = conn.execute("SELECT count(*), count(*) FILTER (WHERE t <> repeat("
+                              "lpad(n::text, 7, '0'), 2000)) FROM slow_copy").fetchone()
+        assert counts == (rows, 0), "rows copied, rows changed on the way"
+
+
+def test_copy_into_a_server_that_reads_slowly_arrives_intact(pgmulti):
+    proxy = pgmulti({"pool_mode": "transaction", "default_pool_size": 1, **VERBOSE})
+    with connect(proxy) as conn:
+        copy_into_a_slow_server(conn)
+        assert scalar(conn, "SELECT 1") == 1

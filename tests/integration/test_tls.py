@@ -32,6 +32,7 @@ from cryptography.x509.oid import NameOID
 from pgmulti.certs import CertificateAuthority, Issued
 from pgmulti.cluster import SERVER_OS_USER, Cluster, clean_env
 from support import recv_exactly
+from test_direct_io import copy_into_a_slow_server
 
 CONNECT_TIMEOUT_S = 5
 SOCKET_TIMEOUT_S = 5.0
@@ -990,6 +991,14 @@ def test_server_tls_require_uses_tls(pgmulti, ssl_pg_good):
     assert ssl_on is True
     assert version.startswith("TLSv1.")
 
+
+def test_copy_into_a_slow_tls_server_arrives_intact(pgmulti, ssl_pg_good):
+    """The server's TLS transport queues what its socket does not take while the client is
+    still read: no byte waiting there may be overwritten by the client's next read."""
+    proxy = pgmulti(server_tls(ssl_pg_good, "require", pool_mode="transaction"))
+    with pconnect(proxy, "disable", db="sslpg") as conn:
+        copy_into_a_slow_server(conn)
+        assert scalar(conn, SERVER_LEG_SSL) is True
 
 def test_server_tls_disable_is_plain(pgmulti, ssl_pg_good):
     proxy = pgmulti(server_tls(ssl_pg_good, "disable"))

@@ -597,6 +597,24 @@ def test_unlink_output_detaches_request_sink():
     assert server.pending == 0
 
 
+@PEER_BACKLOGS
+@pytest.mark.parametrize("batch_output", [False, True], ids=["unbatched", "batched"])
+def test_reads_after_a_lent_run_never_land_on_it(peer_backlog, batch_output):
+    """COPY FROM into a server that reads slowly: every read is one run of CopyData larger
+    than a copy is made for, lent to the server's transport as a view. The next read must
+    not be written over it, also when a client batches its output (the run is lent only
+    after the read is scanned)."""
+    relay, peer, socket, log = linked_relay(CLIENT_ACTIONS, peer_backlog)
+    relay.batch_output = batch_output
+    rows = [message(ord("d"), bytes([row]) * 5000) for row in range(1, 6)]
+    for row in rows:
+        socket.receive(row)
+    assert peer.forwarded() == b"".join(rows)
+    assert len(peer.views) == len(rows)
+    if peer_backlog:
+        peer.assert_lent_views_intact()
+
+
 # -- streaming a large message ---------------------------------------------------------------
 
 BUFFER_BOUND = 64 * 1024
