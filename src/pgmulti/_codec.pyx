@@ -6,12 +6,16 @@ buffer_updated), finds PostgreSQL message boundaries in it, forwards runs of pas
 messages to the linked peer with one write, reads ReadyForQuery inline, and hands only the
 messages the proxy must act on to Python. It never imports asyncio and never raises through a
 uvloop callback: failures are reported to Python as error codes. A busy plain-text connection
-is read and written by the codec itself (DirectIO), without uvloop's per-read callbacks.
+is read and written by the codec itself (DirectIO), without uvloop's per-read callbacks; a
+busy TLS connection too, with the TLS object uvloop made (records are decrypted straight into
+the relay's buffer and encrypted from it).
 """
 
 cimport cython
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
 from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.memoryview cimport PyMemoryView_FromMemory
+from cpython.buffer cimport PyBUF_READ, PyBUF_WRITE
 from libc.stdint cimport uint32_t
 from libc.string cimport memcmp, memcpy, memmove
 from libc.errno cimport EAGAIN, EINTR, errno
@@ -170,6 +174,7 @@ cdef inline uint32_t _be32(const unsigned char* p) noexcept nogil:
 
 cdef class PoolCore
 cdef class DirectIO
+cdef class DirectTls
 cdef class Relay
 
 # Action tables are shared, not copied: a relay points at the bytes of its current one.
@@ -190,6 +195,37 @@ cdef inline void _use_actions(Relay relay, bytes table) noexcept:
 # Ready sockets DirectIO takes from the kernel per call (more wait for the next call).
 cdef enum:
     DIRECT_EVENTS = 64
+    # Encrypted bytes read per direct TLS read: four full TLS records.
+    TLS_READ_MAX = 65536
+
+from ssl import SSLError, SSLWantReadError
+
+
+@cython.final
+cdef class DirectTls:
+    """The parts of a TLS connection the codec runs while it is direct: uvloop's TLS object
+    and its memory BIOs (shared with uvloop's SSLProtocol, which runs them whenever the codec
+    does not) and the TCP transport under TLS. Methods are bound once: each is called once
+    or twice per transaction."""
+
+    cdef object read            # the SSL object's read(n, buffer): decrypt into buffer
+    cdef object write           # its write(buffer): encrypt into outgoing
+    cdef object pending         # its pending(): decrypted bytes not yet read
+    cdef object incoming        # MemoryBIO: encrypted bytes read, not yet decrypted
+    cdef object incoming_write
+    cdef object outgoing        # MemoryBIO: encrypted bytes to send
+    cdef object outgoing_read
+    cdef object raw             # the TCP transport under the TLS transport
+    cdef object raw_buffered    # its get_write_buffer_size
+    cdef object tls_buffered    # the TLS transport's get_write_buffer_size
+
+    cdef bint writable(self) except -1:
+        """No bytes wait in uvloop's TLS transport or under it: records sent now come next."""
+        return self.tls_buffered() == 0 and self.raw_buffered() == 0
+
+    cdef bint at_rest(self) except -1:
+        """Nothing waits in uvloop's TLS layer: no bytes to decrypt or send, none queued."""
+        return self.incoming.pending == 0 and self.pending() == 0 and self.writable()
 
 
 def action_table(default=ACT_PASS, **by_type):
@@ -215,6 +251,8 @@ cdef class Relay:
                                    are forwarded, before on_ready)
       on_direct_tls()              startup phase, a TLS handshake record instead of a packet:
                                    called held, the record still buffered (take_buffered)
+      on_tls_error(exc)            direct TLS: a record could not be decrypted or encrypted (the
+                                   codec has given the socket back; the connection must close)
 
     The relay implements asyncio's flow control itself (pause_writing/resume_writing: the
     peer filling a full transport is not read until it drains) and, once enabled, reads and
@@ -301,6 +339,7 @@ cdef class Relay:
     cdef Relay _paused_peer         # the peer whose reading our full transport stopped
     cdef Py_ssize_t _run_a          # a batch's first piece while it is still only
     cdef Py_ssize_t _run_b          #   bytes [_run_a, _run_b) of the buffer (0, 0: none)
+    cdef DirectTls _tls             # TLS the codec may run while direct (use_direct_tls)
 
     def __cinit__(self, *args, **kwargs):
         self.buffer_size = DEF_BUFFER_SIZE
@@ -499,9 +538,27 @@ cdef class Relay:
         if self._fd >= 0:
             close(self._fd)  # never reached after connection_lost; a leak guard only
 
+    def use_direct_tls(self, raw_transport not None, ssl_object not None):
+        """This connection's transport is uvloop's TLS transport on raw_transport, and
+        ssl_object (tls.DirectSSLObject) knows its BIOs: direct I/O may run the TLS itself."""
+        cdef DirectTls tls = DirectTls.__new__(DirectTls)
+        c_object = ssl_object._sslobj
+        tls.read = c_object.read
+        tls.write = c_object.write
+        tls.pending = c_object.pending
+        tls.incoming = ssl_object.incoming
+        tls.incoming_write = tls.incoming.write
+        tls.outgoing = ssl_object.outgoing
+        tls.outgoing_read = tls.outgoing.read
+        tls.raw = raw_transport
+        tls.raw_buffered = raw_transport.get_write_buffer_size
+        tls.tls_buffered = self.transport.get_write_buffer_size
+        self._tls = tls
+
     def enable_direct_io(self, DirectIO io not None, int after_reads):
         """Let the codec read and write this connection's socket itself once `after_reads`
-        more reads have come through the transport (plain TCP or Unix sockets only)."""
+        more reads have come through the transport (plain TCP or Unix sockets, or TLS after
+        use_direct_tls)."""
         if self._fd < 0:
             self.direct_io = io
             self._direct_after = after_reads
@@ -528,10 +585,18 @@ cdef class Relay:
         cdef int fd
         transport = self.transport
         self.direct_io = None  # one attempt
-        if (self.closed or transport is None or transport.is_closing()
-                or transport.get_extra_info("sslcontext") is not None):
+        if self.closed or transport is None or transport.is_closing():
             return 0
-        sock = transport.get_extra_info("socket")
+        if self._tls is not None:
+            if not transport.is_reading() or not self._tls.at_rest():
+                self.direct_io = io  # try again after the next read
+                self._direct_after = 1
+                return 0
+            sock = self._tls.raw.get_extra_info("socket")
+        elif transport.get_extra_info("sslcontext") is not None:
+            return 0  # TLS whose parts the codec was not given (use_direct_tls)
+        else:
+            sock = transport.get_extra_info("socket")
         if sock is None:
             return 0
         # A dup of our own: the transport may close its descriptor before connection_lost,
@@ -551,8 +616,10 @@ cdef class Relay:
                 self._fd = -1
                 close(fd)
                 return 0
-            transport.pause_reading()
+            (self._tls.raw if self._tls is not None else transport).pause_reading()
         self.direct_io = io
+        if self._tls is not None:
+            return 0  # TLS: each send asks whether uvloop holds bytes (DirectTls.writable)
         # Direct writes must never overtake bytes the transport holds: have it call
         # pause_writing (_send_blocked) as soon as it holds any.
         if transport.get_write_buffer_size():
@@ -571,7 +638,15 @@ cdef class Relay:
         self._fd = -1
         close(fd)
         self.direct_io = None
-        if resume_transport and not self._direct_paused and not self.transport.is_closing():
+        if not resume_transport or self.transport.is_closing():
+            return 0
+        if self._tls is not None:
+            # uvloop reads the socket again; reading paused here becomes its TLS transport's
+            # pause (its own resume_reading never restarts the socket we stopped).
+            if self._direct_paused:
+                self.transport.pause_reading()
+            self._tls.raw.resume_reading()
+        elif not self._direct_paused:
             self.transport.resume_reading()
         return 0
 
@@ -579,6 +654,8 @@ cdef class Relay:
         cdef ssize_t n
         if self._fd < 0 or self._direct_paused:
             return 0
+        if self._tls is not None:
+            return self._read_direct_tls()
         self._prepare_read()
         n = recv(self._fd, self._data + self._end, self._cap - self._end, 0)
         self.direct_io.reads += 1
@@ -586,6 +663,80 @@ cdef class Relay:
             self._received(n)
         elif n == 0 or (errno != EAGAIN and errno != EINTR):  # EWOULDBLOCK is EAGAIN on Linux
             self._leave_direct(True)
+        return 0
+
+    # -- direct TLS: uvloop's TLS object, run by the codec ---------------------------------
+
+    cdef int _read_direct_tls(self) except -1:
+        cdef DirectIO io = self.direct_io
+        cdef ssize_t n = recv(self._fd, io._tls_scratch, TLS_READ_MAX, 0)
+        io.reads += 1
+        if n > 0:
+            self._tls.incoming_write(PyMemoryView_FromMemory(io._tls_scratch, n, PyBUF_READ))
+            self._decrypt()
+            if self._tls.outgoing.pending:  # the TLS layer answers something (a key update)
+                self._send_records(False)
+        elif n == 0 or (errno != EAGAIN and errno != EINTR):
+            self._leave_direct(True)
+        return 0
+
+    cdef int _decrypt(self) except -1:
+        """Decrypt every whole record read into this relay's buffer and process it. All of it,
+        also while held or paused: what is left in the BIO would wait for the next read
+        (bounded: one read's worth on top of what held relays buffer anyway). Reading on after
+        a pause relies on the buffer never reusing bytes lent to a transport (_rewind_if_empty,
+        _reclaim)."""
+        cdef DirectTls tls = self._tls
+        cdef Py_ssize_t room, got
+        while self._fd >= 0 and (tls.incoming.pending or tls.pending()):
+            self._prepare_read()
+            room = self._cap - self._end
+            try:
+                got = tls.read(room, PyMemoryView_FromMemory(<char*>self._data + self._end,
+                                                             room, PyBUF_WRITE))
+            except SSLWantReadError:
+                break  # the rest of a record is still to come
+            except SSLError as exc:
+                self._leave_direct(False)
+                self.on_tls_error(exc)
+                break
+            if got == 0:
+                # close_notify: the transport reads again and meets the end itself.
+                self._leave_direct(True)
+                break
+            self._received(got)
+        return 0
+
+    cdef int _send_encrypted(self, data) except -1:
+        """A direct TLS relay's peer forwards data (any buffer) to it: encrypt, send the
+        records. A failure is this session's (the sending relay goes on)."""
+        try:
+            self._tls.write(data)  # a memory BIO takes it all
+        except SSLError as exc:
+            self._leave_direct(False)
+            self.on_tls_error(exc)
+            return 0
+        self._send_records(True)
+        return 0
+
+    cdef int _send_records(self, bint writable) except -1:
+        """Send what the TLS layer has encrypted; behind uvloop's bytes if it holds any, and
+        what the socket does not take goes to the transport under TLS, in order."""
+        cdef DirectTls tls = self._tls
+        cdef bytes records = tls.outgoing_read()
+        cdef Py_ssize_t n = len(records)
+        cdef ssize_t sent
+        if n == 0:
+            return 0
+        if self._fd < 0 or (not writable and tls.raw_buffered()):
+            if not tls.raw.is_closing():
+                tls.raw.write(records)
+            return 0
+        sent = send(self._fd, <const char*>records, n, MSG_NOSIGNAL)
+        self.direct_io.sends += 1
+        if sent < n:
+            self.direct_io.handed_back += 1
+            tls.raw.write(records[sent:] if sent > 0 else records)
         return 0
 
     def pause_reading(self):
@@ -781,6 +932,8 @@ cdef class Relay:
         transport holds nothing unsent (so nothing can be overtaken)."""
         cdef Relay peer = self._peer
         if peer is not None and peer._fd >= 0 and not peer._send_blocked:
+            if peer._tls is not None and not peer._tls.writable():
+                return None
             return peer
         return None
 
@@ -790,6 +943,9 @@ cdef class Relay:
         if peer is None:
             self.writer(self._piece(a, b))  # the peer's transport.write, bound once
             return 0
+        if peer._tls is not None:
+            return peer._send_encrypted(PyMemoryView_FromMemory(<char*>self._data + a, b - a,
+                                                                PyBUF_READ))
         sent = send(peer._fd, self._data + a, b - a, MSG_NOSIGNAL)
         peer.direct_io.sends += 1
         if sent < b - a:
@@ -805,6 +961,8 @@ cdef class Relay:
         if peer is None or type(data) is not bytes:
             self.writer(data)
             return 0
+        if peer._tls is not None:
+            return peer._send_encrypted(data)
         n = len(<bytes>data)
         sent = send(peer._fd, <const char*>(<bytes>data), n, MSG_NOSIGNAL)
         peer.direct_io.sends += 1
@@ -1033,6 +1191,9 @@ cdef class Relay:
     def on_direct_tls(self):
         pass
 
+    def on_tls_error(self, exc):
+        pass
+
 
 @cython.final
 cdef class DirectIO:
@@ -1053,6 +1214,7 @@ cdef class DirectIO:
     cdef object _loop
     cdef int _fd_budget             # descriptors from this number on are not used for dups
     cdef epoll_event _events[DIRECT_EVENTS]
+    cdef char _tls_scratch[TLS_READ_MAX]  # encrypted bytes of one direct TLS read
     cdef readonly unsigned long long reads      # socket reads made here
     cdef readonly unsigned long long sends      # writes that went straight to a socket
     cdef readonly unsigned long long handed_back  # sends the socket took only part of

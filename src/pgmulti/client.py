@@ -360,6 +360,13 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         self.transport.pause_reading()  # the rest of the handshake is for the TLS layer
         self._start_tls(context, self.app.tls.client_binding, client_hello)
 
+    def on_tls_error(self, exc) -> None:
+        """Direct TLS met a record it cannot decrypt: the stream is broken, and as in
+        PostgreSQL ("could not receive data from client") the connection ends."""
+        log.info("%r TLS error: %s", self, exc)
+        self.close("TLS error")
+        self.transport.abort()
+
     def _start_tls(self, context, binding: bytes | None, client_hello: bytes = b"") -> None:
         """Answered 'S' to SSLRequest, or read the first bytes of a direct TLS handshake
         (`client_hello`): handshake, then read the startup packet decrypted."""
@@ -391,7 +398,9 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
             self.attach_transport(transport)
             self.close("direct TLS without ALPN")
             return
+        raw_transport = self.transport
         self.attach_transport(transport)
+        self.use_direct_tls(raw_transport, ssl_object)  # our contexts make DirectSSLObjects
         self.tls = tls.describe(ssl_object)
         self.tls_binding = binding
         self.resume()
@@ -539,8 +548,7 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         self.pool_core = pool.core
         pool.clients.add(self)
         self.set_actions(RELAY_ACTIONS)
-        if not self.tls:
-            self.enable_direct_io(self.app.direct_io, DIRECT_IO_AFTER_READS)
+        self.enable_direct_io(self.app.direct_io, DIRECT_IO_AFTER_READS)
         self.resume()
         return greeting
 

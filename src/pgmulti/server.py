@@ -121,6 +121,7 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
         host, port = self.pool.host, self.pool.port
         sock = await _connected_socket(loop, host, port)
         tls = self.app.tls
+        raw = None
         try:
             await loop.sock_sendall(sock, protocol.ssl_request())
             answer = await loop.sock_recv(sock, 1)
@@ -128,9 +129,14 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
                 context = tls.server
                 # "" sends no SNI and checks no name; verify-full checks the configured host.
                 hostname = host if context.check_hostname else ""
-                await loop.create_connection(lambda: self, sock=sock, ssl=context,
-                                             server_hostname=hostname)
-                self.tls = describe_tls(self.transport.get_extra_info("ssl_object"))
+                # What create_connection(ssl=...) does, keeping hold of the TCP transport
+                # under TLS: the codec runs the TLS of a busy connection (use_direct_tls).
+                raw, _ = await loop.create_connection(asyncio.Protocol, sock=sock)
+                transport = await loop.start_tls(raw, self, context, server_hostname=hostname)
+                ssl_object = transport.get_extra_info("ssl_object")
+                self.connection_made(transport)
+                self.use_direct_tls(raw, ssl_object)  # tls.server_context makes DirectSSLObjects
+                self.tls = describe_tls(ssl_object)
             elif answer == b"N" and not tls.server_tls_required:
                 await loop.create_connection(lambda: self, sock=sock)
             else:
@@ -138,7 +144,9 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
                 raise errors.fatal(errors.CONNECTION_FAILURE, f"server {what}",
                                    detail=f"server_tls_sslmode = {tls.server_mode}")
         except BaseException:
-            if self.transport is None:
+            if raw is not None:
+                raw.abort()  # it owns the socket now
+            elif self.transport is None:
                 sock.close()
             raise
 
@@ -182,6 +190,13 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
             self.transport.close()
         else:
             self.pool.server_lost(self, reason)
+
+    def on_tls_error(self, exc) -> None:
+        """Direct TLS met a record from the server it cannot decrypt, or could not encrypt
+        one for it: the session is broken, and the connection ends as a lost server's."""
+        self.close_reason = f"TLS error: {exc}"
+        if self.transport is not None:
+            self.transport.abort()
 
     # -- linking -------------------------------------------------------------------------
 
@@ -351,8 +366,7 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
                           f"server login failed: {fields.get('M', 'unknown error')}", fatal=True)
         elif msg_type == protocol.READY_FOR_QUERY:
             self.logged_in = True
-            if not self.tls:
-                self.enable_direct_io(self.app.direct_io, 1)  # from the next read on
+            self.enable_direct_io(self.app.direct_io, 1)  # from the next read on
             self.ready_status = body[0]
             if not self._login_done.done():
                 self._login_done.set_result(None)

@@ -46,12 +46,16 @@ class DirectSSLObject(ssl.SSLObject):
 
     ssl.SSLObject wraps each of them in a Python method that only calls the C one; uvloop
     calls them for every TLS record, so the wrappers cost a Python frame each per record.
-    Same arguments, same results, same exceptions: only the frame is gone.
+    Same arguments, same results, same exceptions: only the frame is gone. It also keeps the
+    memory BIOs it was made with, so the codec can run the TLS of a busy connection itself
+    (Relay.use_direct_tls).
     """
 
     @classmethod
-    def _create(cls, *args, **kwargs):
-        self = super()._create(*args, **kwargs)
+    def _create(cls, incoming, outgoing, *args, **kwargs):
+        self = super()._create(incoming, outgoing, *args, **kwargs)
+        self.incoming = incoming
+        self.outgoing = outgoing
         c_object = self._sslobj
         self.read = c_object.read
         self.write = c_object.write
@@ -81,7 +85,7 @@ def _apply_common(ctx: ssl.SSLContext, protocols: str, ciphers: str) -> None:
     ctx.minimum_version = low
     ctx.maximum_version = high
     # As PostgreSQL and libpq: no TLS 1.2 renegotiation, on either leg (nothing in the
-    # protocol needs it).
+    # protocol needs it, and it would stall the codec's direct TLS mid-transaction).
     ctx.options |= ssl.OP_NO_RENEGOTIATION
     cipher_string = _CIPHER_ALIASES.get(ciphers.strip().lower(), ciphers)
     if cipher_string:
