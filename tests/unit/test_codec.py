@@ -334,6 +334,8 @@ FRAGMENTATIONS = pytest.mark.parametrize(
 PEER_BACKLOGS = pytest.mark.parametrize(
     "peer_backlog", [0, 1], ids=["peer-drained", "peer-backlogged"]
 )
+# Clients batch their output (what one read forwards goes out in one write, after the read).
+BATCHING = pytest.mark.parametrize("batch_output", [False, True], ids=["unbatched", "batched"])
 
 
 def random_cuts(length, max_cuts=40):
@@ -543,11 +545,12 @@ def test_ready_status_reports_transaction_state_per_read():
 # -- client direction: request accounting ----------------------------------------------------
 
 
-def check_client_stream(chunks, peer_backlog):
+def check_client_stream(chunks, peer_backlog, batch_output=False):
     reference = CLIENT_REFERENCE
     server = RecordingRelay([])
     server.pending = 2
     relay, peer, socket, log = linked_relay(CLIENT_ACTIONS, peer_backlog)
+    relay.batch_output = batch_output
     relay.request_sink = server
     socket.receive_all(chunks)
 
@@ -561,17 +564,19 @@ def check_client_stream(chunks, peer_backlog):
         peer.assert_lent_views_intact()
 
 
+@BATCHING
 @PEER_BACKLOGS
 @FRAGMENTATIONS
-def test_client_requests_counted_once_at_any_fragmentation(fragment, peer_backlog):
+def test_client_requests_counted_once_at_any_fragmentation(fragment, peer_backlog, batch_output):
     for chunks in fragment(CLIENT_STREAM):
-        check_client_stream(chunks, peer_backlog)
+        check_client_stream(chunks, peer_backlog, batch_output)
 
 
+@BATCHING
 @RANDOM_SPLITS
 @given(cuts=random_cuts(len(CLIENT_STREAM)))
-def test_client_requests_counted_once_at_random_splits(cuts):
-    check_client_stream(chunks_at(CLIENT_STREAM, cuts), peer_backlog=0)
+def test_client_requests_counted_once_at_random_splits(cuts, batch_output):
+    check_client_stream(chunks_at(CLIENT_STREAM, cuts), peer_backlog=0, batch_output=batch_output)
 
 
 def test_server_ready_answers_client_requests():
@@ -597,8 +602,8 @@ def test_unlink_output_detaches_request_sink():
     assert server.pending == 0
 
 
+@BATCHING
 @PEER_BACKLOGS
-@pytest.mark.parametrize("batch_output", [False, True], ids=["unbatched", "batched"])
 def test_reads_after_a_lent_run_never_land_on_it(peer_backlog, batch_output):
     """COPY FROM into a server that reads slowly: every read is one run of CopyData larger
     than a copy is made for, lent to the server's transport as a view. The next read must
@@ -620,13 +625,15 @@ def test_reads_after_a_lent_run_never_land_on_it(peer_backlog, batch_output):
 BUFFER_BOUND = 64 * 1024
 
 
+@BATCHING
 @PEER_BACKLOGS
 @pytest.mark.parametrize("segment", [None, 1400], ids=["all-at-once", "1400-byte-segments"])
-def test_large_message_streams_through_bounded_buffer(peer_backlog, segment):
+def test_large_message_streams_through_bounded_buffer(peer_backlog, segment, batch_output):
     payload = bytes(range(251)) * (5 * 1024 * 1024 // 251)
     stream = message(ord("d"), payload) + command_complete("COPY 1") + ready_for_query("I")
     relay, peer, socket, log = linked_relay(SERVER_ACTIONS, peer_backlog)
     relay.buffer_size = 16384
+    relay.batch_output = batch_output
     cuts = range(segment, len(stream), segment) if segment else []
     socket.receive_all(chunks_at(stream, cuts))
 
