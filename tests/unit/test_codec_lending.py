@@ -13,9 +13,9 @@ import itertools
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from codec_feed import feed
 from pgmulti._codec import PASS, Relay, action_table, message
 
-SIZEHINT = 65536
 PASS_ALL = action_table(PASS)
 # Around the copy threshold (2048) and the buffer sizes used, and past one socket read.
 PAYLOAD_SIZES = [0, 7, 300, 2043, 2044, 2100, 3000, 5000, 9000, 16379, 40000, 70000]
@@ -96,13 +96,8 @@ def test_views_a_transport_keeps_are_never_written_over(sizes, operations, batch
         """Bytes arriving: read as uvloop does, as much as each buffer it is given takes."""
         nonlocal position
         end = min(len(stream), position + count)
-        while position < end:
-            buffer = relay.get_buffer(SIZEHINT)
-            n = min(len(buffer), end - position)
-            with memoryview(buffer) as target:
-                target[:n] = stream[position:position + n]
-                relay.buffer_updated(n)
-            position += n
+        feed(relay, stream[position:end])
+        position = end
 
     for operation in operations:
         kind = operation[0]
