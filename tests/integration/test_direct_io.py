@@ -134,8 +134,9 @@ def copy_into_a_slow_server(conn: psycopg.Connection, rows: int = 400) -> None:
     lines = [(f"{row}\t" + f"{row:07d}" * 2000 + "\n").encode() for row in range(rows)]
     with conn.transaction():
         conn.execute("CREATE TEMP TABLE slow_copy (n int, t text) ON COMMIT DROP")
-        conn.execute("CREATE FUNCTION pg_temp.slowly() RETURNS trigger LANGUAGE plpgsql AS "
-                     "$$ BEGIN PERFORM pg_sleep(0.002); RETURN NEW; END $$")
+        # OR REPLACE: the function stays in the pooled server connection's temporary schema.
+        conn.execute("CREATE OR REPLACE FUNCTION pg_temp.slowly() RETURNS trigger "
+                     "LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.002); RETURN NEW; END $$")
         conn.execute("CREATE TRIGGER slowly BEFORE INSERT ON slow_copy "
                      "FOR EACH ROW EXECUTE FUNCTION pg_temp.slowly()")
         with conn.cursor().copy("COPY slow_copy FROM STDIN") as copy:
