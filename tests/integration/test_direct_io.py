@@ -1,8 +1,9 @@
 """Direct I/O: once a plain connection is busy, the codec reads and writes its socket itself
 (pgmulti._codec.DirectIO). These tests drive connections into that mode and then through
-what it hands back to the transport: a socket too full to take a whole write, a client that
-vanishes (a server terminated under a direct client is in test_pool_modes). Every result is checked in full, so a byte dropped,
-duplicated or sent out of order, or sent to the wrong connection, fails the test.
+what it hands back to the transport: a socket too full to take a whole write (a slow client,
+a slow server), a client that vanishes (a server terminated under a direct client is in
+test_pool_modes). Every result is checked in full, so a byte dropped, changed, duplicated or
+sent out of order, or sent to the wrong connection, fails the test.
 """
 
 from __future__ import annotations
@@ -123,7 +124,6 @@ def test_an_idle_client_gives_its_socket_back_and_goes_direct_again(pgmulti):
         for i in range(WARM_UP_QUERIES):
             assert scalar(conn, "SELECT %s::int", [i]) == i
         wait_for(sockets_watched(2), 5, "client direct again")
-
 
 
 def copy_into_a_slow_server(conn: psycopg.Connection, rows: int = 400) -> None:

@@ -533,7 +533,6 @@ def test_copy_in_and_out_over_tls(pgmulti, certs):
         assert scalar(conn, "SELECT 1") == 1
 
 
-
 def test_copy_from_a_tls_client_into_a_slow_server_arrives_intact(pgmulti, certs):
     """The client's TLS runs in the codec, which decrypts all it has read also after the
     full server socket paused the client: none of it may land on bytes still queued for the
@@ -543,6 +542,7 @@ def test_copy_from_a_tls_client_into_a_slow_server_arrives_intact(pgmulti, certs
         for i in range(5):  # busy: the client's TLS runs in the codec
             assert scalar(conn, f"SELECT {i}") == i
         copy_into_a_slow_server(conn)
+
 
 def test_stalled_tls_handshake_is_closed_by_client_login_timeout(pgmulti, certs):
     proxy = pgmulti(client_tls(certs, "require", client_login_timeout=1))
@@ -1004,12 +1004,13 @@ def test_server_tls_require_uses_tls(pgmulti, ssl_pg_good):
 
 
 def test_copy_into_a_slow_tls_server_arrives_intact(pgmulti, ssl_pg_good):
-    """The server's TLS transport queues what its socket does not take while the client is
-    still read: no byte waiting there may be overwritten by the client's next read."""
+    """COPY into a slow server over a TLS server leg: the server's socket fills while the
+    client is still read, and every row must arrive unchanged."""
     proxy = pgmulti(server_tls(ssl_pg_good, "require", pool_mode="transaction"))
     with pconnect(proxy, "disable", db="sslpg") as conn:
         copy_into_a_slow_server(conn)
         assert scalar(conn, SERVER_LEG_SSL) is True
+
 
 def test_server_tls_disable_is_plain(pgmulti, ssl_pg_good):
     proxy = pgmulti(server_tls(ssl_pg_good, "disable"))
