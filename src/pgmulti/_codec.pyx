@@ -837,9 +837,9 @@ cdef class Relay:
         self._lent_to_several = False
 
     cdef inline void _rewind_if_empty(self):
-        """All read bytes are processed: the next read starts at the buffer's beginning,
-        unless views of this buffer went to a transport (batched output lends its run only
-        when the batch is written, so this comes after that)."""
+        """After a read is processed and its output written (a batch lends its run only
+        then): with every byte consumed the next read starts at the buffer's beginning,
+        unless views of this buffer went to a transport."""
         if self._start == self._end and not self._remain and self._lent_to is None:
             self._start = self._end = 0
 
@@ -997,7 +997,7 @@ cdef class Relay:
             self._processing = False
             if self._batching:
                 self._write_batch()
-                self._rewind_if_empty()
+            self._rewind_if_empty()
             if self._release_after:
                 self._release_after = False
                 self.release_buffer()
@@ -1159,8 +1159,6 @@ cdef class Relay:
 
         self._flush(run_start, start)
         self._start = start
-        if not self._batching:
-            self._rewind_if_empty()
         if saw_discard:
             self.on_statements_discarded()
         if saw_ready and self.notify_ready:
