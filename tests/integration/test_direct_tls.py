@@ -181,15 +181,17 @@ def test_copy_from_a_direct_tls_client_into_a_slow_server_arrives_intact(pgmulti
     with pconnect(proxy, "require", db="testdb") as conn:
         for i in range(WARM_UP_QUERIES):
             assert scalar(conn, f"SELECT {i}") == i
+        wait_for(sockets_watched(proxy, 2), 5, "TLS client and server direct")
         copy_into_a_slow_server(conn)
 
 
 def test_copy_into_a_slow_server_over_direct_tls_arrives_intact(pgmulti, ssl_pg_good):
     """COPY into a slow server over a TLS server leg: the server's socket fills while the
     client is still read, and every row must arrive unchanged."""
-    proxy = pgmulti(server_tls(ssl_pg_good, "require", pool_mode="transaction"))
+    proxy = pgmulti(server_tls(ssl_pg_good, "require", pool_mode="transaction", **VERBOSE))
     with pconnect(proxy, "disable", db="sslpg") as conn:
         for i in range(WARM_UP_QUERIES):
             assert scalar(conn, f"SELECT {i}") == i
+        wait_for(sockets_watched(proxy, 2), 5, "client and TLS server direct")
         copy_into_a_slow_server(conn)
         assert scalar(conn, "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()") is True
