@@ -121,6 +121,7 @@ class App:
         load_hba_rules(config)
         self.ignored_startup_parameters = {name.lower() for name in _names(cfg.ignore_startup_parameters)}
         self._refresh_client_settings()
+        self.listener.retune()
 
     def _refresh_client_settings(self) -> None:
         """Settings every new client reads, worked out once per config and worker."""

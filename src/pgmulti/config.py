@@ -78,14 +78,7 @@ UNSUPPORTED_KEYS: frozenset[str] = frozenset(
         "peer_id",
         # Parameter tracking beyond PgBouncer's fixed set.
         "track_extra_parameters",
-        # Socket options not applied yet (the kernel's defaults hold).
-        "tcp_defer_accept",
-        "tcp_user_timeout",
-        "tcp_socket_buffer",
-        "tcp_keepalive",
-        "tcp_keepcnt",
-        "tcp_keepidle",
-        "tcp_keepintvl",
+        # The Unix socket keeps the group of the user pgmulti runs as.
         "unix_socket_group",
         # Pool behaviours not built yet: read, not acted on.
         "server_round_robin",

@@ -10,6 +10,7 @@ import socket
 import stat
 from typing import TYPE_CHECKING
 
+from . import tcp_tuning
 from .client import ClientConnection
 
 if TYPE_CHECKING:
@@ -79,6 +80,7 @@ class Listener:
     def __init__(self, app: App):
         self.app = app
         self.servers: list[asyncio.AbstractServer] = []
+        self.tcp_sockets: list[socket.socket] = []
         self.unix_path: str | None = None
         self.addresses: list[str] = []
 
@@ -89,29 +91,40 @@ class Listener:
             await self._serve_inherited(sockets)
             return
         cfg = self.app.config.pgbouncer
-        loop = asyncio.get_running_loop()
         for host in listen_addresses(cfg.listen_addr):
             sock = tcp_socket(host, cfg.listen_port, cfg.listen_backlog, bool(cfg.so_reuseport))
-            server = await loop.create_server(self._client_factory("tcp"), sock=sock)
-            self.servers.append(server)
+            await self._serve("tcp", sock)
             self.addresses.append(f"{host}:{cfg.listen_port}")
             log.info("listening on %s:%d", host, cfg.listen_port)
         if cfg.unix_socket_dir:
             mode = socket_mode(cfg.unix_socket_mode)
             sock, path = unix_socket(cfg.unix_socket_dir, cfg.listen_port, cfg.listen_backlog, mode)
-            server = await loop.create_server(self._client_factory("unix"), sock=sock)
-            self.servers.append(server)
+            await self._serve("unix", sock)
             self.unix_path = path
             log.info("listening on unix:%s", path)
         if not self.servers:
             raise OSError("nothing to listen on: set listen_addr or unix_socket_dir")
 
     async def _serve_inherited(self, sockets) -> None:
-        loop = asyncio.get_running_loop()
         for kind, label, sock in sockets:
-            server = await loop.create_server(self._client_factory(kind), sock=sock)
-            self.servers.append(server)
+            await self._serve(kind, sock)
             self.addresses.append(label)
+
+    async def _serve(self, kind: str, sock: socket.socket) -> None:
+        if kind == "tcp":
+            tcp_tuning.tune_listening(sock, self.app.config.pgbouncer)
+            self.tcp_sockets.append(sock)
+        server = await asyncio.get_running_loop().create_server(self._client_factory(kind), sock=sock)
+        self.servers.append(server)
+
+    def retune(self) -> None:
+        """RELOAD/SET: the tcp_* settings as they are now, for connections accepted from now on."""
+        cfg = self.app.config.pgbouncer
+        for sock in self.tcp_sockets:
+            try:
+                tcp_tuning.tune_listening(sock, cfg)
+            except OSError as exc:
+                log.warning("could not apply tcp_* settings to a listening socket: %s", exc)
 
     def _client_factory(self, kind: str):
         """A new ClientConnection per accepted socket (a partial: no Python frame of its own)."""
@@ -121,6 +134,7 @@ class Listener:
         for server in self.servers:
             server.close()
         self.servers = []
+        self.tcp_sockets = []
         if self.unix_path:
             try:
                 os.unlink(self.unix_path)

@@ -9,7 +9,7 @@ import ssl
 import time
 from typing import TYPE_CHECKING
 
-from . import auth, errors, prepared, protocol, session
+from . import auth, errors, prepared, protocol, session, tcp_tuning
 from ._codec import Relay
 from .errors import PgError
 from .tls import describe as describe_tls
@@ -155,11 +155,19 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
         sock = transport.get_extra_info("sockname")
         if isinstance(sock, tuple):
             self.local_addr = sock[:2]
+            self._tune_tcp(transport)
         # Ask for the newest protocol; an older server answers NegotiateProtocolVersion
         # (one that cannot is asked for 3.0 from then on, see _login_message).
         self.protocol_version = self.pool.server_protocol
         transport.write(protocol.startup_message(self.pool.startup_params(),
                                                  self.protocol_version))
+
+    def _tune_tcp(self, transport) -> None:
+        """tcp_keepalive and the other tcp_* settings, as PgBouncer sets them on server sockets."""
+        try:
+            tcp_tuning.tune(transport.get_extra_info("socket"), self.app.config.pgbouncer)
+        except OSError as exc:
+            log.warning("%r could not apply tcp_* settings: %s", self, exc)
 
     def connection_lost(self, exc) -> None:
         self.stop_direct_io()
