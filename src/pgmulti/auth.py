@@ -472,7 +472,8 @@ class ScramServer:
     After a successful ``final()``, ``client_key`` and ``server_key`` hold the keys
     recovered from the exchange, so the pooler can log in to PostgreSQL with them
     (pass-through). They only match PostgreSQL when ``stored`` is the same secret
-    PostgreSQL holds; with a plain password a fresh salt is used instead.
+    PostgreSQL holds; with a plain password a fresh salt and ``iterations``
+    (scram_iterations) are used instead.
     """
 
     def __init__(
@@ -481,6 +482,7 @@ class ScramServer:
         nonce_factory: Callable[[], str] | None = None,
         *,
         channel_binding: bytes | None = None,
+        iterations: int = DEFAULT_SCRAM_ITERATIONS,
     ) -> None:
         self._channel_binding = _check_channel_binding(channel_binding)
         kind = secret_kind(stored)
@@ -491,7 +493,7 @@ class ScramServer:
                 raise AuthError("empty passwords cannot be used for SCRAM authentication")
             # Derive a secret so verifying a password and a stored secret is one code path.
             salt = secrets.token_bytes(SCRAM_SALT_LENGTH)
-            self._secret = _derive_scram_secret(stored, salt, DEFAULT_SCRAM_ITERATIONS)
+            self._secret = _derive_scram_secret(stored, salt, iterations)
         else:
             self._secret = parse_scram_secret(stored)
         self._nonce_factory = nonce_factory or _default_nonce

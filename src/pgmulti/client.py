@@ -8,6 +8,7 @@ import itertools
 import logging
 import os
 import secrets
+import socket
 import ssl
 import time
 from typing import TYPE_CHECKING
@@ -42,6 +43,15 @@ PREPARED_RELAY_ACTIONS = protocol.action_table(
     protocol.REJECT, **{t: protocol.PASS for t in "dcfEHFQ"}, X=protocol.INSPECT,
     **{t: protocol.STATEMENT_REQUEST for t in "PBDCS"})
 PREPARED_TYPES = frozenset(map(ord, "PBDCS"))
+
+
+def without_simple_query(actions: bytes) -> bytes:
+    """disable_pqexec: the same table with Query refused (see on_protocol_error)."""
+    table = bytearray(actions)
+    table[protocol.QUERY] = protocol.REJECT
+    return bytes(table)
+
+
 # Admin console: simple query protocol only, as in PgBouncer.
 ADMIN_ACTIONS = protocol.action_table(protocol.REJECT, Q=protocol.INSPECT, X=protocol.INSPECT)
 
@@ -97,6 +107,7 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
     seen_activity = 0
     rx_bytes_at_trim = -1       # janitor: no read since its last pass -> trim buffer
     busy_since = 0.0            # janitor's clock for query_timeout
+    wait_notified = 0.0         # wait_start of the wait query_wait_notify told it about
     xact_since = 0.0            # janitor's clock for transaction_timeout
     cancel_pid = 0              # cancel key: made at login, the key as long as the
     cancel_key = b""            # protocol version allows
@@ -240,6 +251,9 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
                     "extended query protocol not supported by admin console"))
                 self.report(errors.protocol_violation("bad packet"))
                 return
+            if msg_type == protocol.QUERY and self.app.config.pgbouncer.disable_pqexec:
+                self.report(errors.protocol_violation("PQexec disallowed"))
+                return
             text = f"unsupported frontend message type {chr(msg_type)!r}"
         else:
             text = _PROTOCOL_ERROR_TEXT.get(code, "malformed packet")
@@ -312,8 +326,10 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         if greeting is None:
             self.app.spawn(self._login())
         elif (code <= protocol.PROTOCOL_LATEST and not unsupported_options
-              and self.app.config.pgbouncer.auth_type != "hba"):
-            # Nothing but these bytes decided this login: remember it for the next client.
+              and self.app.config.pgbouncer.auth_type != "hba"
+              and not self.app.config.pgbouncer.application_name_add_host):
+            # Nothing but these bytes decided this login (application_name_add_host adds the
+            # client's address): remember it for the next client.
             known = self.app.known_startups
             if len(known) >= KNOWN_STARTUPS_MAX:
                 known.clear()
@@ -423,11 +439,24 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
                 self.startup_params[session.TRACKED_BY_LOWER[lower]] = value
             else:
                 self.startup_params[lower] = value
+        if self.app.config.pgbouncer.application_name_add_host:
+            # Names where a client connects from, for pg_stat_activity (PgBouncer's format).
+            name = params.get("application_name", "app")
+            self.startup_params["application_name"] = f"{name} - {self._address_details()}"
         self.user = self.startup_params.get("user", "")
         if not self.user:
             raise errors.fatal(errors.INVALID_AUTHORIZATION_SPECIFICATION,
                                "no PostgreSQL user name specified in startup packet")
         self.database = self.startup_params.get("database") or self.user
+
+    def _address_details(self) -> str:
+        """host:port, [IPv6]:port, or for a Unix socket unix(pid@hostname):port."""
+        if self.listener_kind == "unix":
+            port = self.app.config.pgbouncer.listen_port
+            peer = hba.peer_credentials(self.transport.get_extra_info("socket"))
+            return f"unix({peer[0]}@{socket.gethostname()}):{port}" if peer else f"unix:{port}"
+        host, port = self.addr
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def _accept_options(self, value: str) -> None:
         """options=-c name=value for tracked parameters; anything else is refused."""
@@ -547,7 +576,7 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         self.param_sig = signature
         self.pool_core = pool.core
         pool.clients.add(self)
-        self.set_actions(RELAY_ACTIONS)
+        self.set_actions(pool.client_relay_actions)
         self.enable_direct_io(self.app.direct_io, DIRECT_IO_AFTER_READS)
         self.resume()
         return greeting
@@ -620,7 +649,8 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         # Over TLS, offer SCRAM-SHA-256-PLUS bound to our certificate (tls-server-end-point).
         binding = self.tls_binding
         try:
-            scram = auth.ScramServer(secret, channel_binding=binding)
+            scram = auth.ScramServer(secret, channel_binding=binding,
+                                     iterations=max(1, self.app.config.pgbouncer.scram_iterations))
         except auth.AuthError:
             raise errors.password_failed(self.user) from None
         mechanisms = scram.mechanisms()

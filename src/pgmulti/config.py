@@ -85,10 +85,6 @@ UNSUPPORTED_KEYS: frozenset[str] = frozenset(
         "server_fast_close",
         "autodb_idle_timeout",
         "auth_dbname",
-        "scram_iterations",
-        "disable_pqexec",
-        "application_name_add_host",
-        "query_wait_notify",
         "cancel_wait_timeout",
         "suspend_timeout",
         # PgBouncer event-loop internals with no equivalent here.

@@ -412,15 +412,26 @@ def certificate_matches(cert: dict | None, user: str) -> bool:
     return any(name.lower() == wanted for name in certificate_names(cert))
 
 
-def peer_user_name(sock) -> str | None:
-    """The OS user name of the process at the other end of a Unix socket (SO_PEERCRED)."""
+def peer_credentials(sock) -> tuple[int, int] | None:
+    """Process id and user id at the other end of a Unix socket (SO_PEERCRED), if known."""
     if sock is None or not hasattr(socket, "SO_PEERCRED"):
         return None
     try:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        pid, uid, _gid = struct.unpack("3i", creds)
-        if pid <= 0 or uid < 0:  # not a Unix socket peer (e.g. a TCP socket)
-            return None
-        return pwd.getpwuid(uid).pw_name
-    except (OSError, KeyError, OverflowError, struct.error):
+    except OSError:
+        return None
+    pid, uid, _gid = struct.unpack("3i", creds)
+    if pid <= 0 or uid < 0:  # not a Unix socket peer (e.g. a TCP socket)
+        return None
+    return pid, uid
+
+
+def peer_user_name(sock) -> str | None:
+    """The OS user name of the process at the other end of a Unix socket."""
+    creds = peer_credentials(sock)
+    if creds is None:
+        return None
+    try:
+        return pwd.getpwuid(creds[1]).pw_name
+    except (KeyError, OverflowError):
         return None

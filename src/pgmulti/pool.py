@@ -14,6 +14,7 @@ from . import errors, protocol, session
 from ._codec import PoolCore
 from .client import PREPARED_RELAY_ACTIONS as CLIENT_PREPARED_ACTIONS
 from .client import RELAY_ACTIONS as CLIENT_RELAY_ACTIONS
+from .client import without_simple_query
 from .errors import PgError
 from .server import (INSPECT_ALL, PREPARED_RELAY_ACTIONS, PREPARED_STATEMENT_RELAY_ACTIONS,
                      RELAY_ACTIONS, STATEMENT_RELAY_ACTIONS, ServerConnection)
@@ -29,6 +30,11 @@ _server_ids = itertools.count(1)
 
 # Login messages kept per pool for this many distinct startup parameter sets (see greeting).
 GREETINGS_MAX = 64
+
+# query_wait_notify's message, word for word PgBouncer's.
+QUEUED_NOTICE = protocol.error_response(
+    "NOTICE", errors.SUCCESSFUL_COMPLETION,
+    "No server connection available in postgres backend, client being queued", notice=True)
 
 
 @dataclass
@@ -156,10 +162,13 @@ class Pool:
             self.relay_actions = STATEMENT_RELAY_ACTIONS if statement else RELAY_ACTIONS
         self.client_relay_actions = CLIENT_RELAY_ACTIONS
         self.client_prepared_actions = CLIENT_PREPARED_ACTIONS
+        if cfg.disable_pqexec:
+            self.client_relay_actions = without_simple_query(CLIENT_RELAY_ACTIONS)
+            self.client_prepared_actions = without_simple_query(CLIENT_PREPARED_ACTIONS)
         core = self.core
         if self.prepared_limit:
-            core.set_actions(self.relay_actions, INSPECT_ALL, CLIENT_PREPARED_ACTIONS,
-                             CLIENT_RELAY_ACTIONS)
+            core.set_actions(self.relay_actions, INSPECT_ALL, self.client_prepared_actions,
+                             self.client_relay_actions)
         else:
             core.set_actions(self.relay_actions, INSPECT_ALL)
         # Clients join the core at their next link through Python, in the current mode.
@@ -533,6 +542,7 @@ class Pool:
     def tick(self, now: float) -> None:
         cfg = self.app.config.pgbouncer
         self._expire_waiting(now, cfg.query_wait_timeout)
+        self._notify_waiting(now, cfg.query_wait_notify)
         if self.waiting:
             self.launch_needed()
         idle_timeout = cfg.server_idle_timeout
@@ -564,6 +574,17 @@ class Pool:
             return
         while self.waiting and now - self.waiting[0].wait_start > timeout:
             self.waiting.popleft().report(errors.query_wait_timeout())
+
+    def _notify_waiting(self, now: float, after: float) -> None:
+        """query_wait_notify: a NOTICE, once per wait, to clients queued longer than `after`."""
+        if after <= 0:
+            return
+        for client in self.waiting:
+            if now - client.wait_start <= after:
+                break  # queued later than this one: not yet either
+            if client.wait_notified != client.wait_start:
+                client.wait_notified = client.wait_start
+                client.transport.write(QUEUED_NOTICE)
 
     def _fill_min_pool(self) -> None:
         minimum = min(self.settings.min_pool_size, self.settings.pool_size)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -125,3 +126,111 @@ def direct_io_reaching(proxy, **minimum: int) -> dict[str, int]:
             return counters
         return None
     return wait_for(reached, 5, f"direct I/O counters reaching {minimum}")
+
+
+# --- a raw protocol client ---
+
+
+def startup_packet(params: dict[str, str], version: tuple[int, int] = (3, 0)) -> bytes:
+    body = struct.pack("!I", (version[0] << 16) | version[1])
+    body += b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in params.items()) + b"\0"
+    return struct.pack("!I", len(body) + 4) + body
+
+
+def message(msg_type: bytes, body: bytes = b"") -> bytes:
+    return msg_type + struct.pack("!I", len(body) + 4) + body
+
+
+def query_message(sql: str) -> bytes:
+    return message(b"Q", sql.encode() + b"\0")
+
+
+def error_fields(body: bytes) -> dict[str, str]:
+    fields, pos = {}, 0
+    while pos < len(body) and body[pos] != 0:
+        end = body.index(b"\0", pos + 1)
+        fields[chr(body[pos])] = body[pos + 1:end].decode()
+        pos = end + 1
+    return fields
+
+
+class Raw:
+    """A TCP socket speaking the protocol by hand; every read is bounded by a timeout."""
+
+    def __init__(self, proc, timeout: float = 5.0):
+        self.sock = socket.create_connection((proc.host, proc.port), timeout=timeout)
+        self.buf = b""
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Raw:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self, size: int, deadline: float) -> None:
+        while len(self.buf) < size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no complete message in time; have {self.buf!r}")
+            self.sock.settimeout(remaining)
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError(f"connection closed; have {self.buf!r}")
+            self.buf += chunk
+
+    def read_byte(self, timeout: float = 5.0) -> bytes:
+        self._fill(1, time.monotonic() + timeout)
+        byte, self.buf = self.buf[:1], self.buf[1:]
+        return byte
+
+    def read_message(self, timeout: float = 5.0) -> tuple[bytes, bytes]:
+        deadline = time.monotonic() + timeout
+        self._fill(5, deadline)
+        length = struct.unpack("!I", self.buf[1:5])[0]
+        self._fill(1 + length, deadline)
+        msg_type, body = self.buf[:1], self.buf[5:1 + length]
+        self.buf = self.buf[1 + length:]
+        return msg_type, body
+
+    def read_until(self, wanted: bytes, timeout: float = 5.0) -> list[tuple[bytes, bytes]]:
+        """Messages up to and including the first of type `wanted` (or an ErrorResponse)."""
+        messages = []
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = self.read_message(max(0.01, deadline - time.monotonic()))
+            messages.append(msg)
+            if msg[0] in (wanted, b"E"):
+                return messages
+
+    def read_until_closed(self, timeout: float = 5.0) -> bytes:
+        """All bytes until the peer closes; TimeoutError if it stays open."""
+        deadline = time.monotonic() + timeout
+        data, self.buf = self.buf, b""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"connection still open; received {data!r}")
+            self.sock.settimeout(remaining)
+            try:
+                chunk = self.sock.recv(65536)
+            except ConnectionResetError:
+                return data
+            if not chunk:
+                return data
+            data += chunk
+
+    def login(self, user: str = "postgres", db: str = "testdb", **extra: str) -> list:
+        self.send(startup_packet({"user": user, "database": db, **extra}))
+        messages = self.read_until(b"Z")
+        assert messages[-1][0] == b"Z", f"login failed: {error_fields(messages[-1][1])}"
+        return messages
+
+    def simple_query(self, sql: str) -> list[tuple[bytes, bytes]]:
+        self.send(query_message(sql))
+        return self.read_until(b"Z")

@@ -213,7 +213,7 @@ def test_realistic_config() -> None:
     assert config.peers[1].port == 6432
     assert (config.peers[2].port, config.peers[2].pool_size) == (6433, 4)
 
-    assert config.unsupported == ("[peers]", "application_name_add_host", "dns_max_ttl")
+    assert config.unsupported == ("[peers]", "dns_max_ttl")
     assert config.warnings == ()
 
 
