@@ -1386,6 +1386,7 @@ cdef class PoolCore:
     cdef public bint paused
     cdef public bint disabled       # DISABLE: no new requests are taken
     cdef public int pool_size       # clients queue in C only when the pool cannot grow
+    cdef public bint round_robin    # server_round_robin: take the longest idle, not the newest
     cdef public bint check_enabled
     cdef public double check_delay
     cdef public double lifetime     # server_lifetime, seconds (0: none)
@@ -1455,15 +1456,18 @@ cdef class PoolCore:
                 + len(self.login))
 
     cdef bint _link_idle(self, Relay client) except -1:
-        """Link client to the most recently used idle server, or queue it when there is none
-        and the pool is full; False to let Python decide."""
+        """Link client to the most recently used idle server (the longest idle one with
+        round_robin), or queue it when there is none and the pool is full; False to let
+        Python decide."""
         cdef Relay server
         cdef double now
+        cdef Py_ssize_t pick
         if not self.idle:
             return self._enqueue(client)
         if not self._quiet():
             return False
-        server = <Relay>self.idle[-1]
+        pick = 0 if self.round_robin else len(self.idle) - 1
+        server = <Relay>self.idle[pick]
         if server.closed:
             return False
         if client.param_sig is None or client.param_sig is not server.param_sig:
@@ -1471,7 +1475,7 @@ cdef class PoolCore:
         now = _monotonic()
         if self.check_enabled and now - server.last_used > self.check_delay:
             return False  # server_check_query is due
-        self.idle.pop()
+        self.idle.pop(pick)
         server.state = _ACTIVE
         self.active.add(server)
         self._attach(client, server, now)

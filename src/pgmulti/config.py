@@ -81,7 +81,6 @@ UNSUPPORTED_KEYS: frozenset[str] = frozenset(
         # The Unix socket keeps the group of the user pgmulti runs as.
         "unix_socket_group",
         # Pool behaviours not built yet: read, not acted on.
-        "server_round_robin",
         "server_fast_close",
         "autodb_idle_timeout",
         "auth_dbname",

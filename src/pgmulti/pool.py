@@ -89,7 +89,7 @@ class Pool:
         self.stats = PoolStats()
         # The per-transaction hand-off runs in the codec; the server collections are its own.
         self.core = PoolCore(self.waiting, app.flags)
-        self.idle: list[ServerConnection] = self.core.idle   # a stack: LIFO keeps few warm
+        self.idle: list[ServerConnection] = self.core.idle   # newest last (see idle_end)
         self.active: set[ServerConnection] = self.core.active
         self.used: set[ServerConnection] = self.core.used
         self.tested: set[ServerConnection] = self.core.tested
@@ -181,6 +181,10 @@ class Pool:
         core.check_delay = float(self.check_delay)
         core.lifetime = float(self.settings.server_lifetime)
         core.pool_size = self.settings.pool_size
+        # server_round_robin: the longest idle server first (FIFO), for servers behind a
+        # round-robin address; by default the newest (LIFO), keeping few servers warm.
+        core.round_robin = bool(cfg.server_round_robin)
+        self.idle_end = 0 if core.round_robin else -1
 
     # -- addressing ----------------------------------------------------------------------
 
@@ -252,7 +256,7 @@ class Pool:
         idle = self.idle
         if idle and not self.waiting and not self.paused and not self.app.paused:
             # The hot path of transaction pooling: keep it short.
-            server = idle.pop()  # LIFO keeps few servers warm (server_round_robin=0)
+            server = idle.pop(self.idle_end)  # the newest, or the oldest (configure)
             now = time.monotonic()
             if now - server.last_used <= self.check_delay or not self.check_enabled:
                 server.state = "active"
@@ -472,7 +476,7 @@ class Pool:
     async def borrow(self) -> ServerConnection:
         """A server for the pooler's own query (auth_query); return it with give_back()."""
         if self.idle:
-            server = self.idle.pop()
+            server = self.idle.pop(self.idle_end)
             server.state = "popped"
         else:
             server = ServerConnection(self, next(_server_ids))

@@ -18,7 +18,7 @@ import pytest
 from psycopg import errors as pgerrors
 
 from pgmulti.cluster import clean_env
-from support import direct_io_reaching, wait_for
+from support import admin, direct_io_reaching, wait_for
 
 MODES = ["session", "transaction", "statement"]
 CONNECT_TIMEOUT_S = 5
@@ -507,8 +507,8 @@ def test_late_cancel_does_not_hit_the_next_user_of_the_server(pgmulti, pg):
 
 
 def show_pool(proxy, db: str = "testdb") -> dict:
-    with connect(proxy, db="pgbouncer") as admin:
-        cursor = admin.execute("SHOW POOLS")
+    with connect(proxy, db="pgbouncer") as console:
+        cursor = console.execute("SHOW POOLS")
         names = [column.name for column in cursor.description]
         return next(dict(zip(names, row)) for row in cursor.fetchall() if row[0] == db)
 
@@ -607,3 +607,35 @@ def test_psql_sigint_cancels_through_the_proxy(pgmulti, pg):
     assert time.monotonic() - started < 5
     assert "canceling statement due to user request" in stderr, (stdout, stderr)
     assert process.returncode != 0
+
+
+# --- server_round_robin ---
+
+
+def backend_pids_in_turn(proxy, mode: str, turns: int) -> list[int]:
+    """The server process of each of `turns` transactions, one after another: in one
+    session (transaction mode) or a new session each (session mode)."""
+    if mode == "transaction":
+        with connect(proxy) as conn:
+            return [scalar(conn, "SELECT pg_backend_pid()") for _ in range(turns)]
+    pids = []
+    for _ in range(turns):
+        with connect(proxy) as conn:
+            pids.append(scalar(conn, "SELECT pg_backend_pid()"))
+    return pids
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+@pytest.mark.parametrize("round_robin", [0, 1])
+def test_server_round_robin(pgmulti, mode, round_robin):
+    proxy = pgmulti({"pool_mode": mode, "default_pool_size": 3, "min_pool_size": 3,
+                     "server_round_robin": round_robin})
+    with connect(proxy):  # min_pool_size fills a pool that has a client
+        wait_for(lambda: len(admin(proxy, "SHOW SERVERS")) == 3, 10, "3 servers")
+    time.sleep(0.2)  # the servers' logins are done
+    pids = backend_pids_in_turn(proxy, mode, 6)
+    if round_robin:
+        # Each turn takes the server idle longest: all three in a fixed rotation.
+        assert len(set(pids)) == 3 and pids[:3] == pids[3:], pids
+    else:
+        assert len(set(pids)) == 1, pids  # the newest idle server, again and again
