@@ -378,7 +378,7 @@ class AdminConsole:
     def show_databases(self):
         rows = []
         cfg = self.app.config.pgbouncer
-        for name, db in self.app.config.databases.items():
+        for name, db in self._databases_in_use():
             pools = [p for p in self.app.pools.values() if p.name == name]
             settings = self.app.pool_settings(db, db.user or "", whole=True)
             current = sum(p.server_count for p in pools)
@@ -394,6 +394,17 @@ class AdminConsole:
             rows.append([admin_db, None, cfg.listen_port, admin_db, "pgbouncer", 2, 0, 0, 0,
                          "statement", "disable", 0, 0, 0, 0, 0, 0])
         return ref.COLUMNS["databases"], rows
+
+    def _databases_in_use(self):
+        """(name, entry): the configured databases, then those made from the "*" entry that
+        have a pool (autodb_idle_timeout drops them)."""
+        config = self.app.config
+        yield from config.databases.items()
+        for name in dict.fromkeys(p.name for p in self.app.pools.values()):
+            if name not in config.databases:
+                db = config.database_for(name)
+                if db is not None:
+                    yield name, db
 
     def show_users(self):
         rows = []

@@ -228,7 +228,9 @@ class App:
         server_user = db.user or user
         key = (name, server_user)
         pool = self.pools.get(key)
-        if pool is None:
+        if pool is not None:
+            pool.unused_since = 0.0  # a login is using it (see Janitor._free_unused_autodbs)
+        else:
             if db.user:
                 credentials = Credentials(password=db.password or self.userlist.get(db.user))
             else:

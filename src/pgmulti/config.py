@@ -82,7 +82,6 @@ UNSUPPORTED_KEYS: frozenset[str] = frozenset(
         "unix_socket_group",
         # Pool behaviours not built yet: read, not acted on.
         "server_fast_close",
-        "autodb_idle_timeout",
         "auth_dbname",
         "cancel_wait_timeout",
         "suspend_timeout",

@@ -51,6 +51,7 @@ class Janitor:
         for pool in list(app.pools.values()):
             pool.tick(now)
         self._expire_clients(now)
+        self._free_unused_autodbs(now, cfg.autodb_idle_timeout)
         if now - self._last_trim >= TRIM_PERIOD_S:
             self._trim_idle_buffers()
             self._last_trim = now
@@ -107,6 +108,28 @@ class Janitor:
         elif (limits.client_idle_timeout and not in_transaction
               and idle_for > limits.client_idle_timeout):
             client.report(errors.fatal(errors.IDLE_SESSION_TIMEOUT, "client_idle_timeout"))
+
+    def _free_unused_autodbs(self, now: float, timeout: float) -> None:
+        """autodb_idle_timeout: a pool of a database made from the "*" entry is dropped, with
+        its statistics, once it has had no client and no server for `timeout` seconds."""
+        if timeout <= 0:
+            return
+        app = self.app
+        configured = app.config.databases
+        freed = False
+        for key, pool in list(app.pools.items()):
+            if pool.name in configured or pool.paused:
+                continue
+            if pool.clients or pool.waiting or pool.server_count:
+                pool.unused_since = 0.0
+            elif not pool.unused_since:
+                pool.unused_since = now
+            elif now - pool.unused_since > timeout:
+                del app.pools[key]
+                freed = True
+                log.info("%r freed: unused for autodb_idle_timeout", pool)
+        if freed:
+            app.known_startups = {}  # their logins point at the pools
 
     def _trim_idle_buffers(self) -> None:
         for client in self.app.clients:

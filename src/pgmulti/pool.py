@@ -103,6 +103,7 @@ class Pool:
         # Asked of new servers; 3.0 once one refused 3.2 outright (see ServerProtocolRefused).
         self.server_protocol = protocol.PROTOCOL_LATEST
         self.disabled = False
+        self.unused_since = 0.0  # no client and no server since (autodb_idle_timeout)
         self._counters_logged_at = time.monotonic()
         self._counters_logged: dict[str, int] = {}
         self.configure(app.config.pgbouncer)
