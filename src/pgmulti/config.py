@@ -81,7 +81,6 @@ UNSUPPORTED_KEYS: frozenset[str] = frozenset(
         # The Unix socket keeps the group of the user pgmulti runs as.
         "unix_socket_group",
         # Pool behaviours not built yet: read, not acted on.
-        "server_fast_close",
         "auth_dbname",
         "cancel_wait_timeout",
         "suspend_timeout",

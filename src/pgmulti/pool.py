@@ -548,6 +548,8 @@ class Pool:
         cfg = self.app.config.pgbouncer
         self._expire_waiting(now, cfg.query_wait_timeout)
         self._notify_waiting(now, cfg.query_wait_notify)
+        if cfg.server_fast_close and self.settings.pool_mode == session.SESSION:
+            self._close_outdated_sessions()
         if self.waiting:
             self.launch_needed()
         idle_timeout = cfg.server_idle_timeout
@@ -590,6 +592,17 @@ class Pool:
             if client.wait_notified != client.wait_start:
                 client.wait_notified = client.wait_start
                 client.transport.write(QUEUED_NOTICE)
+
+    def _close_outdated_sessions(self) -> None:
+        """server_fast_close: a session whose server is due to close (RECONNECT, a RELOAD
+        that changed the database) ends between transactions instead of at its end."""
+        for server in list(self.active):
+            client = server.client
+            if (client is None or server.generation == self.reconnect_generation
+                    or server.pending or server.ready_status != session.READY_IDLE):
+                continue
+            server.close("database configuration changed")
+            client.report(errors.fatal(errors.ADMIN_SHUTDOWN, "database configuration changed"))
 
     def _fill_min_pool(self) -> None:
         minimum = min(self.settings.min_pool_size, self.settings.pool_size)

@@ -639,3 +639,43 @@ def test_server_round_robin(pgmulti, mode, round_robin):
         assert len(set(pids)) == 3 and pids[:3] == pids[3:], pids
     else:
         assert len(set(pids)) == 1, pids  # the newest idle server, again and again
+
+
+# --- server_fast_close ---
+
+
+def session_closed_by_fast_close(conn: psycopg.Connection, timeout: float = 5.0) -> str:
+    """Poll with queries until the session ends; the error it ended with."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            conn.execute("SELECT 1")
+        except psycopg.OperationalError as exc:
+            return str(exc)
+        time.sleep(0.1)
+    raise AssertionError("the session was not closed")
+
+
+def test_server_fast_close_ends_sessions_between_transactions(pgmulti):
+    proxy = pgmulti({"pool_mode": "session", "server_fast_close": 1})
+    with connect(proxy) as idle_session, connect(proxy, autocommit=False) as in_transaction:
+        assert scalar(idle_session, "SELECT 1") == 1
+        assert scalar(in_transaction, "SELECT 2") == 2  # a transaction stays open
+        admin(proxy, "RECONNECT testdb")
+        assert "database configuration changed" in session_closed_by_fast_close(idle_session)
+        # The open transaction is not interrupted; its session ends after the commit.
+        assert scalar(in_transaction, "SELECT 3") == 3
+        in_transaction.commit()
+        in_transaction.autocommit = True
+        assert "database configuration changed" in session_closed_by_fast_close(in_transaction)
+    with connect(proxy) as fresh:
+        assert scalar(fresh, "SELECT 4") == 4
+
+
+def test_without_server_fast_close_sessions_outlive_reconnect(pgmulti):
+    proxy = pgmulti({"pool_mode": "session"})
+    with connect(proxy) as conn:
+        pid = scalar(conn, "SELECT pg_backend_pid()")
+        admin(proxy, "RECONNECT testdb")
+        time.sleep(1)  # three janitor ticks
+        assert scalar(conn, "SELECT pg_backend_pid()") == pid
