@@ -78,8 +78,6 @@ UNSUPPORTED_KEYS: frozenset[str] = frozenset(
         "peer_id",
         # Parameter tracking beyond PgBouncer's fixed set.
         "track_extra_parameters",
-        # The Unix socket keeps the group of the user pgmulti runs as.
-        "unix_socket_group",
         # Pool behaviours not built yet: read, not acted on.
         "auth_dbname",
         "cancel_wait_timeout",

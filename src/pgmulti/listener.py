@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import grp
 import logging
 import os
 import socket
@@ -53,7 +54,10 @@ def tcp_socket(host: str, port: int, backlog: int, reuseport: bool) -> socket.so
     return sock
 
 
-def unix_socket(directory: str, port: int, backlog: int, mode: int) -> tuple[socket.socket, str]:
+def unix_socket(directory: str, port: int, backlog: int, mode: int,
+                group: str = "") -> tuple[socket.socket, str]:
+    """The listening socket .s.PGSQL.<port> in `directory`, with unix_socket_mode and, if
+    given, unix_socket_group."""
     path = os.path.join(directory, f".s.PGSQL.{port}")
     if os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode):
         # A socket file left by a dead process; a live one would accept our probe.
@@ -66,10 +70,22 @@ def unix_socket(directory: str, port: int, backlog: int, mode: int) -> tuple[soc
             raise OSError(f"{path} is in use by another process")
         finally:
             probe.close()
+    gid = -1
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise OSError(f"unix_socket_group: unknown group {group!r}") from None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(path)
-    os.chmod(path, mode)
-    sock.listen(backlog)
+    try:
+        sock.bind(path)
+        os.chmod(path, mode)
+        if gid != -1:
+            os.chown(path, -1, gid)
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
     sock.setblocking(False)
     return sock, path
 
@@ -98,7 +114,8 @@ class Listener:
             log.info("listening on %s:%d", host, cfg.listen_port)
         if cfg.unix_socket_dir:
             mode = socket_mode(cfg.unix_socket_mode)
-            sock, path = unix_socket(cfg.unix_socket_dir, cfg.listen_port, cfg.listen_backlog, mode)
+            sock, path = unix_socket(cfg.unix_socket_dir, cfg.listen_port, cfg.listen_backlog, mode,
+                                     cfg.unix_socket_group)
             await self._serve("unix", sock)
             self.unix_path = path
             log.info("listening on unix:%s", path)

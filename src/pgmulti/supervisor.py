@@ -91,7 +91,8 @@ class Supervisor:
         if cfg.unix_socket_dir:
             mode = listener.socket_mode(cfg.unix_socket_mode)
             sock, self.unix_path = listener.unix_socket(cfg.unix_socket_dir, cfg.listen_port,
-                                                        cfg.listen_backlog, mode)
+                                                        cfg.listen_backlog, mode,
+                                                        cfg.unix_socket_group)
             for worker in self.sockets:
                 worker.listening.append(("unix", self.unix_path, sock))
             log.info("listening on unix:%s", self.unix_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import signal
@@ -222,6 +223,33 @@ def test_unix_socket_accepts_psql(pgmulti):
     proc.signal(signal.SIGTERM)
     assert proc.wait(5) == 0
     assert not socket_path.exists()
+
+
+def a_group_to_give() -> grp.struct_group:
+    """A group other than ours if we may give files to any (root), else our own."""
+    if os.geteuid() == 0:
+        others = [g for g in grp.getgrall() if g.gr_gid != os.getegid()]
+        if others:
+            return others[0]
+    return grp.getgrgid(os.getegid())
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_unix_socket_group(pgmulti, workers):
+    group = a_group_to_give()
+    proc = pgmulti({"unix_socket_group": group.gr_name, "unix_socket_mode": "0770",
+                    "workers": workers})
+    socket_path = proc.workdir / f".s.PGSQL.{proc.port}"
+    assert socket_path.stat().st_gid == group.gr_gid
+    assert socket_path.stat().st_mode & 0o777 == 0o770
+    result = psql_args(proc, str(proc.workdir))
+    assert (result.returncode, result.stdout.strip()) == (0, "testdb"), result.stderr
+
+
+def test_unknown_unix_socket_group_stops_the_start(pgmulti):
+    proc = pgmulti({"unix_socket_group": "no-such-group-here"}, wait=False)
+    assert proc.wait(20) != 0
+    assert "unix_socket_group: unknown group 'no-such-group-here'" in proc.log_text()
 
 
 def ipv6_loopback_available() -> bool:
