@@ -14,8 +14,7 @@ import time
 import psycopg
 import pytest
 
-from support import direct_io_counters, direct_io_reaching, wait_for
-from test_errors import Raw, query_message
+from support import Raw, direct_io_counters, direct_io_reaching, query_message, wait_for
 from test_pool_modes import CONNECT_TIMEOUT_S, connect, scalar
 
 VERBOSE = {"stats_period": 1, "verbose": 1}

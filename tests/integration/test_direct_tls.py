@@ -12,10 +12,9 @@ import ssl
 
 import pytest
 
-from support import direct_io_counters, direct_io_reaching, wait_for
+from support import Raw, direct_io_counters, direct_io_reaching, query_message, wait_for
 from test_direct_io import (VERBOSE, WARM_UP_QUERIES, copy_into_a_slow_server,
                             read_a_big_result_slowly, take_turns_on_servers)
-from test_errors import Raw, query_message
 from test_pool_modes import scalar
 from test_tls import (SSL_REQUEST, Certs, client_tls, pconnect, server_tls,  # noqa: F401
                       ssl_pg, ssl_pg_good)

@@ -12,8 +12,8 @@ import psycopg
 import pytest
 
 from pgmulti.cluster import clean_env
-from test_errors import Raw, startup_packet
-from test_errors import message as raw_message
+from support import Raw, startup_packet
+from support import message as raw_message
 
 CONNECT_TIMEOUT_S = 5
 
