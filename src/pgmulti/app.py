@@ -10,6 +10,7 @@ import signal
 from . import aggregate, auth, errors, hba, loader, metrics, peers, prepared, supervisor, systemd
 from ._codec import DirectIO, WorkerFlags
 from .admin import AdminConsole
+from .client import ADMIN_DATABASES
 from .errors import PgError
 from .janitor import Janitor
 from .listener import Listener
@@ -289,6 +290,7 @@ class App:
         if not auth_user:
             return None
         query = getattr(db, "auth_query", None) or cfg.auth_query
+        name, db = self._auth_database(name, db)
         pool = self.get_pool(name, db, auth_user, self.userlist.get(auth_user), None)
         server = await pool.borrow()
         try:
@@ -298,6 +300,22 @@ class App:
         if not rows or rows[0][1] is None:
             return None
         return rows[0][1].decode()
+
+    def _auth_database(self, name: str, db) -> tuple[str, object]:
+        """Where auth_query runs: the database's auth_dbname, else the global one, else the
+        client's own database (PgBouncer's order)."""
+        auth_dbname = db.auth_dbname or self.config.pgbouncer.auth_dbname
+        if not auth_dbname:
+            return name, db
+        auth_db = self.config.database_for(auth_dbname)
+        if auth_db is None or (auth_dbname in ADMIN_DATABASES
+                               and auth_dbname not in self.config.databases):
+            log.error("authentication database \"%s\" is not configured", auth_dbname)
+            raise errors.fatal(errors.INVALID_CATALOG_NAME, "bouncer config error")
+        if auth_dbname in self.disabled_databases:
+            raise errors.fatal(errors.CANNOT_CONNECT_NOW,
+                               f"authentication database \"{auth_dbname}\" is disabled")
+        return auth_dbname, auth_db
 
     # -- clients -------------------------------------------------------------------------
 

@@ -79,7 +79,6 @@ UNSUPPORTED_KEYS: frozenset[str] = frozenset(
         # Parameter tracking beyond PgBouncer's fixed set.
         "track_extra_parameters",
         # Pool behaviours not built yet: read, not acted on.
-        "auth_dbname",
         "cancel_wait_timeout",
         "suspend_timeout",
         # PgBouncer event-loop internals with no equivalent here.

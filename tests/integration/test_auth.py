@@ -322,6 +322,47 @@ def test_auth_query_unknown_role(auth_query_proxy):
     assert sqlstate == "28P01", message
 
 
+# An auth_query that finds secrets only when it runs in testdb.
+TESTDB_ONLY_AUTH_QUERY = ("SELECT rolname, rolpassword FROM pg_authid WHERE rolname = $1 "
+                          "AND current_database() = 'testdb'")
+
+
+@pytest.mark.parametrize("where", ["global", "database"])
+def test_auth_dbname_runs_auth_query_in_that_database(proxy, base_config, where):
+    auth_dbname = {"auth_dbname": "testdb"} if where == "global" else {}
+    postgres_db = "host=127.0.0.1 port={pg_port} dbname=postgres"
+    if where == "database":
+        postgres_db += " auth_dbname=testdb"
+    config = base_config(databases={"postgres": postgres_db}, auth_type="md5",
+                         auth_user="postgres", auth_query=TESTDB_ONLY_AUTH_QUERY, **auth_dbname)
+    proc = proxy(config, userlist_text({"postgres": ""}))
+    password = PASSWORDS["md5user"]
+    assert asyncpg_login(proc, "md5user", "postgres", password) == (None, "md5user")
+
+
+def test_without_auth_dbname_auth_query_runs_in_the_clients_database(proxy, base_config):
+    config = base_config(auth_type="md5", auth_user="postgres", auth_query=TESTDB_ONLY_AUTH_QUERY)
+    proc = proxy(config, userlist_text({"postgres": ""}))
+    password = PASSWORDS["md5user"]
+    sqlstate, message = asyncpg_login(proc, "md5user", "postgres", password)
+    assert sqlstate == "28P01", message
+    assert asyncpg_login(proc, "md5user", "testdb", password) == (None, "md5user")
+
+
+def test_auth_dbname_that_is_missing_or_disabled(proxy, base_config):
+    config = base_config(auth_type="md5", auth_user="postgres", auth_dbname="nosuchdb")
+    proc = proxy(config, userlist_text({"postgres": ""}))
+    sqlstate, message = asyncpg_login(proc, "md5user", "testdb", PASSWORDS["md5user"])
+    assert (sqlstate, message) == ("3D000", "bouncer config error")
+    assert 'authentication database "nosuchdb" is not configured' in proc.log_text()
+
+    config = base_config(auth_type="md5", auth_user="postgres", auth_dbname="postgres")
+    proc = proxy(config, userlist_text({"postgres": "admin-pw"}))
+    assert proc.psql("DISABLE postgres", db="pgbouncer", password="admin-pw").returncode == 0
+    sqlstate, message = asyncpg_login(proc, "md5user", "testdb", PASSWORDS["md5user"])
+    assert (sqlstate, message) == ("57P03", 'authentication database "postgres" is disabled')
+
+
 def test_no_password_in_verbose_log(proxy, pg):
     """Debug logging of a full round of logins still keeps every password out of the log."""
     users = userlist_text({"postgres": "", "md5user": PASSWORDS["md5user"],
