@@ -7,10 +7,12 @@ import logging
 import os
 import signal
 
-from . import aggregate, auth, errors, hba, loader, metrics, peers, prepared, supervisor, systemd
+from . import (aggregate, auth, errors, hba, loader, metrics, peers, prepared, session,
+               supervisor, systemd)
 from ._codec import DirectIO, WorkerFlags
 from .admin import AdminConsole
 from .client import ADMIN_DATABASES
+from .config import split_list
 from .errors import PgError
 from .janitor import Janitor
 from .listener import Listener
@@ -121,6 +123,7 @@ class App:
         self.stats_users = _names(cfg.stats_users)
         load_hba_rules(config)
         self.ignored_startup_parameters = {name.lower() for name in _names(cfg.ignore_startup_parameters)}
+        session.track(split_list(cfg.track_extra_parameters))
         self._refresh_client_settings()
         self.listener.retune()
 

@@ -62,7 +62,6 @@ READY_IDLE = protocol.ready_for_query("I")
 LONG_CANCEL_KEY_BYTES = 32
 
 # Startup parameters PostgreSQL clients send that the pooler understands.
-KNOWN_STARTUP_PARAMETERS = {"user", "database", "options", "replication"} | set(session.TRACKED_BY_LOWER)
 
 # Startup packets remembered per worker (see KnownStartup); an application sends few distinct ones.
 KNOWN_STARTUPS_MAX = 256
@@ -433,7 +432,7 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
             if lower == "options":
                 self._accept_options(value)
                 continue
-            if lower not in KNOWN_STARTUP_PARAMETERS:
+            if lower not in session.TRACKED_BY_LOWER and lower not in ("user", "database"):
                 raise errors.protocol_violation(f"unsupported startup parameter: {name}")
             if lower in session.TRACKED_BY_LOWER:
                 self.startup_params[session.TRACKED_BY_LOWER[lower]] = value

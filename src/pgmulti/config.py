@@ -76,8 +76,6 @@ UNSUPPORTED_KEYS: frozenset[str] = frozenset(
         "resolv_conf",
         # Peering (cancel-request forwarding) and the [peers] section.
         "peer_id",
-        # Parameter tracking beyond PgBouncer's fixed set.
-        "track_extra_parameters",
         # Pool behaviours not built yet: read, not acted on.
         "cancel_wait_timeout",
         "suspend_timeout",

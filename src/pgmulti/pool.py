@@ -161,6 +161,7 @@ class Pool:
                                   else PREPARED_RELAY_ACTIONS)
         else:
             self.relay_actions = STATEMENT_RELAY_ACTIONS if statement else RELAY_ACTIONS
+        self._greetings.clear()  # the tracked parameters may have changed
         self.client_relay_actions = CLIENT_RELAY_ACTIONS
         self.client_prepared_actions = CLIENT_PREPARED_ACTIONS
         if cfg.disable_pqexec:

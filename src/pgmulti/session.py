@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from . import protocol
@@ -16,10 +17,29 @@ TRANSACTION = "transaction"
 STATEMENT = "statement"
 
 # Parameters a client may change that every server it lands on must show the same way
-# (PgBouncer's varcache); keys are the names PostgreSQL reports in ParameterStatus.
-TRACKED_PARAMETERS = ("client_encoding", "DateStyle", "TimeZone", "standard_conforming_strings",
-                      "application_name", "IntervalStyle")
+# (PgBouncer's varcache); keys are the names PostgreSQL reports in ParameterStatus. These
+# are always tracked; track_extra_parameters adds more (track()).
+ALWAYS_TRACKED = ("client_encoding", "DateStyle", "TimeZone", "standard_conforming_strings",
+                  "application_name")
+# Reported parameters PostgreSQL does not spell in lower case (besides DateStyle, TimeZone).
+_MIXED_CASE_NAMES = {"intervalstyle": "IntervalStyle"}
+# Startup packet keys that are not parameters.
+_NOT_PARAMETERS = {"user", "database", "options", "replication"}
+
+TRACKED_PARAMETERS: tuple[str, ...] = ALWAYS_TRACKED + ("IntervalStyle",)
 TRACKED_BY_LOWER = {name.lower(): name for name in TRACKED_PARAMETERS}
+
+
+def track(extra: Iterable[str]) -> None:
+    """Track these parameters too (track_extra_parameters, read at every config load)."""
+    global TRACKED_PARAMETERS, TRACKED_BY_LOWER
+    by_lower = {name.lower(): name for name in ALWAYS_TRACKED}
+    for name in extra:
+        lower = name.lower()
+        if lower not in by_lower and lower not in _NOT_PARAMETERS:
+            by_lower[lower] = _MIXED_CASE_NAMES.get(lower, lower)
+    TRACKED_PARAMETERS = tuple(by_lower.values())
+    TRACKED_BY_LOWER = by_lower
 
 READY_IDLE = ord("I")
 

@@ -255,6 +255,37 @@ def test_transaction_mode_follows_set_of_a_tracked_parameter(pgmulti):
             assert first.info.parameter_status("application_name") == "renamed"
 
 
+def test_track_extra_parameters(pgmulti):
+    proxy = pgmulti({"pool_mode": "transaction", "default_pool_size": 1,
+                     "track_extra_parameters": "IntervalStyle, default_transaction_read_only"})
+    read_only = connect(proxy, options="-c default_transaction_read_only=on "
+                                       "-c IntervalStyle=iso_8601")
+    plain = connect(proxy)
+    try:
+        for _ in range(3):  # one server, switched between the two clients
+            assert scalar(read_only, "SHOW default_transaction_read_only") == "on"
+            assert scalar(read_only, "SHOW IntervalStyle") == "iso_8601"
+            assert scalar(plain, "SHOW default_transaction_read_only") == "off"
+            assert scalar(plain, "SHOW IntervalStyle") == "postgres"
+        plain.execute("SET default_transaction_read_only = on")  # followed too
+        assert scalar(read_only, "SHOW IntervalStyle") == "iso_8601"
+        assert scalar(plain, "SHOW default_transaction_read_only") == "on"
+        assert read_only.info.parameter_status("default_transaction_read_only") == "on"
+    finally:
+        read_only.close()
+        plain.close()
+
+
+def test_untracked_parameters_are_refused_at_startup(pgmulti):
+    # PgBouncer's default tracks IntervalStyle; without it, it is refused like any other.
+    proxy = pgmulti({"track_extra_parameters": ""})
+    for option in ("-c IntervalStyle=iso_8601", "-c default_transaction_read_only=on"):
+        with pytest.raises(psycopg.OperationalError, match="unsupported options startup"):
+            connect(proxy, options=option)
+    with connect(proxy, options="-c TimeZone=UTC") as conn:  # always tracked
+        assert scalar(conn, "SHOW TimeZone") == "UTC"
+
+
 def test_transaction_mode_keeps_encoding_and_quoted_names_apart(pgmulti):
     proxy = pgmulti({"pool_mode": "transaction", "default_pool_size": 1})
     latin = connect(proxy, client_encoding="LATIN1", application_name="it's \\ odd")
