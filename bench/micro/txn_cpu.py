@@ -12,6 +12,7 @@ the pool has servers (-c 64) most transactions queue for a server.
     python bench/micro/txn_cpu.py -c 64 --baseline-src /tmp/old/src   # before and after
     python bench/micro/txn_cpu.py -C           # connection churn: CPU per login+transaction
     python bench/micro/txn_cpu.py --targets pgbouncer,pgmulti,relay   # and uvloop's floor
+    python bench/micro/txn_cpu.py -C --targets pgbouncer,pgmulti,login  # a login's floor
     python bench/micro/txn_cpu.py --hold 300   # start everything, print pids/ports, wait
 """
 
@@ -99,6 +100,9 @@ def start(name: str, pg: Cluster, root: Path, args) -> tuple[subprocess.Popen, i
         command = [sys.executable, str(Path(__file__).with_name("bare_relay.py")), str(port),
                    pg.host, str(pg.port)]
         extra = {"env": clean_env()}
+    elif name == "login":  # a login's floor on uvloop: no server at all (bare_login.py)
+        command = [sys.executable, str(Path(__file__).with_name("bare_login.py")), str(port)]
+        extra = {"env": clean_env()}
     elif name.startswith("pgmulti"):
         ini.write_text(text + "workers = 1\n")
         command = [sys.executable, "-m", "pgmulti", str(ini)]
@@ -116,9 +120,11 @@ def start(name: str, pg: Cluster, root: Path, args) -> tuple[subprocess.Popen, i
 
 
 def pgbench(pg: Cluster, port: int, args, duration: int) -> int:
-    """Run select-only pgbench; the number of transactions it made."""
+    """Run select-only pgbench (`SELECT 1` from args.script when the login floor runs, which
+    cannot answer pgbench's own queries); the number of transactions it made."""
+    script = ["-f", str(args.script)] if args.script else ["-S"]
     result = subprocess.run(
-        [str(pg.bindir / "pgbench"), "-n", "-S", "-M", args.protocol, "-T", str(duration),
+        [str(pg.bindir / "pgbench"), "-n", *script, "-M", args.protocol, "-T", str(duration),
          "-c", str(args.clients), "-j", str(args.jobs), "-h", HOST, "-p", str(port),
          "-U", BENCH_USER, BENCH_DB] + (["-C"] if args.connect else []),
         env=clean_env(), capture_output=True, text=True, timeout=duration + 60, check=False)
@@ -144,6 +150,10 @@ def main(argv=None) -> int:
                        env=clean_env(), capture_output=True, timeout=120, check=True)
         targets = {}
         names = args.targets.split(",")
+        args.script = None
+        if "login" in names:
+            args.script = root / "select1.sql"
+            args.script.write_text("SELECT 1;\n")
         if args.baseline_src:
             names.append("pgmulti-base")
         for name in names:
