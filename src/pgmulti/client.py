@@ -114,7 +114,8 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
     scram_keys: tuple[bytes, bytes] | None = None
     tls = ""                    # "" for plain text, else protocol/cipher
     tls_binding: bytes | None = None   # tls-server-end-point data for SCRAM-PLUS
-    statements: prepared.ClientStatements | None = None  # transaction pooling only
+    maps_statements = False     # statement names are mapped (max_prepared_statements)
+    statements: prepared.ClientStatements | None = None  # from its first named statement
     _password_waiter: asyncio.Future | None = None
     # uvloop looks this up at every connection (for plain protocols) and would raise and
     # catch an AttributeError; a BufferedProtocol is given get_buffer/buffer_updated instead.
@@ -568,7 +569,7 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         tracked, message, signature = greeting
         self._finish_login(tracked, message)
         if pool.prepared_limit:
-            self.statements = prepared.ClientStatements(self.app.prepared_registry)
+            self.maps_statements = True
             # Parse/Bind are rewritten whole, so they may be as large as any message.
             self.max_inspect = self.max_packet
         # Parameters known in C let the codec link the first transaction too (Pool._link).
@@ -722,21 +723,24 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
             statements.expected.append(prepared.FORWARD_PARSE)
             self.forward(bytes(view))
             return
+        mine = self.statements
+        if mine is None:  # most clients never name one: made when first needed
+            mine = self.statements = prepared.ClientStatements(self.app.prepared_registry)
         out: list[bytes] = []
         body = bytes(view[5:])
         if msg_type == protocol.PARSE:
-            self.statements.parse(body, statements, out)
+            mine.parse(body, statements, out)
             stats.client_parse_count += 1
             stats.server_parse_count += 1
         elif msg_type == protocol.BIND:
             self.pool.core.bind_count += 1
-            if self.statements.bind(body, statements, out):
+            if mine.bind(body, statements, out):
                 stats.server_parse_count += 1
         elif msg_type == protocol.DESCRIBE:
-            if self.statements.describe(body, statements, out):
+            if mine.describe(body, statements, out):
                 stats.server_parse_count += 1
         elif msg_type == protocol.CLOSE:
-            self.statements.close(body, statements, out)
+            mine.close(body, statements, out)
         else:  # Sync: answered by ReadyForQuery number ready_count + pending
             out.append(bytes(view))
             server.pending += 1

@@ -298,7 +298,7 @@ class Pool:
             # In step: equal signatures let the core link this pair without asking again.
             client.param_sig = session.signature(client.params)
             server.param_sig = session.signature(server.params)
-            if (client.statements is not None) == bool(self.prepared_limit):
+            if client.maps_statements == bool(self.prepared_limit):
                 client.pool_core = self.core
             client.attached(server, now or time.monotonic())
             return

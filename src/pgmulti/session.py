@@ -50,7 +50,7 @@ def link(client: ClientConnection, server: ServerConnection, server_actions: byt
     server.client = client
     # Session mode never releases at ReadyForQuery: spare the Python call per transaction.
     link_pair(client, server, server_actions, client.pool.release_at_ready)
-    if client.statements is not None:
+    if client.maps_statements:
         client.set_actions(client.pool.client_prepared_actions)
 
 
@@ -58,7 +58,7 @@ def unlink(client: ClientConnection, server: ServerConnection, server_actions: b
     client.server = None
     server.client = None
     unlink_pair(client, server, server_actions)
-    if client.statements is not None:
+    if client.maps_statements:
         client.set_actions(client.pool.client_relay_actions)
 
 
