@@ -582,15 +582,19 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         return greeting
 
     def _auth_method(self) -> str:
+        return self._auth_rule()[0]
+
+    def _auth_rule(self) -> tuple[str, hba.IdentMap | None]:
+        """The auth_type word for this login, and the hba line's ident map (cert, peer)."""
         method = self.app.config.pgbouncer.auth_type
         if method == "hba":
-            method = hba.method_for(self.app.config, unix=self.listener_kind == "unix",
-                                    address=str(self.addr[0]), tls=bool(self.tls),
-                                    database=self.database, user=self.user)
-        return method
+            return hba.method_for(self.app.config, unix=self.listener_kind == "unix",
+                                  address=str(self.addr[0]), tls=bool(self.tls),
+                                  database=self.database, user=self.user)
+        return method, None
 
     async def _authenticate(self, secret: str | None) -> None:
-        method = self._auth_method()
+        method, ident_map = self._auth_rule()
         if method == "any":
             return
         if method == "trust":
@@ -601,14 +605,18 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
             # Known users only (as PgBouncer); the name must be in the verified certificate.
             ssl_object = self.transport.get_extra_info("ssl_object")
             cert = ssl_object.getpeercert() if ssl_object is not None else None
-            if secret is None or not hba.certificate_matches(cert, self.user):
+            if secret is None or not hba.certificate_matches(cert, self.user, ident_map):
                 raise hba.certificate_failed(self.user)
             return
         if method == "peer":
             peer = None
             if self.listener_kind == "unix":
                 peer = hba.peer_user_name(self.transport.get_extra_info("socket"))
-            if secret is None or peer != self.user:
+            if ident_map is not None:
+                allowed = peer is not None and ident_map.allows([peer], self.user)
+            else:
+                allowed = peer == self.user
+            if secret is None or not allowed:
                 raise hba.peer_failed(self.user)
             return
         if secret is None:

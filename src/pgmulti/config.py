@@ -62,7 +62,6 @@ _MASK = "'***'"
 UNSUPPORTED_KEYS: frozenset[str] = frozenset(
     {
         # Authentication methods other than the auth_file / auth_query based ones.
-        "auth_ident_file",
         "auth_ldap_options",
         # TLS fine tuning beyond protocols and ciphers (OpenSSL defaults apply).
         "client_tls13_ciphers",

@@ -9,7 +9,10 @@ Supported, as in PgBouncer 1.25 (doc/config.md "HBA file format"):
 * addresses ``all``, IPv4 or IPv6 with ``/bits`` or a separate mask; not ``samehost``,
   ``samenet`` or host names;
 * methods ``trust``, ``reject``, ``md5``, ``password``, ``scram-sha-256``, ``cert``, ``peer``;
-  no options after the method (``map=`` needs auth_ident_file, which pgmulti lacks).
+  the only option after the method is ``map=`` for ``cert`` and ``peer``, naming a map of
+  ``auth_ident_file``: lines ``map-name system-user database-user`` (the database user may
+  be ``all``; no regular expressions, as in PgBouncer). The system user is a certificate
+  name (cert) or the OS user at the other end of the Unix socket (peer).
 
 A line that cannot be parsed is logged with file:line and skipped, the rest of the file still
 applies (PgBouncer does the same). No line matching a login means it is rejected.
@@ -62,6 +65,7 @@ class Rule:
     users: Names
     network: ipaddress.IPv4Network | ipaddress.IPv6Network | None  # None: all addresses
     method: str                 # one of METHODS
+    ident_map: IdentMap | None = None  # map= (cert, peer)
 
     def __post_init__(self) -> None:
         # Plain integers for the per-login test: (version, network, mask).
@@ -85,6 +89,23 @@ class Rule:
         if net is None:
             return True
         return address is not None and address[0] == net[0] and address[1] & net[2] == net[1]
+
+
+@dataclass(frozen=True)
+class IdentMap:
+    """One map of auth_ident_file: (system user, database user or None for all) pairs."""
+
+    name: str
+    mappings: tuple[tuple[str, str | None], ...]
+
+    def allows(self, system_users: list[str], user: str, fold_case: bool = False) -> bool:
+        """Whether one of the system users (certificate names compare without case) may log
+        in as the database user."""
+        if fold_case:
+            system_users = [name.lower() for name in system_users]
+        return any((system.lower() if fold_case else system) in system_users
+                   and (database is None or database == user)
+                   for system, database in self.mappings)
 
 
 class HbaRules:
@@ -280,8 +301,10 @@ def _prefix_of_mask(mask: int, width: int) -> int:
     return prefix
 
 
-def parse_line(line: str, number: int, base_dir: str) -> Rule | None:
-    """One line as a Rule, None for a blank or comment line; HbaLineError if unusable."""
+def parse_line(line: str, number: int, base_dir: str,
+               ident_maps: dict[str, IdentMap] | None = None) -> Rule | None:
+    """One line as a Rule, None for a blank or comment line; HbaLineError if unusable.
+    `ident_maps`: auth_ident_file's maps, for map= options."""
     tokens = _Tokens(tokenize(line))
     if tokens.peek() is None:
         return None
@@ -300,22 +323,29 @@ def parse_line(line: str, number: int, base_dir: str) -> Rule | None:
         shown = method if method and method.replace("-", "").isalnum() else "?"
         raise HbaLineError(f"unsupported authentication method {shown}")
     tokens.pos += 1
+    ident_map = None
     if tokens.peek() is not None:
-        option = tokens.peek()[0].partition("=")[0]
-        if option == "map":
-            raise HbaLineError("map= needs auth_ident_file, which pgmulti does not support")
-        raise HbaLineError("options after the authentication method are not supported")
-    return Rule(number, kind, databases.build(), users.build(), network, method)
+        option, _, map_name = tokens.take("option")[0].partition("=")
+        if option != "map":
+            raise HbaLineError("options after the authentication method are not supported")
+        if method not in ("cert", "peer"):
+            raise HbaLineError("map= is supported with the cert and peer methods only")
+        ident_map = (ident_maps or {}).get(map_name)
+        if ident_map is None:
+            raise HbaLineError(f"ident map {map_name!r} is not in auth_ident_file")
+        if tokens.peek() is not None:
+            raise HbaLineError("options after map= are not supported")
+    return Rule(number, kind, databases.build(), users.build(), network, method, ident_map)
 
 
-def parse(text: str, path: str) -> HbaRules:
+def parse(text: str, path: str, ident_maps: dict[str, IdentMap] | None = None) -> HbaRules:
     """Every usable line of `text` (the file at `path`); problems are logged, never fatal."""
     rules: list[Rule] = []
     problems: list[str] = []
     base_dir = os.path.dirname(path)
     for number, line in enumerate(text.splitlines(), 1):
         try:
-            rule = parse_line(line, number, base_dir)
+            rule = parse_line(line, number, base_dir, ident_maps)
         except HbaLineError as exc:
             problem = f"{path}:{number}: {exc}; line ignored"
             problems.append(problem)
@@ -326,16 +356,46 @@ def parse(text: str, path: str) -> HbaRules:
     return HbaRules(path, rules, problems)
 
 
-def load(path: str) -> HbaRules:
-    """The rules of the file; a file that cannot be read has none, so every login is rejected."""
+def parse_ident(text: str, path: str) -> dict[str, IdentMap]:
+    """auth_ident_file's maps by name; an unusable line is logged with file:line and skipped."""
+    pairs: dict[str, list[tuple[str, str | None]]] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            tokens = [text for text, _ in tokenize(line)]
+            if not tokens:
+                continue
+            if len(tokens) != 3 or COMMA in tokens:
+                raise HbaLineError("expected: map-name system-user database-user")
+        except HbaLineError as exc:
+            log.warning("auth_ident_file %s:%d: %s; line ignored", path, number, exc)
+            continue
+        name, system, database = tokens
+        pairs.setdefault(name, []).append((system, None if database == "all" else database))
+    return {name: IdentMap(name, tuple(mappings)) for name, mappings in pairs.items()}
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+        return handle.read()
+
+
+def load(path: str, ident_path: str = "") -> HbaRules:
+    """The rules of the file (with the maps of `ident_path`); a file that cannot be read has
+    none, so every login is rejected."""
+    ident_maps: dict[str, IdentMap] = {}
+    if ident_path:
+        try:
+            ident_maps = parse_ident(_read(ident_path), ident_path)
+        except OSError as exc:
+            log.error("could not open auth_ident_file %s: %s; lines with map= are ignored",
+                      ident_path, exc.strerror or exc)
     try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as handle:
-            text = handle.read()
+        text = _read(path)
     except OSError as exc:
         log.error("could not open auth_hba_file %s: %s; every login is rejected",
                   path, exc.strerror or exc)
         return HbaRules(path, [], [f"{path}: {exc.strerror or exc}"])
-    rules = parse(text, path)
+    rules = parse(text, path, ident_maps)
     log.info("auth_hba_file %s: %d rules", path, len(rules.rules))
     return rules
 
@@ -348,7 +408,8 @@ _loaded: tuple[object, HbaRules] | None = None
 def rules_for(config) -> HbaRules:
     global _loaded
     if _loaded is None or _loaded[0] is not config:
-        _loaded = (config, load(config.pgbouncer.auth_hba_file))
+        cfg = config.pgbouncer
+        _loaded = (config, load(cfg.auth_hba_file, cfg.auth_ident_file or ""))
     return _loaded[1]
 
 
@@ -363,8 +424,9 @@ def _connection_text(unix: bool, address: str | None, tls: bool, database: str,
 
 
 def method_for(config, *, unix: bool, address: str | None, tls: bool, database: str,
-               user: str) -> str:
-    """The auth_type word for this login (trust, plain, md5, scram-sha-256, cert, peer).
+               user: str) -> tuple[str, IdentMap | None]:
+    """The auth_type word for this login (trust, plain, md5, scram-sha-256, cert, peer), and
+    the ident map of the line for cert and peer.
 
     Raises PostgreSQL's FATAL 28000 when no line matches or the matching line says reject.
     """
@@ -378,7 +440,7 @@ def method_for(config, *, unix: bool, address: str | None, tls: bool, database: 
         raise errors.fatal(errors.INVALID_AUTHORIZATION_SPECIFICATION,
                            f"pg_hba.conf rejects connection for {where}")
     log.debug("hba line %d matched %s", rule.line, where)
-    return AUTH_TYPE_OF_METHOD.get(rule.method, rule.method)
+    return AUTH_TYPE_OF_METHOD.get(rule.method, rule.method), rule.ident_map
 
 
 def certificate_failed(user: str) -> PgError:
@@ -404,12 +466,16 @@ def certificate_names(cert: dict) -> list[str]:
             if key == "commonName"]
 
 
-def certificate_matches(cert: dict | None, user: str) -> bool:
-    """A verified certificate naming this user (case-insensitively, as libtls compares)."""
+def certificate_matches(cert: dict | None, user: str, ident_map: IdentMap | None = None) -> bool:
+    """A verified certificate naming this user (case-insensitively, as libtls compares), or
+    with `ident_map` a name the map lets log in as this user."""
     if not cert:
         return False
+    names = certificate_names(cert)
+    if ident_map is not None:
+        return ident_map.allows(names, user, fold_case=True)
     wanted = user.lower()
-    return any(name.lower() == wanted for name in certificate_names(cert))
+    return any(name.lower() == wanted for name in names)
 
 
 def peer_credentials(sock) -> tuple[int, int] | None:

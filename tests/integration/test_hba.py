@@ -230,6 +230,37 @@ def test_peer_method_on_the_unix_socket(hba_proxy, userlist):
     assert fields["M"] == f'Peer authentication failed for user "{me}"'
 
 
+def test_peer_method_with_an_ident_map(hba_proxy, userlist, tmp_path):
+    me = pwd.getpwuid(os.getuid()).pw_name
+    ident = tmp_path / "ident.conf"
+    ident.write_text(f"ops {me} md5user\nops {me} plainuser\n")
+    peerdb = "host=127.0.0.1 port={pg_port} dbname=testdb user=postgres"
+    proxy = hba_proxy("local all all peer map=ops\n", users=userlist(**{me: ""}),
+                      databases={"peerdb": peerdb}, auth_ident_file=str(ident))
+    for user in ("md5user", "plainuser"):  # the map lets the OS user in as these
+        with connect(proxy, unix=True, user=user, db="peerdb") as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    # Not as itself: with a map only the map's pairs count.
+    error = login_error(proxy, unix=True, user=me, db="peerdb")
+    assert f'Peer authentication failed for user "{me}"' in error
+
+
+def test_cert_method_with_an_ident_map(hba_proxy, tmp_path):
+    ca = CertificateAuthority(tmp_path / "ca")
+    server = ca.issue("proxy", "localhost", ("127.0.0.1", "localhost"))
+    client = ca.issue("client", "robot-7", client=True)
+    ident = tmp_path / "ident.conf"
+    ident.write_text("robots robot-7 plainuser\n")
+    proxy = hba_proxy("hostssl all all 127.0.0.1/32 cert map=robots\n",
+                      auth_ident_file=str(ident), client_tls_sslmode="verify-ca",
+                      client_tls_ca_file=ca.cert_file, client_tls_cert_file=server.cert_file,
+                      client_tls_key_file=server.key_file)
+    with_cert = {"sslmode": "require", "sslcert": client.cert_file, "sslkey": client.key_file}
+    assert current_user(proxy, user="plainuser", **with_cert) == "plainuser"
+    error = login_error(proxy, user="md5user", **with_cert)
+    assert 'certificate authentication failed for user "md5user"' in error
+
+
 def _wait_for(predicate, what: str) -> None:
     deadline = time.monotonic() + RELOAD_WAIT_S
     while time.monotonic() < deadline:

@@ -170,7 +170,8 @@ def test_name_file_including_itself_is_refused(tmp_path) -> None:
     ("host all all 10.0.0.0/8 gss", "unsupported authentication method gss"),
     ("host all all all ldap ldapserver=x ldapbindpasswd=TopSecret",
      "unsupported authentication method ldap"),
-    ("host all all all cert map=omicron", "map= needs auth_ident_file"),
+    ("host all all all cert map=omicron", "ident map 'omicron' is not in auth_ident_file"),
+    ("host all all all md5 map=omicron", "map= is supported with the cert and peer methods"),
     ("host all all all md5 clientcert=verify-ca", "options after the authentication method"),
     ("host all", "missing user name"),
     ("host all all", "missing address"),
@@ -201,8 +202,9 @@ def test_missing_file_rejects_everyone(tmp_path, caplog) -> None:
 # --- the decision ---
 
 
-def _config(path: str):
-    return types.SimpleNamespace(pgbouncer=types.SimpleNamespace(auth_hba_file=path))
+def _config(path: str, ident_path: str = ""):
+    return types.SimpleNamespace(pgbouncer=types.SimpleNamespace(auth_hba_file=path,
+                                                                 auth_ident_file=ident_path))
 
 
 def test_method_for_maps_password_and_raises_postgres_errors(tmp_path) -> None:
@@ -211,9 +213,9 @@ def test_method_for_maps_password_and_raises_postgres_errors(tmp_path) -> None:
                     "host all all 127.0.0.1/32 password\n")
     config = _config(str(path))
     assert hba.method_for(config, unix=True, address=None, tls=False, database="d",
-                          user="u") == "peer"
+                          user="u") == ("peer", None)
     assert hba.method_for(config, unix=False, address="127.0.0.1", tls=True, database="d",
-                          user="u") == "plain"
+                          user="u") == ("plain", None)
     with pytest.raises(PgError) as info:
         hba.method_for(config, unix=False, address="127.0.0.1", tls=True, database="d",
                        user="bad")
@@ -268,3 +270,64 @@ def test_peer_user_name_of_a_unix_socket_pair() -> None:
     with tcp:
         assert hba.peer_user_name(tcp) is None
     assert hba.peer_user_name(None) is None
+
+
+# --- ident maps (auth_ident_file) ---
+
+
+IDENT_FILE = """\
+# map   system user   database user
+omicron  robert        bob
+omicron  "ann smith"   ann
+omicron  ann           "ann2"
+ops      root          all
+bad line
+too many words here
+"""
+
+
+def test_ident_file_lines(caplog) -> None:
+    with caplog.at_level(logging.WARNING, "pgmulti.hba"):
+        maps = hba.parse_ident(IDENT_FILE, "/x/ident.conf")
+    assert maps["omicron"].mappings == (("robert", "bob"), ("ann smith", "ann"), ("ann", "ann2"))
+    assert maps["ops"].mappings == (("root", None),)
+    assert "/x/ident.conf:6: " in caplog.text and "/x/ident.conf:7: " in caplog.text
+
+
+def test_ident_map_allows_mapped_pairs_only() -> None:
+    maps = hba.parse_ident(IDENT_FILE, "/x/ident.conf")
+    omicron, ops = maps["omicron"], maps["ops"]
+    assert omicron.allows(["robert"], "bob")
+    assert not omicron.allows(["robert"], "robert")  # the map replaces the same-name rule
+    assert not omicron.allows(["bob"], "bob")
+    assert omicron.allows(["ann"], "ann2") and not omicron.allows(["ann"], "ann")
+    assert ops.allows(["root"], "anyone") and not ops.allows(["toor"], "anyone")
+    assert omicron.allows(["ROBERT"], "bob", fold_case=True)  # certificate names
+    assert not omicron.allows(["ROBERT"], "bob")
+
+
+def test_map_option_on_cert_and_peer_lines(tmp_path) -> None:
+    ident = tmp_path / "ident.conf"
+    ident.write_text(IDENT_FILE)
+    hba_file = tmp_path / "hba.conf"
+    hba_file.write_text("local all all peer map=ops\nhostssl all all all cert map=omicron\n")
+    config = _config(str(hba_file), str(ident))
+    method, ident_map = hba.method_for(config, unix=True, address=None, tls=False,
+                                       database="d", user="u")
+    assert (method, ident_map.name) == ("peer", "ops")
+    method, ident_map = hba.method_for(config, unix=False, address="10.1.2.3", tls=True,
+                                       database="d", user="u")
+    assert (method, ident_map.name) == ("cert", "omicron")
+    cert = {"subject": ((("commonName", "Robert"),),)}
+    assert hba.certificate_matches(cert, "bob", ident_map)
+    assert not hba.certificate_matches(cert, "robert", ident_map)
+    assert hba.certificate_matches(cert, "robert")  # no map: the name itself
+
+
+def test_missing_ident_file_drops_the_lines_that_use_it(tmp_path, caplog) -> None:
+    hba_file = tmp_path / "hba.conf"
+    hba_file.write_text("local all all peer map=ops\nlocal all all trust\n")
+    with caplog.at_level(logging.WARNING, "pgmulti.hba"):
+        rules = hba.load(str(hba_file), str(tmp_path / "absent.conf"))
+    assert [rule.line for rule in rules.rules] == [2]
+    assert "could not open auth_ident_file" in caplog.text
