@@ -61,8 +61,6 @@ READY_IDLE = protocol.ready_for_query("I")
 # sends 32). Protocol 3.0 keys are 4 bytes.
 LONG_CANCEL_KEY_BYTES = 32
 
-# Startup parameters PostgreSQL clients send that the pooler understands.
-
 # Startup packets remembered per worker (see KnownStartup); an application sends few distinct ones.
 KNOWN_STARTUPS_MAX = 256
 

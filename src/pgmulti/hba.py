@@ -361,7 +361,7 @@ def parse_ident(text: str, path: str) -> dict[str, IdentMap]:
     pairs: dict[str, list[tuple[str, str | None]]] = {}
     for number, line in enumerate(text.splitlines(), 1):
         try:
-            tokens = [text for text, _ in tokenize(line)]
+            tokens = [word for word, _ in tokenize(line)]
             if not tokens:
                 continue
             if len(tokens) != 3 or COMMA in tokens:

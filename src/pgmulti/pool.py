@@ -590,7 +590,7 @@ class Pool:
         for client in self.waiting:
             if now - client.wait_start <= after:
                 break  # queued later than this one: not yet either
-            if client.wait_notified != client.wait_start:
+            if client.wait_notified != client.wait_start and not client.closed:
                 client.wait_notified = client.wait_start
                 client.transport.write(QUEUED_NOTICE)
 

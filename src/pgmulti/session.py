@@ -41,6 +41,7 @@ def track(extra: Iterable[str]) -> None:
     TRACKED_PARAMETERS = tuple(by_lower.values())
     TRACKED_BY_LOWER = by_lower
 
+
 READY_IDLE = ord("I")
 
 
