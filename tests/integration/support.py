@@ -154,6 +154,15 @@ def error_fields(body: bytes) -> dict[str, str]:
     return fields
 
 
+def parse_messages(data: bytes) -> list[tuple[bytes, bytes]]:
+    messages, pos = [], 0
+    while pos + 5 <= len(data):
+        length = struct.unpack("!I", data[pos + 1:pos + 5])[0]
+        messages.append((data[pos:pos + 1], data[pos + 5:pos + 1 + length]))
+        pos += 1 + length
+    return messages
+
+
 class Raw:
     """A TCP socket speaking the protocol by hand; every read is bounded by a timeout."""
 

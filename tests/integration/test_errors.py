@@ -13,21 +13,12 @@ import psycopg
 import pytest
 
 from pgmulti.cluster import clean_env
-from support import Raw, error_fields, message, startup_packet
+from support import Raw, error_fields, message, parse_messages, startup_packet
 
 CONNECT_TIMEOUT = 10
 SSL_REQUEST_CODE = 80877103
 GSSENC_REQUEST_CODE = 80877104
 CANCEL_REQUEST_CODE = 80877102
-
-
-def parse_messages(data: bytes) -> list[tuple[bytes, bytes]]:
-    messages, pos = [], 0
-    while pos + 5 <= len(data):
-        length = struct.unpack("!I", data[pos + 1:pos + 5])[0]
-        messages.append((data[pos:pos + 1], data[pos + 5:pos + 1 + length]))
-        pos += 1 + length
-    return messages
 
 
 def assert_fatal_protocol_violation(data: bytes, text: str | None = None) -> dict[str, str]:
