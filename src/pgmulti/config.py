@@ -75,8 +75,7 @@ UNSUPPORTED_KEYS: frozenset[str] = frozenset(
         "resolv_conf",
         # Peering (cancel-request forwarding) and the [peers] section.
         "peer_id",
-        # Pool behaviours not built yet: read, not acted on.
-        "cancel_wait_timeout",
+        # SUSPEND is refused (rolling restarts replace it), so its timeout has nothing to time.
         "suspend_timeout",
         # PgBouncer event-loop internals with no equivalent here.
         "sbuf_loopcnt",

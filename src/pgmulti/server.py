@@ -478,23 +478,25 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
     # -- cancel --------------------------------------------------------------------------
 
     async def send_cancel(self) -> None:
-        """Forward a cancel for this backend over a new connection, as libpq does."""
-        loop = asyncio.get_running_loop()
-        packet = protocol.cancel_request(self.backend_pid, self.backend_key)
+        """Forward a cancel for this backend over a new connection, as libpq does; give up
+        after cancel_wait_timeout (0: no limit)."""
+        timeout = self.app.config.pgbouncer.cancel_wait_timeout or None
         try:
-            if self.pool.unix_path:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_unix_connection(self.pool.unix_path), 5)
-            else:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(self.pool.host, self.pool.port), 5)
-            writer.write(packet)
-            await writer.drain()
-            await asyncio.wait_for(reader.read(1), 5)
-            writer.close()
+            await asyncio.wait_for(self._send_cancel(), timeout)
         except (OSError, asyncio.TimeoutError) as exc:
-            log.warning("%r cancel request failed: %s", self, exc)
-        del loop
+            log.warning("%r cancel request failed: %s", self, str(exc) or "cancel_wait_timeout")
+
+    async def _send_cancel(self) -> None:
+        if self.pool.unix_path:
+            reader, writer = await asyncio.open_unix_connection(self.pool.unix_path)
+        else:
+            reader, writer = await asyncio.open_connection(self.pool.host, self.pool.port)
+        try:
+            writer.write(protocol.cancel_request(self.backend_pid, self.backend_key))
+            await writer.drain()
+            await reader.read(1)  # PostgreSQL closes once it has taken the request
+        finally:
+            writer.close()
 
 
 async def _connected_socket(loop, host: str, port: int) -> socket.socket:

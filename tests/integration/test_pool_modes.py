@@ -507,6 +507,65 @@ def test_cancel_stops_a_running_query(pgmulti, pg, mode, method):
         assert scalar(conn, "SELECT 7") == 7
 
 
+class CancelSwallower:
+    """A TCP port in front of PostgreSQL: the first connection is relayed to it, every later
+    one (a forwarded cancel) is accepted and never answered."""
+
+    def __init__(self, pg):
+        self.pg = pg
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        first = True
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            if not first:
+                self.held.append(conn)
+                continue
+            first = False
+            upstream = socket.create_connection((self.pg.host, self.pg.port))
+            for source, target in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pipe, args=(source, target), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, target: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                target.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self.held:
+            conn.close()
+
+
+def test_cancel_wait_timeout_gives_up_on_a_silent_server(pgmulti, pg, base_config):
+    swallower = CancelSwallower(pg)
+    proxy = pgmulti(base_config(
+        databases={"slow": f"host=127.0.0.1 port={swallower.port} dbname=testdb"},
+        pool_mode="session", cancel_wait_timeout=1))
+    try:
+        with connect(proxy, db="slow") as conn:
+            tag = "cancel-swallowed"
+            thread, outcome = _run_sleep_in_thread(conn, 3, tag)
+            _wait_until_sleeping(pg, tag)
+            conn.cancel()
+            wait_for(lambda: "cancel request failed: cancel_wait_timeout" in proxy.log_text(),
+                     2.5, "the cancel given up")
+            thread.join(8)
+            assert outcome.get("result") == "finished", outcome  # never cancelled
+    finally:
+        swallower.close()
+
+
 def test_cancel_reaches_the_right_server(pgmulti, pg):
     """Two clients sleeping on two servers: a cancel stops only the one it was sent for."""
     proxy = pgmulti({"pool_mode": "transaction", "default_pool_size": 2})

@@ -735,10 +735,10 @@ def test_structs_are_frozen_and_strict() -> None:
 def test_unsupported_lists_only_keys_the_file_sets() -> None:
     assert parse(MINIMAL).unsupported == ()
     config = parse(
-        "[pgbouncer]\nsyslog = 1\ncancel_wait_timeout = 5\nserver_tls_sslmode = disable\n"
+        "[pgbouncer]\nsyslog = 1\nsuspend_timeout = 5\nserver_tls_sslmode = disable\n"
         "listen_port = 1\n"
     )
-    assert config.unsupported == ("cancel_wait_timeout",)  # syslog is supported
+    assert config.unsupported == ("suspend_timeout",)  # syslog is supported
     assert UNSUPPORTED_KEYS <= set(PGBOUNCER_125_KEYS)
 
 
