@@ -234,8 +234,9 @@ class Raw:
                 return data
             data += chunk
 
-    def login(self, user: str = "postgres", db: str = "testdb", **extra: str) -> list:
-        self.send(startup_packet({"user": user, "database": db, **extra}))
+    def login(self, user: str = "postgres", db: str = "testdb",
+              version: tuple[int, int] = (3, 0), **extra: str) -> list:
+        self.send(startup_packet({"user": user, "database": db, **extra}, version))
         messages = self.read_until(b"Z")
         assert messages[-1][0] == b"Z", f"login failed: {error_fields(messages[-1][1])}"
         return messages

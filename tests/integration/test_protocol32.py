@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import pytest
 
 from pgmulti.cluster import (ClusterError, clean_env, find_free_port, give_to_server_user,
                              server_user_popen_kwargs, stop_process, wait_until_listening)
+from support import Raw, error_fields, query_message, startup_packet
 
 CONNECT_TIMEOUT_S = 5
 SOCKET_TIMEOUT_S = 5.0
@@ -41,83 +41,11 @@ def version_code(major: int, minor: int) -> int:
     return (major << 16) | minor
 
 
-# --- a raw protocol client ---
-
-
-def startup_packet(version: tuple[int, int], **params: str) -> bytes:
-    body = struct.pack("!I", version_code(*version))
-    for key, value in {"user": "postgres", "database": "testdb", **params}.items():
-        body += key.encode() + b"\0" + value.encode() + b"\0"
-    body += b"\0"
-    return struct.pack("!I", len(body) + 4) + body
+# --- a raw protocol client (support.Raw) ---
 
 
 def cancel_packet(pid: int, key: bytes) -> bytes:
     return struct.pack("!III", 12 + len(key), CANCEL_REQUEST_CODE, pid) + key
-
-
-def query_message(sql: str) -> bytes:
-    body = sql.encode() + b"\0"
-    return b"Q" + struct.pack("!I", len(body) + 4) + body
-
-
-def error_fields(body: bytes) -> dict[str, str]:
-    return {chr(part[0]): part[1:].decode() for part in body.split(b"\0") if part}
-
-
-class Raw:
-    """A TCP socket speaking the protocol by hand; every read bounded by the socket timeout."""
-
-    def __init__(self, port: int):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT_S)
-        self.buf = b""
-
-    def __enter__(self) -> Raw:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.sock.close()
-
-    def _fill(self, size: int) -> None:
-        while len(self.buf) < size:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError(f"connection closed; have {self.buf!r}")
-            self.buf += chunk
-
-    def read_message(self) -> tuple[bytes, bytes]:
-        self._fill(5)
-        length = struct.unpack("!I", self.buf[1:5])[0]
-        self._fill(1 + length)
-        msg_type, body = self.buf[:1], self.buf[5:1 + length]
-        self.buf = self.buf[1 + length:]
-        return msg_type, body
-
-    def read_until_ready(self) -> list[tuple[bytes, bytes]]:
-        """Messages up to ReadyForQuery, or up to a FATAL error (the connection then closes)."""
-        messages = []
-        while True:
-            msg_type, body = self.read_message()
-            messages.append((msg_type, body))
-            if msg_type == b"Z" or (msg_type == b"E" and error_fields(body)["S"] == "FATAL"):
-                return messages
-
-    def read_to_eof(self) -> bytes:
-        data = self.buf
-        while True:
-            try:
-                chunk = self.sock.recv(65536)
-            except ConnectionResetError:
-                return data
-            if not chunk:
-                return data
-            data += chunk
-
-    def login(self, version: tuple[int, int], **params: str) -> list[tuple[bytes, bytes]]:
-        self.sock.sendall(startup_packet(version, **params))
-        messages = self.read_until_ready()
-        assert messages[-1] == (b"Z", b"I"), messages
-        return messages
 
 
 def key_data(messages: list[tuple[bytes, bytes]]) -> tuple[int, bytes]:
@@ -126,11 +54,11 @@ def key_data(messages: list[tuple[bytes, bytes]]) -> tuple[int, bytes]:
     return struct.unpack("!I", body[:4])[0], body[4:]
 
 
-def send_cancel(port: int, packet: bytes) -> bytes:
+def send_cancel(proxy, packet: bytes) -> bytes:
     """A CancelRequest on its own connection; what the proxy answered before closing."""
-    with Raw(port) as raw:
-        raw.sock.sendall(packet)
-        return raw.read_to_eof()
+    with Raw(proxy) as raw:
+        raw.send(packet)
+        return raw.read_until_closed()
 
 
 # --- psycopg ---
@@ -206,8 +134,8 @@ def test_psycopg_cancel_in_session_pooling_and_on_the_console(pgmulti):
 ])
 def test_negotiation_and_key_length(pgmulti, version, options, negotiated, key_length):
     proxy = pgmulti()
-    with Raw(proxy.port) as raw:
-        messages = raw.login(version, **options)
+    with Raw(proxy) as raw:
+        messages = raw.login(version=version, **options)
         negotiations = [body for msg_type, body in messages if msg_type == b"v"]
         if negotiated is None:
             assert negotiations == []
@@ -219,37 +147,35 @@ def test_negotiation_and_key_length(pgmulti, version, options, negotiated, key_l
         pid, key = key_data(messages)
         assert len(key) == key_length
         assert pid != 0
-        raw.sock.sendall(query_message("SELECT 1"))
-        assert (b"D", struct.pack("!HI", 1, 1) + b"1") in raw.read_until_ready()
+        raw.send(query_message("SELECT 1"))
+        assert (b"D", struct.pack("!HI", 1, 1) + b"1") in raw.read_until(b"Z")
 
 
 def test_keys_differ_between_clients(pgmulti):
     proxy = pgmulti()
     keys = set()
     for _ in range(3):
-        with Raw(proxy.port) as raw:
-            keys.add(key_data(raw.login((3, 2))))
+        with Raw(proxy) as raw:
+            keys.add(key_data(raw.login(version=(3, 2))))
     assert len(keys) == 3
 
 
 def test_long_key_cancel_request_finds_the_client(pgmulti):
     proxy = pgmulti()
-    with Raw(proxy.port) as raw:
-        pid, key = key_data(raw.login((3, 2)))
+    with Raw(proxy) as raw:
+        pid, key = key_data(raw.login(version=(3, 2)))
         assert len(key) == 32
-        raw.sock.sendall(query_message(SLEEP_SQL))
+        raw.send(query_message(SLEEP_SQL))
         time.sleep(CANCEL_DELAY_S)
         # Wrong keys are ignored: another key, the right one cut to 3.0's 4 bytes, one byte more.
         wrong = [bytes(b ^ 0xFF for b in key), key[:4], key + b"\0"]
         for bad_key in wrong:
-            assert send_cancel(proxy.port, cancel_packet(pid, bad_key)) == b""
-        raw.sock.settimeout(CANCEL_DELAY_S)
-        with pytest.raises(socket.timeout):
-            raw.read_message()  # still sleeping: nothing was canceled
-        raw.sock.settimeout(SOCKET_TIMEOUT_S)
+            assert send_cancel(proxy, cancel_packet(pid, bad_key)) == b""
+        with pytest.raises(TimeoutError):
+            raw.read_message(CANCEL_DELAY_S)  # still sleeping: nothing was canceled
         started = time.monotonic()
-        assert send_cancel(proxy.port, cancel_packet(pid, key)) == b""
-        messages = raw.read_until_ready()
+        assert send_cancel(proxy, cancel_packet(pid, key)) == b""
+        messages = raw.read_until(b"Z", SOCKET_TIMEOUT_S)
         assert time.monotonic() - started < CANCELED_WITHIN_S
     errors = [error_fields(body) for msg_type, body in messages if msg_type == b"E"]
     assert [fields["C"] for fields in errors] == [QUERY_CANCELED]
@@ -258,7 +184,7 @@ def test_long_key_cancel_request_finds_the_client(pgmulti):
 @pytest.mark.parametrize("key_length", [0, 257])
 def test_cancel_request_with_a_bad_key_length_is_refused(pgmulti, key_length):
     proxy = pgmulti()
-    answer = send_cancel(proxy.port, cancel_packet(1234, b"k" * key_length))
+    answer = send_cancel(proxy, cancel_packet(1234, b"k" * key_length))
     assert answer[:1] == b"E", answer
     fields = error_fields(answer[5:])
     assert (fields["S"], fields["C"]) == ("FATAL", PROTOCOL_VIOLATION), fields
@@ -268,8 +194,8 @@ def test_cancel_request_with_a_bad_key_length_is_refused(pgmulti, key_length):
 
 def test_protocol_4_is_refused(pgmulti):
     proxy = pgmulti()
-    with Raw(proxy.port) as raw:
-        raw.sock.sendall(startup_packet((4, 0)))
+    with Raw(proxy) as raw:
+        raw.send(startup_packet({"user": "postgres", "database": "testdb"}, (4, 0)))
         msg_type, body = raw.read_message()
     fields = error_fields(body)
     assert (msg_type, fields["C"]) == (b"E", PROTOCOL_VIOLATION), fields
