@@ -543,7 +543,7 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
             return None
         db = self.app.config.database_for(self.database)
         secret = self.app.userlist.get(self.user)
-        if db is None or secret is None or self._auth_method() not in ("trust", "any"):
+        if db is None or secret is None or self._auth_rule()[0] not in ("trust", "any"):
             return None
         pool = self.app.get_pool(self.database, db, self.user, secret, None)
         if pool.welcome_params is None or self.app.client_limit_error(pool) is not None:
@@ -578,9 +578,6 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         self.enable_direct_io(self.app.direct_io, DIRECT_IO_AFTER_READS)
         self.resume()
         return greeting
-
-    def _auth_method(self) -> str:
-        return self._auth_rule()[0]
 
     def _auth_rule(self) -> tuple[str, hba.IdentMap | None]:
         """The auth_type word for this login, and the hba line's ident map (cert, peer)."""
