@@ -12,13 +12,15 @@ the relay's buffer and encrypted from it).
 """
 
 cimport cython
-from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
+from cpython.bytearray cimport (PyByteArray_AS_STRING, PyByteArray_FromStringAndSize,
+                                PyByteArray_Resize)
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.memoryview cimport PyMemoryView_FromMemory
-from cpython.buffer cimport PyBUF_READ, PyBUF_WRITE
+from cpython.buffer cimport (PyBUF_READ, PyBUF_SIMPLE, PyBUF_WRITABLE, PyBUF_WRITE,
+                             PyBuffer_Release, PyObject_GetBuffer)
 from libc.stdint cimport uint32_t
 from libc.string cimport memcmp, memcpy, memmove
-from libc.errno cimport EAGAIN, EINTR, errno
+from libc.errno cimport EAGAIN, ECONNABORTED, EINTR, errno
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 from posix.resource cimport RLIMIT_NOFILE, getrlimit, rlimit
 from posix.unistd cimport close, dup
@@ -45,7 +47,36 @@ cdef extern from "<sys/epoll.h>" nogil:
     int epoll_create1(int flags)
     int epoll_ctl(int epfd, int op, int fd, epoll_event* event)
     int epoll_wait(int epfd, epoll_event* events, int maxevents, int timeout)
-    int EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLLIN
+    int EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD
+    uint32_t EPOLLIN, EPOLLOUT, EPOLLERR, EPOLLHUP
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    struct sockaddr:
+        unsigned short sa_family
+    int accept4(int fd, sockaddr* addr, socklen_t* addrlen, int flags)
+    int SOCK_NONBLOCK, SOCK_CLOEXEC, AF_INET, AF_INET6
+
+cdef extern from "<netinet/in.h>" nogil:
+    struct in_addr:
+        pass
+    struct in6_addr:
+        pass
+    struct sockaddr_in:
+        unsigned short sin_family
+        unsigned short sin_port
+        in_addr sin_addr
+    struct sockaddr_in6:
+        unsigned short sin6_family
+        unsigned short sin6_port
+        uint32_t sin6_flowinfo
+        in6_addr sin6_addr
+        uint32_t sin6_scope_id
+    unsigned short ntohs(unsigned short)
+    uint32_t ntohl(uint32_t)
+
+cdef extern from "<arpa/inet.h>" nogil:
+    const char* inet_ntop(int af, const void* src, char* dst, socklen_t size)
 
 # What the relay does with a message, chosen per message type.
 cdef enum:
@@ -176,6 +207,7 @@ cdef class PoolCore
 cdef class DirectIO
 cdef class DirectTls
 cdef class Relay
+cdef class SocketTransport
 
 # Action tables are shared, not copied: a relay points at the bytes of its current one.
 cdef bytes _ALL_PASS = bytes(256)  # ACT_PASS is 0
@@ -340,6 +372,7 @@ cdef class Relay:
     cdef Py_ssize_t _run_a          # a batch's first piece while it is still only
     cdef Py_ssize_t _run_b          #   bytes [_run_a, _run_b) of the buffer (0, 0: none)
     cdef DirectTls _tls             # TLS the codec may run while direct (use_direct_tls)
+    cdef SocketTransport _socket    # our transport when it is the codec's own (a client's)
 
     def __cinit__(self, *args, **kwargs):
         self.buffer_size = DEF_BUFFER_SIZE
@@ -481,6 +514,7 @@ cdef class Relay:
         """Called from connection_made: remember our transport and its bound write."""
         self.transport = transport
         self._own_write = transport.write
+        self._socket = transport if type(transport) is SocketTransport else None
 
     def link_output(self, transport):
         """Forward pass-through messages to `transport` from now on."""
@@ -558,8 +592,8 @@ cdef class Relay:
     def enable_direct_io(self, DirectIO io not None, int after_reads):
         """Let the codec read and write this connection's socket itself once `after_reads`
         more reads have come through the transport (plain TCP or Unix sockets, or TLS after
-        use_direct_tls)."""
-        if self._fd < 0:
+        use_direct_tls). A SocketTransport is the codec's already: nothing to switch."""
+        if self._fd < 0 and self._socket is None:
             self.direct_io = io
             self._direct_after = after_reads
 
@@ -787,11 +821,15 @@ cdef class Relay:
         return self._view[self._end:self._cap]
 
     def buffer_updated(self, Py_ssize_t nbytes):
+        self._buffer_updated(nbytes)
+
+    cdef int _buffer_updated(self, Py_ssize_t nbytes) except -1:
         self._received(nbytes)
         if self.direct_io is not None and self._fd < 0:
             self._direct_after -= 1
             if self._direct_after <= 0:
                 self._go_direct()
+        return 0
 
     cdef int _prepare_read(self) except -1:
         """Room for a read at _end: at least MIN_READ bytes, or what _need asks for."""
@@ -917,7 +955,7 @@ cdef class Relay:
         if b:
             self._send_run(a, b)
         elif batch is not None:
-            if self._direct_peer() is not None:
+            if self._direct_peer() is not None or self._socket_peer() is not None:
                 self._send_object(b"".join(batch))
             else:
                 self._out.writelines(batch)
@@ -937,7 +975,16 @@ cdef class Relay:
             return peer
         return None
 
+    cdef inline SocketTransport _socket_peer(self):
+        """The linked peer's SocketTransport: written with C calls, in order with whatever it
+        holds unsent."""
+        cdef Relay peer = self._peer
+        return peer._socket if peer is not None else None
+
     cdef int _send_run(self, Py_ssize_t a, Py_ssize_t b) except -1:
+        cdef SocketTransport socket = self._socket_peer()
+        if socket is not None:
+            return socket._write_bytes(<const char*>self._data + a, b - a)
         cdef Relay peer = self._direct_peer()
         cdef ssize_t sent
         if peer is None:
@@ -955,6 +1002,9 @@ cdef class Relay:
         return 0
 
     cdef int _send_object(self, data) except -1:
+        cdef SocketTransport socket = self._socket_peer()
+        if socket is not None and type(data) is bytes:
+            return socket._write_bytes(<const char*>(<bytes>data), len(<bytes>data))
         cdef Relay peer = self._direct_peer()
         cdef ssize_t sent
         cdef Py_ssize_t n
@@ -1203,10 +1253,14 @@ cdef class DirectIO:
     one reader: one Python call takes every ready socket, and the codec reads each into the
     relay's buffer and writes to linked direct peers with send(). Anything unusual (EOF, a
     read error, a full socket) goes back to the transport, which handles it as before.
+
+    The sockets of accepted clients (SocketTransport) are watched here too, for their whole
+    life: they have no uvloop transport at all.
     """
 
     cdef int _epfd
     cdef dict _relays               # fd -> Relay watched for reading (each event points at one)
+    cdef dict _transports           # fd -> open SocketTransport (events point at them too)
     cdef list _retired              # relays unwatched during a batch, kept alive until its end
     cdef bint _polling
     cdef object _loop
@@ -1222,6 +1276,7 @@ cdef class DirectIO:
         if self._epfd < 0:
             raise OSError(errno, "epoll_create1 failed")
         self._relays = {}
+        self._transports = {}
         self._retired = []
         self._loop = loop
         cdef rlimit limit
@@ -1235,19 +1290,23 @@ cdef class DirectIO:
             close(self._epfd)
 
     def close(self):
-        """Give every socket back to its transport and stop watching."""
+        """Give every socket back to its transport, close client sockets (after one last try
+        to send what they hold) and stop watching."""
         if self._epfd < 0:
             return
         for relay in list(self._relays.values()):
             (<Relay>relay)._leave_direct(True)
+        for transport in list(self._transports.values()):
+            (<SocketTransport>transport)._close_now()
         self._loop.remove_reader(self._epfd)
         close(self._epfd)
         self._epfd = -1
 
     def counters(self):
-        """Sockets watched now, and what was read and sent here instead of by the transport."""
+        """Dup'd sockets watched now, what was read and sent here instead of by a uvloop
+        transport, sends the socket took only part of, and open client SocketTransports."""
         return {"sockets": len(self._relays), "reads": self.reads, "sends": self.sends,
-                "handed_back": self.handed_back}
+                "handed_back": self.handed_back, "clients": len(self._transports)}
 
     cdef int _watch(self, Relay relay) except -1:
         cdef epoll_event event
@@ -1267,11 +1326,19 @@ cdef class DirectIO:
             self._retired.append(relay)
         return 0
 
+    cdef int _forget(self, int fd) except -1:
+        """A SocketTransport closes its descriptor (already out of the epoll set)."""
+        transport = self._transports.pop(fd, None)
+        if self._polling and transport is not None:
+            self._retired.append(transport)
+        return 0
+
     def _poll(self):
         global _batch_us, _batch_wall
         cdef int n = epoll_wait(self._epfd, self._events, DIRECT_EVENTS, 0)
         cdef int i
         cdef Relay relay
+        cdef object watched
         if n <= 0:
             return
         self._polling = True
@@ -1280,8 +1347,12 @@ cdef class DirectIO:
         try:
             for i in range(n):
                 # Alive: watched, or retired until the batch ends. An unwatched relay's
-                # _read_direct does nothing.
-                relay = <Relay>self._events[i].data.ptr
+                # _read_direct does nothing, nor does a closed transport's _ready.
+                watched = <object>self._events[i].data.ptr
+                if type(watched) is SocketTransport:
+                    (<SocketTransport>watched)._ready(self._events[i].events)
+                    continue
+                relay = <Relay>watched
                 try:
                     relay._read_direct()
                 except Exception as exc:
@@ -1300,6 +1371,448 @@ cdef class DirectIO:
             "exception": exc, "transport": relay.transport, "protocol": relay})
         if relay.transport is not None:
             relay.transport.abort()
+
+
+# -- client sockets: accepted and run by the codec, without uvloop transports ------------
+
+# asyncio's default write buffer limit (high water; low water is a quarter of it).
+cdef Py_ssize_t WRITE_HIGH_DEFAULT = 64 * 1024
+# Connections taken from the kernel per readiness of a listening socket (the rest wait for
+# the next loop iteration, so a connection storm cannot starve the sessions).
+cdef int ACCEPT_BATCH = 64
+
+import socket as _socket_module
+from os import strerror as _strerror
+
+
+cdef object _os_error(int code):
+    return OSError(code, _strerror(code))
+
+
+@cython.final
+cdef class SocketTransport:
+    """An accepted client socket as an asyncio transport, read and written by the codec.
+
+    A uvloop transport costs a login about as much CPU as PgBouncer spends on the whole
+    connection (its handle, a weak registry, two scheduled callbacks, two Python calls per
+    read); this one is a small object in DirectIO's epoll set. A Relay protocol is read into
+    with C calls; any other BufferedProtocol (the TLS layer, after set_protocol) through
+    get_buffer/buffer_updated. write() sends at once; what the socket does not take is copied
+    and sent when it is writable, with asyncio's flow control (pause_writing above the high
+    water mark, resume_writing at the low one). close() sends what is left, then closes;
+    connection_lost is always called from the loop, never from inside close() or write().
+    """
+
+    cdef int _fd
+    cdef int _family
+    cdef DirectIO _io
+    cdef object _loop
+    cdef object _protocol
+    cdef Relay _relay               # the protocol when it is a Relay: read with C calls
+    cdef bint _reading              # reading wanted (pause_reading/resume_reading)
+    cdef bint _closing
+    cdef bint _writing_paused       # the protocol was told pause_writing
+    cdef uint32_t _events           # what the epoll set watches now (0: not in it)
+    cdef bytearray _unsent          # what the socket did not take yet, or None
+    cdef Py_ssize_t _unsent_start
+    cdef Py_ssize_t _high
+    cdef Py_ssize_t _low
+    cdef object _sock               # a socket object on our descriptor, made when asked for
+    cdef sockaddr_in6 _peer         # the client's address from accept (an IPv4 one fits)
+
+    def __cinit__(self):
+        self._fd = -1
+
+    def __dealloc__(self):
+        if self._fd >= 0:  # never started (the protocol could not be made)
+            close(self._fd)
+
+    cdef int _start(self, protocol) except -1:
+        """Give the socket to its protocol and start reading (and read at once: with
+        tcp_defer_accept the startup packet is usually there already)."""
+        self._io._transports[self._fd] = self
+        self._set_protocol(protocol)
+        self._reading = True
+        protocol.connection_made(self)
+        self._update_events()
+        if self._reading and not self._closing and self._fd >= 0:
+            self._read()
+        return 0
+
+    cdef inline void _set_protocol(self, protocol):
+        self._protocol = protocol
+        self._relay = protocol if isinstance(protocol, Relay) else None
+
+    # -- events ----------------------------------------------------------------------
+
+    cdef int _update_events(self) except -1:
+        """Watch for what we want now: input while reading, output while bytes wait."""
+        cdef uint32_t want = 0
+        cdef epoll_event event
+        cdef int op
+        if self._fd < 0:
+            return 0
+        if self._reading and not self._closing:
+            want = EPOLLIN
+        if self._unsent is not None:
+            want |= EPOLLOUT
+        if want == self._events:
+            return 0
+        if want == 0:
+            op = EPOLL_CTL_DEL  # not a 0 mask: hang-ups would still be reported
+        elif self._events == 0:
+            op = EPOLL_CTL_ADD
+        else:
+            op = EPOLL_CTL_MOD
+        event.events = want
+        event.data.ptr = <void*>self
+        if epoll_ctl(self._io._epfd, op, self._fd, &event) < 0:
+            raise _os_error(errno)
+        self._events = want
+        return 0
+
+    cdef int _ready(self, uint32_t events) except -1:
+        """DirectIO: our socket is ready. Failures of the protocol close this connection
+        only (as uvloop does when a protocol callback raises)."""
+        try:
+            if self._unsent is not None and events & (EPOLLOUT | EPOLLERR | EPOLLHUP):
+                self._send_unsent()
+            if (self._reading and not self._closing and self._fd >= 0
+                    and events & (EPOLLIN | EPOLLERR | EPOLLHUP)):
+                self._read()
+        except Exception as exc:
+            self._loop.call_exception_handler({
+                "message": "Fatal error: protocol callback failed.",
+                "exception": exc, "transport": self, "protocol": self._protocol})
+            self._abort(exc)
+        return 0
+
+    cdef int _read(self) except -1:
+        cdef Relay relay = self._relay
+        cdef ssize_t n
+        cdef int failure
+        cdef Py_buffer view
+        if relay is not None:
+            relay._prepare_read()
+            n = recv(self._fd, relay._data + relay._end, relay._cap - relay._end, 0)
+            failure = errno
+            self._io.reads += 1
+            if n > 0:
+                relay._buffer_updated(n)
+                return 0
+        else:
+            buffer = self._protocol.get_buffer(65536)  # a size hint, as uvloop gives one
+            PyObject_GetBuffer(buffer, &view, PyBUF_WRITABLE)
+            n = recv(self._fd, view.buf, view.len, 0)
+            failure = errno
+            PyBuffer_Release(&view)
+            self._io.reads += 1
+            if n > 0:
+                self._protocol.buffer_updated(n)
+                return 0
+        if n == 0:
+            # End of input: the protocol may keep writing (eof_received true), else close.
+            self._reading = False
+            self._update_events()
+            if not self._protocol.eof_received():
+                self.close()
+        elif failure != EAGAIN and failure != EINTR:
+            self._abort(_os_error(failure))
+        return 0
+
+    # -- writing ---------------------------------------------------------------------
+
+    def write(self, data):
+        cdef Py_buffer view
+        if self._fd < 0:
+            return  # the connection is gone: asyncio drops such writes too
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            self._write_bytes(<const char*>view.buf, view.len)
+        finally:
+            PyBuffer_Release(&view)
+
+    cdef int _write_bytes(self, const char* data, Py_ssize_t size) except -1:
+        """write() for the codec: send now, or queue a copy behind what waits (the caller may
+        reuse its buffer, a relay's read buffer, at once)."""
+        cdef ssize_t sent
+        cdef int failure
+        cdef Py_ssize_t queued
+        if self._fd < 0 or size == 0:
+            return 0
+        if self._unsent is not None:
+            queued = len(self._unsent)
+            PyByteArray_Resize(self._unsent, queued + size)
+            memcpy(PyByteArray_AS_STRING(self._unsent) + queued, data, size)
+            self._maybe_pause_protocol()
+            return 0
+        sent = send(self._fd, data, size, MSG_NOSIGNAL)
+        failure = errno
+        self._io.sends += 1
+        if sent == size:
+            return 0
+        if sent < 0:
+            if failure != EAGAIN and failure != EINTR:
+                self._abort(_os_error(failure))
+                return 0
+            sent = 0
+        self._io.handed_back += 1
+        self._unsent = PyByteArray_FromStringAndSize(data + sent, size - sent)
+        self._unsent_start = 0
+        self._update_events()
+        self._maybe_pause_protocol()
+        return 0
+
+    def writelines(self, list_of_data):
+        self.write(b"".join(list_of_data))
+
+    cdef int _send_unsent(self) except -1:
+        cdef bytearray unsent = self._unsent
+        cdef Py_ssize_t size = len(unsent)
+        cdef ssize_t sent = send(self._fd, PyByteArray_AS_STRING(unsent) + self._unsent_start,
+                                 size - self._unsent_start, MSG_NOSIGNAL)
+        cdef int failure = errno
+        if sent < 0:
+            if failure != EAGAIN and failure != EINTR:
+                self._abort(_os_error(failure))
+            return 0
+        self._unsent_start += sent
+        if self._unsent_start < size:
+            if self._unsent_start >= size // 2:
+                del unsent[:self._unsent_start]  # keep appends from growing it forever
+                self._unsent_start = 0
+            self._maybe_resume_protocol()
+            return 0
+        self._unsent = None
+        self._unsent_start = 0
+        self._maybe_resume_protocol()  # also when closing, as asyncio's transports do
+        if self._closing:
+            self._finish(None)
+            return 0
+        self._update_events()
+        return 0
+
+    cdef int _maybe_pause_protocol(self) except -1:
+        if not self._writing_paused and self.get_write_buffer_size() > self._high:
+            self._writing_paused = True
+            self._protocol.pause_writing()
+        return 0
+
+    cdef int _maybe_resume_protocol(self) except -1:
+        if self._writing_paused and self.get_write_buffer_size() <= self._low:
+            self._writing_paused = False
+            if self._protocol is not None:
+                self._protocol.resume_writing()
+        return 0
+
+    def get_write_buffer_size(self):
+        return 0 if self._unsent is None else len(self._unsent) - self._unsent_start
+
+    def set_write_buffer_limits(self, high=None, low=None):
+        if high is None:
+            high = WRITE_HIGH_DEFAULT if low is None else 4 * low
+        if low is None:
+            low = high // 4
+        if not high >= low >= 0:
+            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+        self._high = high
+        self._low = low
+        self._maybe_pause_protocol()
+
+    def get_write_buffer_limits(self):
+        return (self._low, self._high)
+
+    # -- reading ---------------------------------------------------------------------
+
+    def pause_reading(self):
+        if self._reading and not self._closing:
+            self._reading = False
+            self._update_events()
+
+    def resume_reading(self):
+        if not self._reading and not self._closing:
+            self._reading = True
+            self._update_events()
+
+    def is_reading(self):
+        return self._reading and not self._closing
+
+    # -- closing ---------------------------------------------------------------------
+
+    def is_closing(self):
+        return self._closing
+
+    def close(self):
+        """Stop reading; close once what waits is sent."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._unsent is None:
+            self._finish(None)
+        else:
+            self._update_events()
+
+    def abort(self):
+        self._abort(None)
+
+    def _force_close(self, exc):
+        """What uvloop's TLS layer calls on its transport when the connection fails."""
+        self._abort(exc)
+
+    cdef int _abort(self, exc) except -1:
+        self._closing = True
+        self._unsent = None
+        self._finish(exc)
+        return 0
+
+    cdef int _close_now(self) except -1:
+        """The worker is stopping: one last try to send what waits, then close."""
+        if self._unsent is not None and self._fd >= 0:
+            self._send_unsent()
+        self._abort(None)
+        return 0
+
+    cdef int _finish(self, exc) except -1:
+        cdef int fd = self._fd
+        cdef epoll_event event
+        if fd < 0:
+            return 0
+        if self._events:
+            epoll_ctl(self._io._epfd, EPOLL_CTL_DEL, fd, &event)
+            self._events = 0
+        self._io._forget(fd)
+        if self._sock is not None:
+            self._sock.detach()  # the number is ours to close; the object shows fileno -1
+        self._fd = -1
+        close(fd)
+        self._loop.call_soon(self._connection_lost, exc)
+        return 0
+
+    def _connection_lost(self, exc):
+        protocol = self._protocol
+        self._protocol = None  # the protocol keeps the transport, not the other way round
+        self._relay = None
+        if protocol is not None:
+            protocol.connection_lost(exc)
+
+    # -- the rest of asyncio's transport API -------------------------------------------
+
+    def set_protocol(self, protocol):
+        self._set_protocol(protocol)
+
+    def get_protocol(self):
+        return self._protocol
+
+    def get_extra_info(self, name, default=None):
+        if name == "peername":
+            return self._peername()
+        if name == "socket":
+            return self._socket()
+        if name == "sockname":
+            sock = self._socket()
+            return sock.getsockname() if sock is not None and self._fd >= 0 else default
+        return default
+
+    cdef object _socket(self):
+        """A socket object on our descriptor (peer credentials, getsockname, a dup for
+        direct I/O): made when first asked for, detached when we close."""
+        if self._sock is None and self._fd >= 0:
+            self._sock = _socket_module.socket(self._family, _socket_module.SOCK_STREAM, 0,
+                                               self._fd)
+        return self._sock
+
+    cdef object _peername(self):
+        """As socket.getpeername(): (host, port) for IPv4, (host, port, flowinfo, scope_id)
+        for IPv6, "" for a Unix socket client."""
+        cdef char text[64]
+        cdef sockaddr_in* v4
+        if self._family == AF_INET:
+            v4 = <sockaddr_in*>&self._peer
+            inet_ntop(AF_INET, &v4.sin_addr, text, sizeof(text))
+            return (text.decode("ascii"), ntohs(v4.sin_port))
+        if self._family == AF_INET6:
+            inet_ntop(AF_INET6, &self._peer.sin6_addr, text, sizeof(text))
+            return (text.decode("ascii"), ntohs(self._peer.sin6_port),
+                    ntohl(self._peer.sin6_flowinfo), self._peer.sin6_scope_id)
+        return ""
+
+    def __repr__(self):
+        return f"<SocketTransport fd={self._fd}{' closing' if self._closing else ''}>"
+
+
+@cython.final
+cdef class Acceptor:
+    """Accepts the connections of one listening socket into SocketTransports, each given to
+    a protocol from `factory` (what loop.create_server does, without its transports).
+    `on_error(exc)` hears of accept failures other than "nothing to accept" (descriptors
+    exhausted: the caller may stop() for a while)."""
+
+    cdef int _fd
+    cdef int _family
+    cdef readonly object socket
+    cdef object _factory
+    cdef DirectIO _io
+    cdef object _on_error
+    cdef readonly bint accepting
+
+    def __cinit__(self, sock, factory, DirectIO io not None, on_error):
+        self.socket = sock
+        self._fd = sock.fileno()
+        self._family = sock.family
+        self._factory = factory
+        self._io = io
+        self._on_error = on_error
+
+    def start(self):
+        if not self.accepting:
+            self._io._loop.add_reader(self._fd, self._accept)
+            self.accepting = True
+
+    def stop(self):
+        if self.accepting:
+            self._io._loop.remove_reader(self._fd)
+            self.accepting = False
+
+    def close(self):
+        self.stop()
+        self.socket.close()
+
+    def _accept(self):
+        cdef int i, fd, failure
+        cdef socklen_t size
+        cdef SocketTransport transport
+        for i in range(ACCEPT_BATCH):
+            transport = SocketTransport.__new__(SocketTransport)
+            size = sizeof(transport._peer)
+            fd = accept4(self._fd, <sockaddr*>&transport._peer, &size,
+                         SOCK_NONBLOCK | SOCK_CLOEXEC)
+            if fd < 0:
+                failure = errno
+                if failure == EINTR or failure == ECONNABORTED:
+                    continue
+                if failure != EAGAIN:
+                    self._on_error(_os_error(failure))
+                return
+            transport._fd = fd
+            transport._family = self._family
+            transport._io = self._io
+            transport._loop = self._io._loop
+            transport._high = WRITE_HIGH_DEFAULT
+            transport._low = WRITE_HIGH_DEFAULT // 4
+            try:
+                protocol = self._factory()
+            except Exception as exc:
+                self._io._loop.call_exception_handler({
+                    "message": "Error creating a protocol for an accepted connection",
+                    "exception": exc})
+                continue  # the transport closes its descriptor when freed
+            try:
+                transport._start(protocol)
+            except Exception as exc:
+                self._io._loop.call_exception_handler({
+                    "message": "Error starting an accepted connection",
+                    "exception": exc, "transport": transport, "protocol": protocol})
+                transport._abort(exc)
 
 
 # -- pairing: the per-transaction hand-off in transaction pooling -----------------------

@@ -509,14 +509,13 @@ class AdminConsole:
         app = self.app
         port = app.config.pgbouncer.listen_port
         rows = []
-        for server in app.listener.servers:
-            for sock in server.sockets:
-                if sock.family == socket.AF_UNIX:
-                    addr = ["unix", port]
-                else:
-                    addr = list(sock.getsockname()[:2])
-                rows.append([sock.fileno(), "pooler", None, None, *addr, 0, 0]
-                            + [None] * 7)
+        for acceptor in app.listener.acceptors:
+            sock = acceptor.socket
+            if sock.family == socket.AF_UNIX:
+                addr = ["unix", port]
+            else:
+                addr = list(sock.getsockname()[:2])
+            rows.append([sock.fileno(), "pooler", None, None, *addr, 0, 0] + [None] * 7)
         for client in app.login_clients:
             rows.append(self._client_fd_row(client))
         for pool in app.pools.values():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import grp
 import logging
@@ -12,6 +13,7 @@ import stat
 from typing import TYPE_CHECKING
 
 from . import tcp_tuning
+from ._codec import Acceptor
 from .client import ClientConnection
 
 if TYPE_CHECKING:
@@ -90,12 +92,18 @@ def unix_socket(directory: str, port: int, backlog: int, mode: int,
     return sock, path
 
 
+# How long accepting pauses when the process is out of descriptors or memory (as asyncio's
+# servers do): the clients already connected go on meanwhile.
+ACCEPT_RETRY_DELAY = 1.0
+
+
 class Listener:
-    """Owns the listening sockets and their asyncio servers."""
+    """Owns the listening sockets; the codec accepts their connections (Acceptor) into
+    transports of its own, each given to a new ClientConnection."""
 
     def __init__(self, app: App):
         self.app = app
-        self.servers: list[asyncio.AbstractServer] = []
+        self.acceptors: list[Acceptor] = []
         self.tcp_sockets: list[socket.socket] = []
         self.unix_path: str | None = None
         self.addresses: list[str] = []
@@ -119,7 +127,7 @@ class Listener:
             await self._serve("unix", sock)
             self.unix_path = path
             log.info("listening on unix:%s", path)
-        if not self.servers:
+        if not self.acceptors:
             raise OSError("nothing to listen on: set listen_addr or unix_socket_dir")
 
     async def _serve_inherited(self, sockets) -> None:
@@ -131,8 +139,22 @@ class Listener:
         if kind == "tcp":
             tcp_tuning.tune_listening(sock, self.app.config.pgbouncer)
             self.tcp_sockets.append(sock)
-        server = await asyncio.get_running_loop().create_server(self._client_factory(kind), sock=sock)
-        self.servers.append(server)
+        acceptor = Acceptor(sock, self._client_factory(kind), self.app.direct_io,
+                            functools.partial(self._accept_failed, sock))
+        acceptor.start()
+        self.acceptors.append(acceptor)
+
+    def _accept_failed(self, sock: socket.socket, exc: OSError) -> None:
+        log.error("accept() failed on %s: %s", sock.getsockname() or "unix socket", exc)
+        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            for acceptor in self.acceptors:
+                if acceptor.socket is sock:
+                    acceptor.stop()
+                    asyncio.get_running_loop().call_later(ACCEPT_RETRY_DELAY, self._resume, acceptor)
+
+    def _resume(self, acceptor: Acceptor) -> None:
+        if acceptor in self.acceptors:
+            acceptor.start()
 
     def retune(self) -> None:
         """RELOAD/SET: the tcp_* settings as they are now, for connections accepted from now on."""
@@ -148,9 +170,9 @@ class Listener:
         return functools.partial(ClientConnection, self.app, kind)
 
     def close(self) -> None:
-        for server in self.servers:
-            server.close()
-        self.servers = []
+        for acceptor in self.acceptors:
+            acceptor.close()
+        self.acceptors = []
         self.tcp_sockets = []
         if self.unix_path:
             try:

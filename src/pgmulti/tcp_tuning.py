@@ -61,9 +61,11 @@ def tune(sock: socket.socket, cfg) -> None:
 
 
 def tune_listening(sock: socket.socket, cfg) -> None:
-    """tune() and tcp_defer_accept for a TCP listening socket: with it the kernel hands over a
-    connection only once the client has sent something (its startup or SSL request)."""
+    """tune(), TCP_NODELAY (as PgBouncer sets on every client socket) and tcp_defer_accept
+    for a TCP listening socket: with the latter the kernel hands over a connection only once
+    the client has sent something (its startup or SSL request)."""
     tune(sock, cfg)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if _DEFER_ACCEPT is not None:
         seconds = DEFER_ACCEPT_SECONDS if cfg.tcp_defer_accept else 0
         _set(sock, socket.IPPROTO_TCP, _DEFER_ACCEPT, seconds, "tcp_defer_accept")

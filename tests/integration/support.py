@@ -107,7 +107,7 @@ def latest_counters(proxy) -> tuple[int, int, int, int] | None:
 
 
 DIRECT_IO_COUNTERS = re.compile(
-    r"direct I/O: sockets (\d+), reads (\d+), sends (\d+), handed_back (\d+)")
+    r"direct I/O: sockets (\d+), reads (\d+), sends (\d+), handed_back (\d+), clients (\d+)")
 
 
 def direct_io_counters(proxy) -> dict[str, int] | None:
@@ -115,7 +115,7 @@ def direct_io_counters(proxy) -> dict[str, int] | None:
     found = DIRECT_IO_COUNTERS.findall(proxy.log_text())
     if not found:
         return None
-    return dict(zip(("sockets", "reads", "sends", "handed_back"), map(int, found[-1])))
+    return dict(zip(("sockets", "reads", "sends", "handed_back", "clients"), map(int, found[-1])))
 
 
 def direct_io_reaching(proxy, **minimum: int) -> dict[str, int]:

@@ -107,22 +107,23 @@ def test_a_client_vanishing_mid_query_frees_its_server(pgmulti):
     direct_io_reaching(proxy, reads=10)
 
 
-def test_an_idle_client_gives_its_socket_back_and_goes_direct_again(pgmulti):
-    """Idle clients hold no second descriptor: after the janitor's trim period the client's
-    dup is closed (the server's stays), and a few queries later it is direct again."""
+def test_a_plain_client_socket_is_the_codecs_from_accept_on(pgmulti):
+    """A plain client's socket is read and written by the codec from accept on (a
+    SocketTransport, counted as a client): it is never duplicated, busy or idle; only the
+    server's socket, which uvloop opened, is (sockets)."""
     proxy = pgmulti({"pool_mode": "transaction", "default_pool_size": 1, **VERBOSE})
 
-    def sockets_watched(count: int):
-        return lambda: (direct_io_counters(proxy) or {}).get("sockets") == count
+    def watched(sockets: int, clients: int):
+        def now() -> bool:
+            counters = direct_io_counters(proxy) or {}
+            return counters.get("sockets") == sockets and counters.get("clients") == clients
+        return now
 
     with connect(proxy) as conn:
         for i in range(WARM_UP_QUERIES):
             assert scalar(conn, "SELECT %s::int", [i]) == i
-        wait_for(sockets_watched(2), 5, "client and server direct")
-        wait_for(sockets_watched(1), 15, "the idle client's socket given back")
-        for i in range(WARM_UP_QUERIES):
-            assert scalar(conn, "SELECT %s::int", [i]) == i
-        wait_for(sockets_watched(2), 5, "client direct again")
+        wait_for(watched(1, 1), 5, "the server direct, the client the codec's")
+    wait_for(watched(1, 0), 5, "the client's socket closed")
 
 
 def copy_into_a_slow_server(conn: psycopg.Connection, rows: int = 400) -> None:

@@ -415,11 +415,12 @@ def test_terminated_server_fails_its_client_not_hangs(pgmulti, pg, mode):
     proxy = pgmulti({"pool_mode": mode, "default_pool_size": 1, "stats_period": 1, "verbose": 1})
     conn = connect(proxy)
     try:
-        for i in range(5):  # the client's socket goes direct too (the server's did at login)
+        for i in range(5):
             assert scalar(conn, "SELECT %s::int", [i]) == i
         conn.execute("BEGIN")
         pid = backend_pid(conn)
-        direct_io_reaching(proxy, sockets=2)
+        # The server's socket is direct (since its login), the client's the codec's.
+        direct_io_reaching(proxy, sockets=1, clients=1)
         terminate_backend(pg, pid)
         started = time.monotonic()
         with pytest.raises(psycopg.OperationalError):

@@ -42,6 +42,7 @@ def options(sock: socket.socket) -> dict[str, int]:
         "intvl": sock.getsockopt(TCP, socket.TCP_KEEPINTVL),
         "cnt": sock.getsockopt(TCP, socket.TCP_KEEPCNT),
         "user_timeout": sock.getsockopt(TCP, socket.TCP_USER_TIMEOUT),
+        "nodelay": sock.getsockopt(TCP, socket.TCP_NODELAY),
     }
 
 
@@ -53,7 +54,7 @@ def test_accepted_sockets_take_the_listening_sockets_settings(listener):
     client, server_side = accepted(listener)
     with client, server_side:
         assert options(server_side) == {"keepalive": 1, "idle": 17, "intvl": 5, "cnt": 3,
-                                        "user_timeout": 1234}
+                                        "user_timeout": 1234, "nodelay": 1}
         # The kernel doubles what is set, for its bookkeeping.
         assert server_side.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == 2 * 65536
 
@@ -68,7 +69,7 @@ def test_settings_back_to_zero_restore_the_kernels_defaults(listener):
     assert listener.getsockopt(TCP, socket.TCP_DEFER_ACCEPT) == 0
     client, server_side = accepted(listener)
     with client, server_side:
-        assert options(server_side) == {**defaults, "keepalive": 1}
+        assert options(server_side) == {**defaults, "keepalive": 1, "nodelay": 1}
 
 
 def test_keepalive_off(listener):
