@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import resource
 import socket
 import struct
+import threading
 import subprocess
 import time
 import uuid
@@ -21,6 +23,7 @@ import pytest
 from psycopg import errors as pgerrors
 
 from pgmulti.cluster import clean_env, process_tree
+from support import wait_for
 
 CONNECT_TIMEOUT_S = 5
 COPY_ROWS = 10_000
@@ -567,3 +570,40 @@ def test_psql_error_in_transaction_then_rollback(tx_proxy, scratch_table):
     # The one server went back to the pool in a clean state.
     followup = tx_proxy.psql("SELECT 'next client'", db="testdb")
     assert followup.stdout.strip() == "next client", followup.stderr
+
+
+def test_out_of_descriptors_a_new_client_waits_and_the_others_go_on(pgmulti):
+    """With no descriptor left, accept() fails: pgmulti stops accepting for a second at a time
+    (logged each time, not a busy loop), its clients go on, and the waiting client is let in
+    once descriptors are free again."""
+    proxy = pgmulti({"pool_mode": "transaction"})
+    with connect(proxy) as first:
+        assert scalar(first, "SELECT 1") == 1
+        soft, hard = resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE)
+        # New descriptors take the lowest free number: a limit at it leaves none.
+        in_use = {int(fd) for fd in os.listdir(f"/proc/{proxy.pid}/fd")}
+        lowest_free = min(set(range(len(in_use) + 1)) - in_use)
+        resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, (lowest_free, hard))
+        waiting = {}
+
+        def late_client():
+            try:
+                with psycopg.connect(proxy.dsn(db="testdb"), connect_timeout=20,
+                                     autocommit=True) as conn:
+                    waiting["answer"] = scalar(conn, "SELECT 'let in'")
+            except Exception as exc:  # reported by the assertion below
+                waiting["error"] = exc
+        thread = threading.Thread(target=late_client)
+        started = time.monotonic()
+        thread.start()
+        try:
+            wait_for(lambda: "Too many open files" in proxy.log_text(), 10, "the accept failure")
+            for i in range(20):
+                assert scalar(first, "SELECT %s::int", [i]) == i
+            time.sleep(1.5)
+        finally:
+            resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, (soft, hard))
+        thread.join(20)
+        assert waiting == {"answer": "let in"}
+        failures = proxy.log_text().count("accept() failed")
+        assert 1 <= failures <= time.monotonic() - started + 1, "one try per second"
