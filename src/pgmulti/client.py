@@ -28,8 +28,9 @@ _client_ids = itertools.count(1)
 
 ADMIN_DATABASES = ("pgbouncer", "pgmulti")
 
-# A client's reads go through uvloop until this many after login, then the codec reads its
-# socket itself (DirectIO): a short session (pgbench -C) is not worth the switch.
+# A plain client's socket is the codec's from accept on (SocketTransport). A TLS client's
+# reads go through uvloop's TLS layer until this many after login, then the codec runs its
+# TLS and socket itself (DirectIO): a short session (pgbench -C) is not worth the switch.
 DIRECT_IO_AFTER_READS = 3
 
 # During authentication only password messages and Terminate are acceptable.
@@ -115,9 +116,6 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
     maps_statements = False     # statement names are mapped (max_prepared_statements)
     statements: prepared.ClientStatements | None = None  # from its first named statement
     _password_waiter: asyncio.Future | None = None
-    # uvloop looks this up at every connection (for plain protocols) and would raise and
-    # catch an AttributeError; a BufferedProtocol is given get_buffer/buffer_updated instead.
-    data_received = None
 
     def __init__(self, app: App, listener_kind: str):
         self.app = app
@@ -147,8 +145,8 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
 
     @property
     def addr(self) -> tuple:
-        """The client's address, turned into Python objects only when something asks: uvloop
-        keeps the raw one from connection_made on, after close too."""
+        """The client's address, turned into Python objects only when something asks: the
+        transport keeps the raw one from accept on, after close too."""
         if self._addr is None:
             if self.transport is None:
                 return ("unix", 0)  # not connected yet
@@ -205,7 +203,7 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
 
     def trim_idle(self) -> None:
         """Nothing read since the janitor's last look: give back the read buffer (allocated
-        again by the next read) and the descriptor direct I/O holds."""
+        again by the next read) and, for a TLS client, the descriptor direct I/O holds."""
         self.release_buffer()  # a no-op unless the buffer is empty
         self.rest_direct_io(DIRECT_IO_AFTER_READS)
 
