@@ -5,10 +5,11 @@ A Relay owns the read buffer of one connection (uvloop BufferedProtocol: get_buf
 buffer_updated), finds PostgreSQL message boundaries in it, forwards runs of pass-through
 messages to the linked peer with one write, reads ReadyForQuery inline, and hands only the
 messages the proxy must act on to Python. It never imports asyncio and never raises through a
-uvloop callback: failures are reported to Python as error codes. A busy plain-text connection
-is read and written by the codec itself (DirectIO), without uvloop's per-read callbacks; a
-busy TLS connection too, with the TLS object uvloop made (records are decrypted straight into
-the relay's buffer and encrypted from it).
+uvloop callback: failures are reported to Python as error codes. Clients are accepted by the
+codec into transports of its own (Acceptor, SocketTransport), read and written without uvloop;
+a busy connection uvloop made (a server) is read and written by the codec itself (DirectIO),
+without uvloop's per-read callbacks; a busy TLS connection too, with the TLS object uvloop
+made (records are decrypted straight into the relay's buffer and encrypted from it).
 """
 
 cimport cython
