@@ -12,8 +12,8 @@ import os
 import resource
 import socket
 import struct
-import threading
 import subprocess
+import threading
 import time
 import uuid
 

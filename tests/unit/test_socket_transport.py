@@ -100,6 +100,19 @@ def run(test):
         loop.close()
 
 
+def with_connection(test, **server_options):
+    """Run `test(loop, client, protocol)` on one connection accepted by a fresh Server."""
+    async def body(loop):
+        server = Server(loop, **server_options)
+        client, protocol_object = await server.connect()
+        try:
+            await test(loop, client, protocol_object)
+        finally:
+            client.close()
+            server.close()
+    run(body)
+
+
 def recv_all(sock: socket.socket) -> bytes:
     chunks = []
     while True:
@@ -124,12 +137,10 @@ async def until(condition, what: str):
 
 
 def test_a_connection_reads_writes_and_ends_like_an_asyncio_transport():
-    async def test(loop):
-        server = Server(loop)
-        client, protocol_object = await server.connect()
+    async def test(loop, client, protocol_object):
         transport = protocol_object.transport
         assert transport.get_extra_info("peername") == client.getsockname()
-        assert transport.get_extra_info("sockname") == server.sock.getsockname()
+        assert transport.get_extra_info("sockname") == client.getpeername()
         sock = transport.get_extra_info("socket")
         assert sock.fileno() >= 0 and sock.getpeername() == client.getsockname()
 
@@ -147,15 +158,11 @@ def test_a_connection_reads_writes_and_ends_like_an_asyncio_transport():
         assert transport.get_extra_info("peername") == client.getsockname()
         assert await loop.run_in_executor(None, client.recv, 100) == b""
         transport.write(b"ignored")  # after the connection is gone, as asyncio does
-        client.close()
-        server.close()
-    run(test)
+    with_connection(test)
 
 
 def test_a_full_socket_queues_pauses_the_writer_and_close_sends_everything_first():
-    async def test(loop):
-        server = Server(loop)
-        client, protocol_object = await server.connect()
+    async def test(loop, client, protocol_object):
         transport = protocol_object.transport
         data = pattern(8 << 20)
         transport.write(data[:1 << 20])
@@ -168,15 +175,11 @@ def test_a_full_socket_queues_pauses_the_writer_and_close_sends_everything_first
         assert received == data
         assert await asyncio.wait_for(protocol_object.lost, TIMEOUT_S) is None
         assert protocol_object.events == ["made", "pause_writing", "resume_writing", "lost"]
-        client.close()
-        server.close()
-    run(test)
+    with_connection(test)
 
 
 def test_write_buffer_limits_follow_asyncio():
-    async def test(loop):
-        server = Server(loop)
-        client, protocol_object = await server.connect()
+    async def test(loop, client, protocol_object):
         transport = protocol_object.transport
         assert transport.get_write_buffer_limits() == (16384, 65536)
         transport.set_write_buffer_limits(high=1000)
@@ -191,15 +194,11 @@ def test_write_buffer_limits_follow_asyncio():
         transport.close()
         await loop.run_in_executor(None, recv_all, client)
         await asyncio.wait_for(protocol_object.lost, TIMEOUT_S)
-        client.close()
-        server.close()
-    run(test)
+    with_connection(test)
 
 
 def test_abort_drops_what_waits_and_closes_at_once():
-    async def test(loop):
-        server = Server(loop)
-        client, protocol_object = await server.connect()
+    async def test(loop, client, protocol_object):
         transport = protocol_object.transport
         data = pattern(8 << 20)
         transport.write(data)
@@ -210,15 +209,11 @@ def test_abort_drops_what_waits_and_closes_at_once():
         except ConnectionResetError:
             received = b""
         assert len(received) < len(data)
-        client.close()
-        server.close()
-    run(test)
+    with_connection(test)
 
 
 def test_paused_reading_reads_nothing_until_resumed():
-    async def test(loop):
-        server = Server(loop)
-        client, protocol_object = await server.connect()
+    async def test(loop, client, protocol_object):
         transport = protocol_object.transport
         transport.pause_reading()
         assert not transport.is_reading()
@@ -229,22 +224,17 @@ def test_paused_reading_reads_nothing_until_resumed():
         await until(lambda: protocol_object.received == b"waits", "the bytes after resume")
         transport.close()
         await asyncio.wait_for(protocol_object.lost, TIMEOUT_S)
-        client.close()
-        server.close()
-    run(test)
+    with_connection(test)
 
 
 def test_a_peer_reset_reaches_the_protocol_as_the_error():
-    async def test(loop):
-        server = Server(loop)
-        client, protocol_object = await server.connect()
+    async def test(loop, client, protocol_object):
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         client.close()  # RST
         exc = await asyncio.wait_for(protocol_object.lost, TIMEOUT_S)
         assert isinstance(exc, ConnectionResetError)
         assert protocol_object.events == ["made", "lost"]
-        server.close()
-    run(test)
+    with_connection(test)
 
 
 def test_a_failing_protocol_closes_its_connection_only():
@@ -330,9 +320,7 @@ class Framed(Relay, asyncio.BufferedProtocol):
 
 
 def test_a_relay_protocol_frames_what_the_transport_reads_in_any_pieces():
-    async def test(loop):
-        server = Server(loop, protocol=Framed)
-        client, relay = await server.connect()
+    async def test(loop, client, relay):
         messages = [b"Q" + struct.pack("!I", 4 + n) + os.urandom(n) for n in (0, 1, 100, 70000)]
         stream = b"".join(messages)
         for piece in range(0, len(stream), 997):  # boundaries everywhere, some mid-header
@@ -342,5 +330,4 @@ def test_a_relay_protocol_frames_what_the_transport_reads_in_any_pieces():
         assert [body for _, body in relay.messages] == messages
         client.close()
         assert await asyncio.wait_for(relay.lost, TIMEOUT_S) is None
-        server.close()
-    run(test)
+    with_connection(test, protocol=Framed)
