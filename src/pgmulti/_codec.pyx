@@ -120,6 +120,9 @@ STARTUP_MAX = _STARTUP_MAX
 # First byte of a TLS handshake record: a ClientHello sent without SSLRequest (direct TLS,
 # PostgreSQL 17+). No startup packet starts with it: its length would exceed STARTUP_MAX.
 DEF TLS_HANDSHAKE_RECORD = 0x16
+# SSLRequest and GSSENCRequest: 8-byte packets asking for an encrypted connection.
+DEF SSL_REQUEST_CODE = 80877103
+DEF GSSENC_REQUEST_CODE = 80877104
 DEF_BUFFER_SIZE = 16384
 # Reads smaller than this would waste a syscall; reclaim buffer space below it.
 cdef Py_ssize_t MIN_READ = 2048
@@ -314,6 +317,8 @@ cdef class Relay:
     cdef object _own_write          # transport.write, bound once
     cdef public object writer       # peer transport.write, or None when unlinked
     cdef public bint startup_phase  # expect untyped startup packets (no type byte)
+    # Client side, no TLS to offer: answer SSLRequest/GSSENCRequest 'N' here, without Python.
+    cdef public bint refuse_encryption
     cdef readonly bint held
     cdef public Py_ssize_t buffer_size
     cdef public Py_ssize_t max_inspect
@@ -1030,6 +1035,13 @@ cdef class Relay:
             peer._send_blocked = True  # no resume_writing will come: stay on the transport
         return 0
 
+    cdef int _answer_no(self) except -1:
+        """'N' to a request for encryption: the client goes on in plain text."""
+        if self._socket is not None:
+            return self._socket._write_bytes("N", 1)
+        self._own_write(b"N")
+        return 0
+
     cdef int _fail(self, int code, int msg_type) except -1:
         self.held = True
         self.on_protocol_error(code, msg_type)
@@ -1100,7 +1112,14 @@ cdef class Relay:
                     break
                 self._flush(run_start, start)
                 self._start = start + length
-                self.on_message(0, self._view[start:start + length])
+                if length == 8 and self.refuse_encryption and avail == 8 and (
+                        _be32(d + start + 4) == SSL_REQUEST_CODE
+                        or _be32(d + start + 4) == GSSENC_REQUEST_CODE):
+                    # What the client's Python would answer; a request with bytes after it
+                    # goes to Python, which refuses those (CVE-2021-23222).
+                    self._answer_no()
+                else:
+                    self.on_message(0, self._view[start:start + length])
                 start = run_start = self._start
                 continue
 

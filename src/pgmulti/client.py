@@ -133,6 +133,8 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         self.buffer_size = app.client_buffer_size
         self.startup_phase = True
         self.batch_output = True
+        # The codec answers SSLRequest 'N' itself when there is no TLS to offer.
+        self.refuse_encryption = listener_kind == "unix" or app.tls.client is None
 
     def __repr__(self) -> str:
         return f"C-0x{self.id:x}: {self.database or '(nodb)'}/{self.user or '(nouser)'}@{self.addr_text}"

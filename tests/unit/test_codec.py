@@ -699,6 +699,34 @@ def test_startup_packets_delivered_whole_at_random_splits(cuts):
     check_startup_packets(chunks_at(STARTUP_PACKETS, cuts))
 
 
+@pytest.mark.parametrize("request_packet", [ssl_request(), gssenc_request()], ids=["ssl", "gssenc"])
+def test_a_client_with_no_tls_to_offer_is_told_no_by_the_codec(request_packet):
+    """refuse_encryption: 'N' goes to the client's own transport, Python never sees the
+    request (split anywhere); the startup packet after it goes to Python as before."""
+    for cut in range(len(request_packet)):
+        relay, peer, socket, log = startup_relay()
+        answers = Peer([])
+        relay.attach_transport(answers)
+        relay.refuse_encryption = True
+        socket.receive_all([request_packet[:cut], request_packet[cut:]])
+        assert answers.snapshots == [b"N"]
+        socket.receive(STARTUP)
+        assert events(log, "message") == [("message", 0, STARTUP)]
+        assert peer.snapshots == [] and relay.buffered == 0
+
+
+def test_bytes_after_an_encryption_request_leave_it_to_python():
+    """Sent before the answer, they could be taken for encrypted data later
+    (CVE-2021-23222): the codec answers nothing and Python sees the request (and refuses)."""
+    relay, peer, socket, log = startup_relay(when_message=lambda r, t: r.hold())
+    answers = Peer([])
+    relay.attach_transport(answers)
+    relay.refuse_encryption = True
+    socket.receive(ssl_request() + STARTUP)
+    assert answers.snapshots == []
+    assert events(log, "message") == [("message", 0, ssl_request())]
+
+
 TLS_CLIENT_HELLO_START = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(32))
 
 
