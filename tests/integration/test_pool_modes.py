@@ -713,6 +713,10 @@ def backend_pids_in_turn(proxy, mode: str, turns: int) -> list[int]:
     for _ in range(turns):
         with connect(proxy) as conn:
             pids.append(scalar(conn, "SELECT pg_backend_pid()"))
+        # A closed session's server runs its reset query before it is idle again; a login
+        # sooner would rightly be given another server.
+        wait_for(lambda: all(row["state"] == "idle" for row in admin(proxy, "SHOW SERVERS")),
+                 10, "every server idle")
     return pids
 
 
