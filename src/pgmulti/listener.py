@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import functools
 import grp
 import logging
@@ -92,9 +91,9 @@ def unix_socket(directory: str, port: int, backlog: int, mode: int,
     return sock, path
 
 
-# How long accepting pauses when the process is out of descriptors or memory (as asyncio's
-# servers do): the clients already connected go on meanwhile.
-ACCEPT_RETRY_DELAY = 1.0
+# How long every listening socket stops accepting after accept() failed (out of descriptors,
+# most likely), as in PgBouncer: the clients already connected go on meanwhile.
+ACCEPT_RETRY_DELAY = 5.0
 
 
 class Listener:
@@ -146,15 +145,16 @@ class Listener:
 
     def _accept_failed(self, sock: socket.socket, exc: OSError) -> None:
         log.error("accept() failed on %s: %s", sock.getsockname() or "unix socket", exc)
-        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-            for acceptor in self.acceptors:
-                if acceptor.socket is sock:
-                    acceptor.stop()
-                    asyncio.get_running_loop().call_later(ACCEPT_RETRY_DELAY, self._resume, acceptor)
+        if not any(acceptor.accepting for acceptor in self.acceptors):
+            return  # already waiting
+        for acceptor in self.acceptors:
+            acceptor.stop()
+        asyncio.get_running_loop().call_later(ACCEPT_RETRY_DELAY, self._resume, self.acceptors)
 
-    def _resume(self, acceptor: Acceptor) -> None:
-        if acceptor in self.acceptors:
-            acceptor.start()
+    def _resume(self, acceptors: list[Acceptor]) -> None:
+        if acceptors is self.acceptors:  # not closed meanwhile (shutdown, RELOAD of sockets)
+            for acceptor in acceptors:
+                acceptor.start()
 
     def retune(self) -> None:
         """RELOAD/SET: the tcp_* settings as they are now, for connections accepted from now on."""
