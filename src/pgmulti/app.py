@@ -401,7 +401,7 @@ class App:
         if self.config.unsupported:
             log.warning("settings not supported by pgmulti (ignored): %s",
                         ", ".join(self.config.unsupported))
-        await self.listener.start(sockets)
+        self.listener.start(sockets)
         if self.peers is not None:
             await self.peers.start(control_socket)
         self.janitor.start()

@@ -107,34 +107,34 @@ class Listener:
         self.unix_path: str | None = None
         self.addresses: list[str] = []
 
-    async def start(self, sockets=None) -> None:
+    def start(self, sockets=None) -> None:
         """Open the configured sockets, or serve `sockets` (kind, label, socket) that a
         parent process bound for this worker (pgmulti.supervisor); those it does not unlink."""
         if sockets is not None:
-            await self._serve_inherited(sockets)
+            self._serve_inherited(sockets)
             return
         cfg = self.app.config.pgbouncer
         for host in listen_addresses(cfg.listen_addr):
             sock = tcp_socket(host, cfg.listen_port, cfg.listen_backlog, bool(cfg.so_reuseport))
-            await self._serve("tcp", sock)
+            self._serve("tcp", sock)
             self.addresses.append(f"{host}:{cfg.listen_port}")
             log.info("listening on %s:%d", host, cfg.listen_port)
         if cfg.unix_socket_dir:
             mode = socket_mode(cfg.unix_socket_mode)
             sock, path = unix_socket(cfg.unix_socket_dir, cfg.listen_port, cfg.listen_backlog, mode,
                                      cfg.unix_socket_group)
-            await self._serve("unix", sock)
+            self._serve("unix", sock)
             self.unix_path = path
             log.info("listening on unix:%s", path)
         if not self.acceptors:
             raise OSError("nothing to listen on: set listen_addr or unix_socket_dir")
 
-    async def _serve_inherited(self, sockets) -> None:
+    def _serve_inherited(self, sockets) -> None:
         for kind, label, sock in sockets:
-            await self._serve(kind, sock)
+            self._serve(kind, sock)
             self.addresses.append(label)
 
-    async def _serve(self, kind: str, sock: socket.socket) -> None:
+    def _serve(self, kind: str, sock: socket.socket) -> None:
         if kind == "tcp":
             tcp_tuning.tune_listening(sock, self.app.config.pgbouncer)
             self.tcp_sockets.append(sock)
@@ -152,7 +152,7 @@ class Listener:
         asyncio.get_running_loop().call_later(ACCEPT_RETRY_DELAY, self._resume, self.acceptors)
 
     def _resume(self, acceptors: list[Acceptor]) -> None:
-        if acceptors is self.acceptors:  # not closed meanwhile (shutdown, RELOAD of sockets)
+        if acceptors is self.acceptors:  # not closed meanwhile (shutdown)
             for acceptor in acceptors:
                 acceptor.start()
 
