@@ -20,7 +20,7 @@ from cpython.memoryview cimport PyMemoryView_FromMemory
 from cpython.buffer cimport (PyBUF_READ, PyBUF_SIMPLE, PyBUF_WRITABLE, PyBUF_WRITE,
                              PyBuffer_Release, PyObject_GetBuffer)
 from libc.stdint cimport uint32_t
-from libc.string cimport memcmp, memcpy, memmove
+from libc.string cimport memcmp, memcpy, memmove, memset
 from libc.errno cimport EAGAIN, ECONNABORTED, EINTR, errno
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 from posix.resource cimport RLIMIT_NOFILE, getrlimit, rlimit
@@ -88,12 +88,14 @@ cdef enum:
     # statement, so needs no rewriting (only the bookkeeping below); otherwise INSPECT.
     ACT_STATEMENT_REQUEST = 3   # client side: Parse, Bind, Describe, Close, Sync
     ACT_STATEMENT_REPLY = 4     # server side: ParseComplete, CloseComplete
+    ACT_DISCONNECT = 5  # client side, Terminate: the connection closes (close_connection)
 
 PASS = ACT_PASS
 INSPECT = ACT_INSPECT
 REJECT = ACT_REJECT
 STATEMENT_REQUEST = ACT_STATEMENT_REQUEST
 STATEMENT_REPLY = ACT_STATEMENT_REPLY
+DISCONNECT = ACT_DISCONNECT
 
 # Entries of a server's expected-replies queue (prepared.ServerStatements.expected) that the
 # codec adds and removes itself, compared by identity: see set_statement_entries().
@@ -207,11 +209,19 @@ cdef inline uint32_t _be32(const unsigned char* p) noexcept nogil:
     return ((<uint32_t>p[0]) << 24) | ((<uint32_t>p[1]) << 16) | ((<uint32_t>p[2]) << 8) | p[3]
 
 
+cdef inline void _put32(unsigned char* p, uint32_t value) noexcept nogil:
+    p[0] = value >> 24
+    p[1] = (value >> 16) & 0xFF
+    p[2] = (value >> 8) & 0xFF
+    p[3] = value & 0xFF
+
+
 cdef class PoolCore
 cdef class DirectIO
 cdef class DirectTls
 cdef class Relay
 cdef class SocketTransport
+cdef class KnownLogins
 
 # Action tables are shared, not copied: a relay points at the bytes of its current one.
 cdef bytes _ALL_PASS = bytes(256)  # ACT_PASS is 0
@@ -379,6 +389,8 @@ cdef class Relay:
     cdef Py_ssize_t _run_b          #   bytes [_run_a, _run_b) of the buffer (0, 0: none)
     cdef DirectTls _tls             # TLS the codec may run while direct (use_direct_tls)
     cdef SocketTransport _socket    # our transport when it is the codec's own (a client's)
+    # Client side: logins of startup packets seen before, run by the codec (KnownLogins).
+    cdef public KnownLogins known_logins
 
     def __cinit__(self, *args, **kwargs):
         self.buffer_size = DEF_BUFFER_SIZE
@@ -537,6 +549,18 @@ cdef class Relay:
     def hold(self):
         """Stop processing after the current message; the rest stays buffered."""
         self.held = True
+
+    def close_connection(self):
+        """Close from our side: stop processing, give the socket back to the transport and
+        close it once what it holds is sent (connection_lost follows)."""
+        self.closed = True
+        self.held = True
+        self._leave_direct(True)
+        self.direct_io = None
+        if self._socket is not None:
+            self._socket.close()
+        elif self.transport is not None:
+            self.transport.close()
 
     def resume(self):
         """Continue processing buffered bytes (after hold())."""
@@ -1118,7 +1142,8 @@ cdef class Relay:
                     # What the client's Python would answer; a request with bytes after it
                     # goes to Python, which refuses those (CVE-2021-23222).
                     self._answer_no()
-                else:
+                elif self.known_logins is None or not self.known_logins._login(
+                        self, d + start, length):
                     self.on_message(0, self._view[start:start + length])
                 start = run_start = self._start
                 continue
@@ -1205,7 +1230,14 @@ cdef class Relay:
                     continue
                 act = ACT_INSPECT
 
-            if act == ACT_INSPECT:
+            if act == ACT_DISCONNECT and avail >= total:
+                self._flush(run_start, start)
+                self._start = start + total
+                self.close_connection()
+                start = run_start = self._start
+                continue
+
+            if act == ACT_INSPECT or act == ACT_DISCONNECT:
                 if total > self.max_inspect:
                     self._flush(run_start, start)
                     run_start = start
@@ -2101,6 +2133,244 @@ cdef class PoolCore:
             # so the client's queued transaction goes to the server now.
             client.held = False
             client._process()
+        return True
+
+
+# -- logins ----------------------------------------------------------------------------
+
+cdef extern from "<sys/random.h>" nogil:
+    ssize_t getrandom(void* buf, size_t n, unsigned int flags)
+
+# Random bytes are drawn from the kernel a page at a time: a login needs a few (its cancel
+# key), and a getrandom() call each would cost more than the rest of the login.
+DEF RANDOM_DRAW = 4096
+cdef unsigned char _random_pool[RANDOM_DRAW]
+cdef Py_ssize_t _random_left = 0
+
+
+def _forget_random():
+    # A forked worker must not hand out the same bytes as its parent or its siblings.
+    global _random_left
+    _random_left = 0
+
+import os as _os_module
+_os_module.register_at_fork(after_in_child=_forget_random)
+
+
+cdef int _draw_random(unsigned char* out, Py_ssize_t count) except -1:
+    global _random_left
+    cdef ssize_t got
+    cdef Py_ssize_t filled = 0
+    if count > RANDOM_DRAW:
+        raise ValueError("at most %d random bytes at a time" % RANDOM_DRAW)
+    if count > _random_left:
+        while filled < RANDOM_DRAW:
+            got = getrandom(_random_pool + filled, RANDOM_DRAW - filled, 0)
+            if got < 0:
+                if errno == EINTR:
+                    continue
+                raise _os_error(errno)
+            filled += got
+        _random_left = RANDOM_DRAW
+    _random_left -= count
+    memcpy(out, _random_pool + _random_left, count)
+    # Bytes handed out are not kept.
+    memset(_random_pool + _random_left, 0, count)
+    return 0
+
+
+def random_bytes(Py_ssize_t count):
+    """Cryptographically random bytes (cancel keys, salts)."""
+    cdef bytes drawn = PyBytes_FromStringAndSize(NULL, count)
+    _draw_random(<unsigned char*><char*>drawn, count)
+    return drawn
+
+
+# A cancel key's process id carries its worker's number in the top bits, so any worker
+# receiving a CancelRequest knows whose client it is.
+WORKER_SHIFT = 24
+DEF _WORKER_SHIFT = 24
+DEF PROTOCOL_3_2 = (3 << 16) | 2
+# Cancel key length for protocol 3.2 clients (3.2 allows up to 256 bytes; PostgreSQL 18
+# sends 32). Protocol 3.0 keys are 4 bytes.
+DEF LONG_CANCEL_KEY_BYTES = 32
+# BackendKeyData with the longest key, then ReadyForQuery 'I': what follows a greeting.
+DEF KEY_AND_READY_MAX = 1 + 4 + 4 + LONG_CANCEL_KEY_BYTES + 6
+# Startup packets remembered per worker: an application sends few distinct ones.
+DEF KNOWN_LOGINS_MAX = 256
+
+
+def new_cancel_key(int worker_index, int key_length):
+    """A client's cancel key: a "process id" (random below the worker's number) and
+    `key_length` random bytes."""
+    cdef unsigned char drawn[4 + 256]
+    cdef uint32_t pid
+    if not 4 <= key_length <= 256:
+        raise ValueError("cancel keys are 4 to 256 bytes")
+    _draw_random(drawn, 4 + key_length)
+    pid = _be32(drawn) & ((1u << _WORKER_SHIFT) - 1)
+    return ((<long long>worker_index) << _WORKER_SHIFT) | (pid or 1), \
+        PyBytes_FromStringAndSize(<char*>drawn + 4, key_length)
+
+
+cdef str _AFTER_LOGIN = "active"
+
+
+@cython.final
+cdef class KnownLogin:
+    """What a client logged in to: its pool (None on the admin console), the greeting it got
+    and the parameters it sent. The end of every login (KnownLogins.enter) works from it; a
+    login that needed no step that waits is remembered by its startup packet, for the next
+    client that sends the same bytes."""
+
+    cdef readonly object pool
+    cdef readonly object welcome_params   # pool.welcome_params then: a change shows
+    cdef readonly str user
+    cdef readonly str database
+    cdef readonly dict startup_params     # shared by its clients: never changed after login
+    cdef readonly int protocol_version
+    cdef readonly dict tracked            # the greeting's parameters: each client a copy
+    cdef readonly bytes greeting          # AuthenticationOk and ParameterStatus messages
+    cdef readonly object signature        # interned tracked values (param_sig), or None
+    # max_db_client_connections or max_user_client_connections apply (counted in Python).
+    cdef readonly bint has_client_limits
+
+    def __init__(self, pool, str user not None, str database not None,
+                 dict startup_params not None, int protocol_version, dict tracked not None,
+                 bytes greeting not None, signature=None):
+        self.pool = pool
+        self.welcome_params = pool.welcome_params if pool is not None else None
+        self.has_client_limits = pool is not None and (
+            pool.settings.max_db_client_connections > 0
+            or pool.settings.max_user_client_connections > 0)
+        self.user = user
+        self.database = database
+        self.startup_params = startup_params
+        self.protocol_version = protocol_version
+        self.tracked = tracked
+        self.greeting = greeting
+        self.signature = signature
+
+
+@cython.final
+cdef class KnownLogins:
+    """The end of a client's login, and the startup packets that logged in at once (trust or
+    any, the pool's greeting known): the next client sending the same bytes (every pgbench
+    -C connection, an application's pool filling up) logs in here, in the codec's reading
+    of its startup packet, with no Python frame. The checks that can change from one
+    connection to the next are made again; when one fails, or the packet is new, the client
+    takes Python's path (ClientConnection._startup_packet).
+
+    It reads and updates what App keeps for its clients (clients, login_clients,
+    cancel_keys, disabled_databases, ...) by those names. App forgets every packet when the
+    configuration or the auth_file changes."""
+
+    cdef object _app
+    cdef dict _by_packet
+    cdef object _direct_io
+    cdef int _direct_after_reads
+    cdef readonly unsigned long long used   # logins that took a remembered packet's path
+
+    def __cinit__(self, app, direct_io, int direct_after_reads):
+        self._app = app
+        self._by_packet = {}
+        self._direct_io = direct_io
+        self._direct_after_reads = direct_after_reads
+
+    def __len__(self):
+        return len(self._by_packet)
+
+    def remember(self, bytes packet not None, KnownLogin login not None):
+        if len(self._by_packet) >= KNOWN_LOGINS_MAX:
+            self._by_packet.clear()
+        self._by_packet[packet] = login
+
+    def forget_all(self):
+        self._by_packet.clear()
+
+    def enter(self, Relay client not None, KnownLogin login not None):
+        """Greet the client (AuthenticationOk, ParameterStatus, BackendKeyData,
+        ReadyForQuery), register its cancel key and, for a pool, start relaying: the end of
+        every login. The admin console then sets its own actions and resumes."""
+        cdef object c = client  # a ClientConnection: its Python attributes too
+        cdef bytes key
+        cdef uint32_t pid
+        cdef int key_length = LONG_CANCEL_KEY_BYTES if login.protocol_version >= PROTOCOL_3_2 else 4
+        cdef unsigned char tail[KEY_AND_READY_MAX]
+        cdef Py_ssize_t n
+        app = self._app
+        pool = login.pool
+        c.pool = pool
+        c.params = login.tracked.copy()
+        pid_object, key = new_cancel_key(app.worker_index, key_length)
+        pid = pid_object
+        c.cancel_pid = pid_object
+        c.cancel_key = key
+        # BackendKeyData and ReadyForQuery 'I' after the greeting, in one write.
+        tail[0] = ord("K")
+        _put32(tail + 1, 4 + 4 + key_length)
+        _put32(tail + 5, pid)
+        memcpy(tail + 9, <char*>key, key_length)
+        n = 9 + key_length
+        memcpy(tail + n, b"Z\0\0\0\x05I", 6)
+        n += 6
+        if client._socket is not None:
+            client._socket._write_bytes(<char*>login.greeting, len(login.greeting))
+            client._socket._write_bytes(<char*>tail, n)
+        else:
+            client._own_write(login.greeting + PyBytes_FromStringAndSize(<char*>tail, n))
+        # Until its first query the client needs no read buffer (most idle clients never
+        # send one for long): the next read allocates it again.
+        client.release_buffer()
+        client.state = _AFTER_LOGIN
+        client.last_active = _monotonic()
+        app.login_clients.discard(client)
+        app.cancel_keys[(pid_object, key)] = client
+        if app.config.pgbouncer.log_connections:
+            c.log_login()
+        if pool is None:
+            return
+        if pool.prepared_limit:
+            c.maps_statements = True
+            # Parse/Bind are rewritten whole, so they may be as large as any message.
+            client.max_inspect = client.max_packet
+        # Parameters known in C let the codec link the first transaction too (Pool._link).
+        client.param_sig = login.signature
+        client.pool_core = pool.core
+        pool.clients.add(client)
+        actions = pool.client_relay_actions
+        _check_actions(actions)
+        _use_actions(client, actions)
+        client.enable_direct_io(self._direct_io, self._direct_after_reads)
+        client.resume()
+
+    cdef bint _login(self, Relay client, const unsigned char* packet, Py_ssize_t size) except -1:
+        """Log the client in as an earlier client with the same startup packet was, after
+        the checks ClientConnection makes on every login; False leaves it to Python."""
+        cdef KnownLogin login
+        cdef object c = client
+        found = self._by_packet.get(PyBytes_FromStringAndSize(<char*>packet, size))
+        if found is None:
+            return False
+        login = <KnownLogin>found
+        app = self._app
+        pool = login.pool
+        # The checks of ClientConnection's own path, each asked of Python only when it may
+        # refuse: a shutdown or too many clients, client limits, TLS required.
+        if (pool.welcome_params is not login.welcome_params
+                or login.database in app.disabled_databases
+                or (((<WorkerFlags>app.flags).shutting_down or len(app.clients) > app.client_limit)
+                    and app.admission_error(c) is not None)
+                or (login.has_client_limits and app.client_limit_error(pool) is not None)
+                or (app.tls.client_tls_required and c._tls_missing())):
+            return False
+        self.used += 1
+        client.startup_phase = False
+        c.protocol_version = login.protocol_version
+        c.startup_params = login.startup_params
+        c.user = login.user
+        c.database = login.database
+        self.enter(client, login)
         return True
 
 

@@ -9,9 +9,9 @@ import signal
 
 from . import (aggregate, auth, errors, hba, loader, metrics, peers, prepared, session,
                supervisor, systemd)
-from ._codec import DirectIO, WorkerFlags
+from ._codec import WORKER_SHIFT, DirectIO, KnownLogins, WorkerFlags
 from .admin import AdminConsole
-from .client import ADMIN_DATABASES
+from .client import ADMIN_DATABASES, DIRECT_IO_AFTER_READS
 from .config import split_list
 from .errors import PgError
 from .janitor import Janitor
@@ -20,9 +20,6 @@ from .pool import Credentials, Pool, PoolSettings
 from .tls import TlsConfigError, TlsContexts
 
 log = logging.getLogger("pgmulti")
-
-# Cancel keys' pid field: bits 24-30 carry the worker number (up to 128 workers).
-WORKER_SHIFT = 24
 
 SUPPORTED_AUTH_TYPES = ("any", "trust", "plain", "md5", "scram-sha-256", "hba")
 
@@ -73,7 +70,6 @@ class App:
         self.clients: set = set()
         self.login_clients: set = set()
         self.cancel_keys: dict[tuple[int, bytes], object] = {}
-        self.known_startup_logins = 0    # logins that took a remembered startup packet's path
         self.flags = WorkerFlags()       # paused and shutting_down, read by every hand-off
         self.disabled_databases: set[str] = set()
         self.shutdown_waits_for_clients = False
@@ -87,6 +83,8 @@ class App:
         self.prepared_registry = prepared.Registry()
         loop = asyncio.get_running_loop()
         self.direct_io = DirectIO(loop)    # the codec's own reads of busy plain sockets
+        # The end of every login; startup packets that logged in at once, by their bytes.
+        self.known_logins = KnownLogins(self, self.direct_io, DIRECT_IO_AFTER_READS)
         self.stopped = loop.create_future()
         self.apply_config(config)
         if userlist is None:
@@ -117,7 +115,7 @@ class App:
         """Take up a configuration (start, RELOAD, SET); refresh_pools() passes it to pools."""
         self.tls = tls or TlsContexts(config.pgbouncer)
         self.config = config
-        self.known_startups: dict[bytes, object] = {}  # client.KnownStartup, by packet
+        self.known_logins.forget_all()  # they were looked up in the old configuration
         cfg = config.pgbouncer
         self.admin_users = _names(cfg.admin_users)
         self.stats_users = _names(cfg.stats_users)
@@ -135,7 +133,7 @@ class App:
         self.client_buffer_size = max(4096, cfg.pkt_buf * 4)
 
     def load_userlist(self) -> None:
-        self.known_startups = {}  # they were looked up in the old list
+        self.known_logins.forget_all()  # they were looked up in the old list
         path = self.config.pgbouncer.auth_file
         if not path:
             self.userlist = {}
@@ -332,18 +330,6 @@ class App:
         if len(self.clients) > self.client_limit:
             return errors.too_many_clients()
         return None
-
-    def new_cancel_key(self, key_length: int) -> tuple[int, bytes]:
-        """A client's cancel key: a "process id" and `key_length` secret bytes, all random
-        but for this worker's number in the pid's top bits, so any worker receiving the
-        CancelRequest knows whose client it is."""
-        drawn = auth.random_bytes(4 + key_length)
-        bits = int.from_bytes(drawn[:4], "big") & ((1 << WORKER_SHIFT) - 1)
-        return (self.worker_index << WORKER_SHIFT) | (bits or 1), drawn[4:]
-
-    def client_logged_in(self, client) -> None:
-        self.login_clients.discard(client)
-        self.cancel_keys[(client.cancel_pid, client.cancel_key)] = client
 
     def client_closed(self, client) -> None:
         self.clients.discard(client)

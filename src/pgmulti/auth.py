@@ -6,7 +6,6 @@ import base64
 import binascii
 import hashlib
 import hmac
-import os
 import re
 import secrets
 import stringprep
@@ -17,6 +16,8 @@ from typing import Callable
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
+
+from ._codec import random_bytes  # cancel keys and salts, drawn a page at a time
 
 __all__ = [
     "AuthError",
@@ -54,29 +55,6 @@ _SCRAM_SECRET = re.compile(
     r"SCRAM-SHA-256\$(?P<iterations>[0-9]+):(?P<salt>[A-Za-z0-9+/=]+)"
     r"\$(?P<stored_key>[A-Za-z0-9+/=]+):(?P<server_key>[A-Za-z0-9+/=]+)"
 )
-
-
-_RANDOM_DRAW = 4096
-_random = bytearray()
-
-
-def random_bytes(count: int) -> bytes:
-    """Cryptographically random bytes for cancel keys and salts, drawn from os.urandom a page
-    at a time: a login needs a few, and a getrandom() call each costs more than the rest."""
-    global _random
-    if count > len(_random):
-        _random = bytearray(os.urandom(max(_RANDOM_DRAW, count)))
-    taken = bytes(_random[-count:])
-    del _random[-count:]
-    return taken
-
-
-def _forget_random_after_fork() -> None:
-    # A forked worker must not hand out the same bytes as its parent or siblings.
-    _random.clear()
-
-
-os.register_at_fork(after_in_child=_forget_random_after_fork)
 
 
 class AuthError(Exception):

@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING
 
 from . import auth, errors, hba, prepared, protocol, session, tls
-from ._codec import Relay
+from ._codec import KnownLogin, Relay
 from .errors import PgError
 
 if TYPE_CHECKING:
@@ -33,15 +33,16 @@ ADMIN_DATABASES = ("pgbouncer", "pgmulti")
 # TLS and socket itself (DirectIO): a short session (pgbench -C) is not worth the switch.
 DIRECT_IO_AFTER_READS = 3
 
-# During authentication only password messages and Terminate are acceptable.
-AUTH_ACTIONS = protocol.action_table(protocol.REJECT, p=protocol.INSPECT, X=protocol.INSPECT)
+# During authentication only password messages and Terminate are acceptable (the codec
+# closes the connection at Terminate: DISCONNECT).
+AUTH_ACTIONS = protocol.action_table(protocol.REJECT, p=protocol.INSPECT, X=protocol.DISCONNECT)
 # Pooled session: every frontend message flows to the server; Terminate ends the session.
 RELAY_ACTIONS = protocol.action_table(
-    protocol.REJECT, **{t: protocol.PASS for t in "BCdcfDEHFPQS"}, X=protocol.INSPECT)
+    protocol.REJECT, **{t: protocol.PASS for t in "BCdcfDEHFPQS"}, X=protocol.DISCONNECT)
 # Transaction pooling with max_prepared_statements: statement names are rewritten (the codec
 # forwards the messages that name no statement itself, Python rewrites the others).
 PREPARED_RELAY_ACTIONS = protocol.action_table(
-    protocol.REJECT, **{t: protocol.PASS for t in "dcfEHFQ"}, X=protocol.INSPECT,
+    protocol.REJECT, **{t: protocol.PASS for t in "dcfEHFQ"}, X=protocol.DISCONNECT,
     **{t: protocol.STATEMENT_REQUEST for t in "PBDCS"})
 PREPARED_TYPES = frozenset(map(ord, "PBDCS"))
 
@@ -54,40 +55,12 @@ def without_simple_query(actions: bytes) -> bytes:
 
 
 # Admin console: simple query protocol only, as in PgBouncer.
-ADMIN_ACTIONS = protocol.action_table(protocol.REJECT, Q=protocol.INSPECT, X=protocol.INSPECT)
-
-READY_IDLE = protocol.ready_for_query("I")
-
-# Cancel key length for protocol 3.2 clients (3.2 allows up to 256 bytes; PostgreSQL 18
-# sends 32). Protocol 3.0 keys are 4 bytes.
-LONG_CANCEL_KEY_BYTES = 32
-
-# Startup packets remembered per worker (see KnownStartup); an application sends few distinct ones.
-KNOWN_STARTUPS_MAX = 256
+ADMIN_ACTIONS = protocol.action_table(protocol.REJECT, Q=protocol.INSPECT, X=protocol.DISCONNECT)
 
 _PROTOCOL_ERROR_TEXT = {
     protocol.ERR_LENGTH: "invalid message length",
     protocol.ERR_TOO_LONG: "message too long",
 }
-
-
-class KnownStartup:
-    """What a startup packet resolved to when it logged in at once (trust or any, no task):
-    the next connection sending the same bytes (every pgbench -C connection, an application's
-    pool filling up) skips the parsing and lookups. App forgets them all when the config or the
-    auth_file changes; a change of the servers' parameters shows in `welcome_params`."""
-
-    __slots__ = ("pool", "welcome_params", "greeting", "user", "database", "startup_params",
-                 "protocol_version")
-
-    def __init__(self, client: ClientConnection, greeting: tuple):
-        self.pool = client.pool
-        self.welcome_params = client.pool.welcome_params
-        self.greeting = greeting
-        self.user = client.user
-        self.database = client.database
-        self.startup_params = client.startup_params  # never changed after login: shared
-        self.protocol_version = client.protocol_version
 
 
 class ClientConnection(Relay, asyncio.BufferedProtocol):
@@ -133,8 +106,10 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         self.buffer_size = app.client_buffer_size
         self.startup_phase = True
         self.batch_output = True
-        # The codec answers SSLRequest 'N' itself when there is no TLS to offer.
+        # The codec answers SSLRequest 'N' itself when there is no TLS to offer, and logs
+        # in a startup packet it knows (KnownLogins) without calling on_message.
         self.refuse_encryption = listener_kind == "unix" or app.tls.client is None
+        self.known_logins = app.known_logins
 
     def __repr__(self) -> str:
         return f"C-0x{self.id:x}: {self.database or '(nodb)'}/{self.user or '(nouser)'}@{self.addr_text}"
@@ -197,11 +172,7 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         if self.closed:
             return
         self._close_reason = reason
-        self.closed = True
-        self.hold()
-        self.stop_direct_io()
-        if self.transport is not None:
-            self.transport.close()
+        self.close_connection()
 
     def trim_idle(self) -> None:
         """Nothing read since the janitor's last look: give back the read buffer (allocated
@@ -263,8 +234,6 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         try:
             if msg_type == 0:
                 self._startup_packet(view)
-            elif msg_type == protocol.TERMINATE:
-                self.close("client close request")
             elif msg_type == protocol.PASSWORD_MESSAGE:
                 self._password_message(view)
             elif msg_type == protocol.QUERY and self.admin:
@@ -277,10 +246,6 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
             self.report(errors.protocol_violation(str(exc)))
 
     def _startup_packet(self, view) -> None:
-        packet = bytes(view)
-        known = self.app.known_startups.get(packet)
-        if known is not None and self._login_known(known):
-            return
         code, rest = protocol.parse_startup(view)
         if code == protocol.SSL_REQUEST_CODE or code == protocol.GSSENC_REQUEST_CODE:
             if self.buffered:
@@ -320,42 +285,19 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
                                                                      unsupported_options))
         self._accept_startup_params(params)
         self.hold()
-        greeting = self._login_at_once()
-        if greeting is None:
+        login = self._login_at_once()
+        if login is None:
             self.app.spawn(self._login())
         elif (code <= protocol.PROTOCOL_LATEST and not unsupported_options
               and self.app.config.pgbouncer.auth_type != "hba"
               and not self.app.config.pgbouncer.application_name_add_host):
             # Nothing but these bytes decided this login (application_name_add_host adds the
-            # client's address): remember it for the next client.
-            known = self.app.known_startups
-            if len(known) >= KNOWN_STARTUPS_MAX:
-                known.clear()
-            known[packet] = KnownStartup(self, greeting)
+            # client's address): the codec logs in the next client sending them.
+            self.app.known_logins.remember(bytes(view), login)
 
     def _tls_missing(self) -> bool:
         """client_tls_sslmode requires TLS and this TCP client logs in without it."""
         return self.app.tls.client_tls_required and not self.tls and self.listener_kind == "tcp"
-
-    def _login_known(self, known: KnownStartup) -> bool:
-        """Log in as an earlier client with the same startup packet did, after the checks that
-        can change from one connection to the next. False leaves it to the full path."""
-        app = self.app
-        pool = known.pool
-        if (pool.welcome_params is not known.welcome_params
-                or self._tls_missing()
-                or known.database in app.disabled_databases
-                or app.admission_error(self) is not None
-                or app.client_limit_error(pool) is not None):
-            return False
-        app.known_startup_logins += 1
-        self.startup_phase = False
-        self.protocol_version = known.protocol_version
-        self.startup_params = known.startup_params
-        self.user = known.user
-        self.database = known.database
-        self._enter_pool(pool, known.greeting)
-        return True
 
     def on_direct_tls(self) -> None:
         """A TLS ClientHello instead of a startup packet: direct TLS (libpq 17+
@@ -513,7 +455,8 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
                 raise errors.fatal(errors.PROTOCOL_VIOLATION, "not allowed")
         self.admin = True
         await self._authenticate(self.app.userlist.get(self.user))
-        self._finish_login(*session.greeting(self.app.admin_parameters(), self.startup_params))
+        tracked, greeting = session.greeting(self.app.admin_parameters(), self.startup_params)
+        self.app.known_logins.enter(self, self._known_login(None, tracked, greeting))
         self.set_actions(ADMIN_ACTIONS)
         self.resume()
 
@@ -533,11 +476,11 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         if not self.closed:
             self._enter_pool(pool)
 
-    def _login_at_once(self) -> tuple | None:
+    def _login_at_once(self) -> KnownLogin | None:
         """Log in now, without a task, when no step has to wait: a pooled database, a user the
         auth_file knows, trust (or any), and a pool that already knows its servers' parameters.
         That is every login after the first for most applications (and pgbench -C). Returns
-        the pool's greeting sent; None leaves everything, errors included, to _login."""
+        what it logged in to; None leaves everything, errors included, to _login."""
         if (self.database in ADMIN_DATABASES or self.database in self.app.disabled_databases
                 or self.app.admission_error(self) is not None):
             return None
@@ -558,26 +501,17 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
             raise errors.fatal(errors.CANNOT_CONNECT_NOW, "database does not allow connections")
         return db
 
-    def _enter_pool(self, pool: Pool, greeting: tuple | None = None) -> tuple:
-        """Logged in to a pooled database: greet the client and start relaying. `greeting`:
-        pool.greeting() of these startup parameters if the caller has it; returned."""
-        self.pool = pool
-        if greeting is None:
-            greeting = pool.greeting(self.startup_params)
-        tracked, message, signature = greeting
-        self._finish_login(tracked, message)
-        if pool.prepared_limit:
-            self.maps_statements = True
-            # Parse/Bind are rewritten whole, so they may be as large as any message.
-            self.max_inspect = self.max_packet
-        # Parameters known in C let the codec link the first transaction too (Pool._link).
-        self.param_sig = signature
-        self.pool_core = pool.core
-        pool.clients.add(self)
-        self.set_actions(pool.client_relay_actions)
-        self.enable_direct_io(self.app.direct_io, DIRECT_IO_AFTER_READS)
-        self.resume()
-        return greeting
+    def _enter_pool(self, pool: Pool) -> KnownLogin:
+        """Logged in to a pooled database: greet the client and start relaying (the codec's
+        KnownLogins.enter). Returns what it logged in to."""
+        login = self._known_login(pool, *pool.greeting(self.startup_params))
+        self.app.known_logins.enter(self, login)
+        return login
+
+    def _known_login(self, pool: Pool | None, tracked: dict[str, str], greeting: bytes,
+                     signature: tuple | None = None) -> KnownLogin:
+        return KnownLogin(pool, self.user, self.database, self.startup_params,
+                          self.protocol_version, tracked, greeting, signature)
 
     def _auth_rule(self) -> tuple[str, hba.IdentMap | None]:
         """The auth_type word for this login, and the hba line's ident map (cert, peer)."""
@@ -693,22 +627,10 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         self.hold()
         waiter.set_result(bytes(view[5:]))
 
-    def _finish_login(self, tracked: dict[str, str], greeting: bytes) -> None:
-        """AuthenticationOk and ParameterStatus (`greeting`), cancel key, ReadyForQuery."""
-        self.params = dict(tracked)
-        key_length = LONG_CANCEL_KEY_BYTES if self.protocol_version >= protocol.PROTOCOL_3_2 else 4
-        self.cancel_pid, self.cancel_key = self.app.new_cancel_key(key_length)
-        self.transport.write(greeting + protocol.backend_key_data(self.cancel_pid, self.cancel_key)
-                             + READY_IDLE)
-        # Until its first query the client needs no read buffer (most idle clients never
-        # send one for long): the next read allocates it again.
-        self.release_buffer()
-        self.state = "active"
-        self.last_active = time.monotonic()
-        self.app.client_logged_in(self)
-        if self.app.config.pgbouncer.log_connections:
-            log.info("%r login attempt: db=%s user=%s tls=%s", self, self.database, self.user,
-                     self.tls or "no")
+    def log_login(self) -> None:
+        """log_connections: called by the codec at the end of a login (KnownLogins.enter)."""
+        log.info("%r login attempt: db=%s user=%s tls=%s", self, self.database, self.user,
+                 self.tls or "no")
 
     # -- pooled session ------------------------------------------------------------------
 

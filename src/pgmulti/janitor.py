@@ -129,7 +129,7 @@ class Janitor:
                 freed = True
                 log.info("%r freed: unused for autodb_idle_timeout", pool)
         if freed:
-            app.known_startups = {}  # their logins point at the pools
+            app.known_logins.forget_all()  # their logins point at the pools
 
     def _trim_idle_buffers(self) -> None:
         for client in self.app.clients:
@@ -146,7 +146,7 @@ class Janitor:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("direct I/O: %s", ", ".join(
                 f"{name} {count}" for name, count in app.direct_io.counters().items()))
-            log.debug("logins from known startup packets: %d", app.known_startup_logins)
+            log.debug("logins from known startup packets: %d", app.known_logins.used)
         if not app.config.pgbouncer.log_stats:
             return
         for name, averages in sorted(by_db.items()):

@@ -98,6 +98,30 @@ def test_a_remembered_startup_packet_meets_every_login_check_again(pgmulti, user
         login()
 
 
+@pytest.mark.parametrize("limit", ["max_db_client_connections", "max_user_client_connections"])
+def test_a_remembered_startup_packet_still_counts_against_client_limits(pgmulti, limit):
+    proxy = pgmulti({limit: 2, "stats_period": 1, "verbose": 1})
+    dsn = proxy.dsn(db="testdb")
+
+    def login() -> psycopg.Connection:
+        return psycopg.connect(dsn, connect_timeout=5, autocommit=True, application_name="known")
+
+    for _ in range(4):
+        with login() as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    wait_for(lambda: known_startup_logins(proxy) >= 2, 5, "logins from a known packet")
+
+    held = [login() for _ in range(2)]
+    try:
+        with pytest.raises(psycopg.OperationalError, match=limit):
+            login()
+    finally:
+        for conn in held:
+            conn.close()
+    with login() as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
 def test_the_client_address_is_logged_after_the_connection_closed(pgmulti):
     """The address becomes Python objects only when asked; the disconnection line asks after
     the socket has closed, and must still name the client's own address and port."""
