@@ -221,6 +221,7 @@ cdef class DirectIO
 cdef class DirectTls
 cdef class Relay
 cdef class SocketTransport
+cdef class ClientRelay
 cdef class KnownLogins
 
 # Action tables are shared, not copied: a relay points at the bytes of its current one.
@@ -1143,7 +1144,7 @@ cdef class Relay:
                     # goes to Python, which refuses those (CVE-2021-23222).
                     self._answer_no()
                 elif self.known_logins is None or not self.known_logins._login(
-                        self, d + start, length):
+                        <ClientRelay>self, d + start, length):
                     self.on_message(0, self._view[start:start + length])
                 start = run_start = self._start
                 continue
@@ -2190,12 +2191,11 @@ def random_bytes(Py_ssize_t count):
 # receiving a CancelRequest knows whose client it is.
 WORKER_SHIFT = 24
 DEF _WORKER_SHIFT = 24
+DEF PROTOCOL_3_0 = 3 << 16
 DEF PROTOCOL_3_2 = (3 << 16) | 2
 # Cancel key length for protocol 3.2 clients (3.2 allows up to 256 bytes; PostgreSQL 18
 # sends 32). Protocol 3.0 keys are 4 bytes.
 DEF LONG_CANCEL_KEY_BYTES = 32
-# BackendKeyData with the longest key, then ReadyForQuery 'I': what follows a greeting.
-DEF KEY_AND_READY_MAX = 1 + 4 + 4 + LONG_CANCEL_KEY_BYTES + 6
 # Startup packets remembered per worker: an application sends few distinct ones.
 DEF KNOWN_LOGINS_MAX = 256
 
@@ -2213,7 +2213,58 @@ def new_cancel_key(int worker_index, int key_length):
         PyBytes_FromStringAndSize(<char*>drawn + 4, key_length)
 
 
+cdef str _LOGIN = "login"
 cdef str _AFTER_LOGIN = "active"
+cdef unsigned long long _client_serial = 0  # clients this process has accepted
+
+
+cdef class ClientRelay(Relay):
+    """A client connection's relay, with what every client has from accept on and what a
+    login sets, in C fields: accepting a client and logging it in (KnownLogins) run no
+    Python frame. pgmulti.client.ClientConnection adds the login steps and the session."""
+
+    cdef readonly object app
+    cdef readonly unsigned long long id
+    cdef readonly str listener_kind     # "tcp" or "unix"
+    cdef public double connect_time     # time.time() at accept
+    cdef public str user
+    cdef public str database
+    cdef public object pool             # pgmulti.pool.Pool once logged in to one
+    cdef public dict params             # tracked parameters as the client sees them
+    cdef public dict startup_params     # as the startup packet gave them
+    cdef public int protocol_version
+    cdef public long long cancel_pid    # cancel key: made at login, the key as long as the
+    cdef public bytes cancel_key        # protocol version allows
+    cdef public bint maps_statements    # statement names are mapped (max_prepared_statements)
+
+    def __init__(self, app, str listener_kind not None):
+        global _client_serial
+        _client_serial += 1
+        self.app = app
+        # Unique across worker processes: SHOW CLIENTS merges them and KILL_CLIENT takes one.
+        self.id = _client_serial * app.worker_count + app.worker_index
+        self.listener_kind = listener_kind
+        self.state = _LOGIN
+        self.user = self.database = ""
+        self.params = {}
+        self.startup_params = {}
+        self.protocol_version = PROTOCOL_3_0
+        self.cancel_key = b""
+        self.connect_time = self.request_time = _wall()
+        self.created = self.last_active = _monotonic()
+        self.max_packet = app.client_max_packet
+        self.buffer_size = app.client_buffer_size
+        self.startup_phase = True
+        self.batch_output = True
+        # No TLS to offer: the codec answers SSLRequest 'N' itself. A startup packet it
+        # knows is logged in without calling on_message (KnownLogins).
+        self.refuse_encryption = listener_kind == "unix" or app.tls.client is None
+        self.known_logins = app.known_logins
+
+    def connection_made(self, transport):
+        self.attach_transport(transport)
+        self.app.clients.add(self)
+        self.app.login_clients.add(self)
 
 
 @cython.final
@@ -2288,37 +2339,39 @@ cdef class KnownLogins:
     def forget_all(self):
         self._by_packet.clear()
 
-    def enter(self, Relay client not None, KnownLogin login not None):
+    def enter(self, ClientRelay client not None, KnownLogin login not None):
         """Greet the client (AuthenticationOk, ParameterStatus, BackendKeyData,
         ReadyForQuery), register its cancel key and, for a pool, start relaying: the end of
         every login. The admin console then sets its own actions and resumes."""
-        cdef object c = client  # a ClientConnection: its Python attributes too
         cdef bytes key
         cdef uint32_t pid
         cdef int key_length = LONG_CANCEL_KEY_BYTES if login.protocol_version >= PROTOCOL_3_2 else 4
-        cdef unsigned char tail[KEY_AND_READY_MAX]
-        cdef Py_ssize_t n
+        cdef bytes out
+        cdef unsigned char* p
+        cdef Py_ssize_t greeting_size
         app = self._app
         pool = login.pool
-        c.pool = pool
-        c.params = login.tracked.copy()
+        client.pool = pool
+        client.params = login.tracked.copy()
         pid_object, key = new_cancel_key(app.worker_index, key_length)
         pid = pid_object
-        c.cancel_pid = pid_object
-        c.cancel_key = key
-        # BackendKeyData and ReadyForQuery 'I' after the greeting, in one write.
-        tail[0] = ord("K")
-        _put32(tail + 1, 4 + 4 + key_length)
-        _put32(tail + 5, pid)
-        memcpy(tail + 9, <char*>key, key_length)
-        n = 9 + key_length
-        memcpy(tail + n, b"Z\0\0\0\x05I", 6)
-        n += 6
+        client.cancel_pid = pid
+        client.cancel_key = key
+        # The greeting, BackendKeyData and ReadyForQuery 'I': one write, one send().
+        greeting_size = len(login.greeting)
+        out = PyBytes_FromStringAndSize(NULL, greeting_size + 9 + key_length + 6)
+        p = <unsigned char*><char*>out
+        memcpy(p, <char*>login.greeting, greeting_size)
+        p += greeting_size
+        p[0] = ord("K")
+        _put32(p + 1, 4 + 4 + key_length)
+        _put32(p + 5, pid)
+        memcpy(p + 9, <char*>key, key_length)
+        memcpy(p + 9 + key_length, b"Z\0\0\0\x05I", 6)
         if client._socket is not None:
-            client._socket._write_bytes(<char*>login.greeting, len(login.greeting))
-            client._socket._write_bytes(<char*>tail, n)
+            client._socket._write_bytes(<char*>out, len(out))
         else:
-            client._own_write(login.greeting + PyBytes_FromStringAndSize(<char*>tail, n))
+            client._own_write(out)
         # Until its first query the client needs no read buffer (most idle clients never
         # send one for long): the next read allocates it again.
         client.release_buffer()
@@ -2327,11 +2380,11 @@ cdef class KnownLogins:
         app.login_clients.discard(client)
         app.cancel_keys[(pid_object, key)] = client
         if app.config.pgbouncer.log_connections:
-            c.log_login()
+            (<object>client).log_login()
         if pool is None:
             return
         if pool.prepared_limit:
-            c.maps_statements = True
+            client.maps_statements = True
             # Parse/Bind are rewritten whole, so they may be as large as any message.
             client.max_inspect = client.max_packet
         # Parameters known in C let the codec link the first transaction too (Pool._link).
@@ -2344,11 +2397,11 @@ cdef class KnownLogins:
         client.enable_direct_io(self._direct_io, self._direct_after_reads)
         client.resume()
 
-    cdef bint _login(self, Relay client, const unsigned char* packet, Py_ssize_t size) except -1:
+    cdef bint _login(self, ClientRelay client, const unsigned char* packet,
+                     Py_ssize_t size) except -1:
         """Log the client in as an earlier client with the same startup packet was, after
         the checks ClientConnection makes on every login; False leaves it to Python."""
         cdef KnownLogin login
-        cdef object c = client
         found = self._by_packet.get(PyBytes_FromStringAndSize(<char*>packet, size))
         if found is None:
             return False
@@ -2360,16 +2413,16 @@ cdef class KnownLogins:
         if (pool.welcome_params is not login.welcome_params
                 or login.database in app.disabled_databases
                 or (((<WorkerFlags>app.flags).shutting_down or len(app.clients) > app.client_limit)
-                    and app.admission_error(c) is not None)
+                    and app.admission_error(client) is not None)
                 or (login.has_client_limits and app.client_limit_error(pool) is not None)
-                or (app.tls.client_tls_required and c._tls_missing())):
+                or (app.tls.client_tls_required and (<object>client)._tls_missing())):
             return False
         self.used += 1
         client.startup_phase = False
-        c.protocol_version = login.protocol_version
-        c.startup_params = login.startup_params
-        c.user = login.user
-        c.database = login.database
+        client.protocol_version = login.protocol_version
+        client.startup_params = login.startup_params
+        client.user = login.user
+        client.database = login.database
         self.enter(client, login)
         return True
 

@@ -320,10 +320,6 @@ class App:
 
     # -- clients -------------------------------------------------------------------------
 
-    def client_opened(self, client) -> None:
-        self.clients.add(client)
-        self.login_clients.add(client)
-
     def admission_error(self, client) -> PgError | None:
         if self.flags.shutting_down and not self.shutdown_waits_for_clients:
             return errors.shutting_down()

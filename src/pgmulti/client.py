@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import logging
 import os
 import secrets
@@ -14,17 +13,14 @@ import time
 from typing import TYPE_CHECKING
 
 from . import auth, errors, hba, prepared, protocol, session, tls
-from ._codec import KnownLogin, Relay
+from ._codec import ClientRelay, KnownLogin
 from .errors import PgError
 
 if TYPE_CHECKING:
-    from .app import App
     from .pool import Pool
     from .server import ServerConnection
 
 log = logging.getLogger("pgmulti.client")
-
-_client_ids = itertools.count(1)
 
 ADMIN_DATABASES = ("pgbouncer", "pgmulti")
 
@@ -63,16 +59,14 @@ _PROTOCOL_ERROR_TEXT = {
 }
 
 
-class ClientConnection(Relay, asyncio.BufferedProtocol):
-    """One client socket; the Relay forwards its bytes to the linked server."""
+class ClientConnection(ClientRelay, asyncio.BufferedProtocol):
+    """One client socket; the Relay forwards its bytes to the linked server. What every
+    client has from accept on (app, id, listener_kind, ...) and what a login sets (user,
+    database, pool, params, cancel key, ...) are ClientRelay's C fields, set by the codec."""
 
     # Defaults most connections never change: class attributes cost a -C login nothing.
-    # (Fields of the Relay itself, such as state or closed, are set in __init__.)
     _addr: tuple | None = None
     _local_addr: tuple | None = None
-    user = ""
-    database = ""
-    pool: Pool | None = None
     admin = False
     _close_reason = ""
     seen_activity = 0
@@ -80,36 +74,11 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
     busy_since = 0.0            # janitor's clock for query_timeout
     wait_notified = 0.0         # wait_start of the wait query_wait_notify told it about
     xact_since = 0.0            # janitor's clock for transaction_timeout
-    cancel_pid = 0              # cancel key: made at login, the key as long as the
-    cancel_key = b""            # protocol version allows
-    protocol_version = protocol.PROTOCOL_3_0
     scram_keys: tuple[bytes, bytes] | None = None
     tls = ""                    # "" for plain text, else protocol/cipher
     tls_binding: bytes | None = None   # tls-server-end-point data for SCRAM-PLUS
-    maps_statements = False     # statement names are mapped (max_prepared_statements)
     statements: prepared.ClientStatements | None = None  # from its first named statement
     _password_waiter: asyncio.Future | None = None
-
-    def __init__(self, app: App, listener_kind: str):
-        self.app = app
-        # Unique across worker processes: SHOW CLIENTS merges them and KILL_CLIENT takes one.
-        self.id = next(_client_ids) * app.worker_count + app.worker_index
-        self.listener_kind = listener_kind  # "tcp" or "unix"
-        self.state = "login"
-        self.params: dict[str, str] = {}
-        self.startup_params: dict[str, str] = {}
-        self.connect_time = time.time()
-        self.created = time.monotonic()
-        self.request_time = self.connect_time
-        self.last_active = self.created
-        self.max_packet = app.client_max_packet
-        self.buffer_size = app.client_buffer_size
-        self.startup_phase = True
-        self.batch_output = True
-        # The codec answers SSLRequest 'N' itself when there is no TLS to offer, and logs
-        # in a startup packet it knows (KnownLogins) without calling on_message.
-        self.refuse_encryption = listener_kind == "unix" or app.tls.client is None
-        self.known_logins = app.known_logins
 
     def __repr__(self) -> str:
         return f"C-0x{self.id:x}: {self.database or '(nodb)'}/{self.user or '(nouser)'}@{self.addr_text}"
@@ -145,10 +114,6 @@ class ClientConnection(Relay, asyncio.BufferedProtocol):
         return self.pool.settings.pool_mode if self.pool is not None else session.SESSION
 
     # -- connection ----------------------------------------------------------------------
-
-    def connection_made(self, transport) -> None:
-        self.attach_transport(transport)
-        self.app.client_opened(self)
 
     def connection_lost(self, exc) -> None:
         self.stop_direct_io()
