@@ -1942,10 +1942,14 @@ cdef class PoolCore:
     cdef readonly set tested
     cdef readonly set login
     cdef readonly object waiting    # the pool's FIFO of clients waiting for a server
+    cdef readonly set clients       # the pool's logged-in clients
     cdef WorkerFlags flags          # the App's: PAUSE of every database, shutdown
     # The pool's counters that move with transactions (PoolStats reads them):
     cdef public unsigned long long assignments  # clients linked to a server
     cdef public unsigned long long bind_count   # Bind messages (prepared statements)
+    # Bytes closed clients sent, and of those the bytes the codec passed on to servers.
+    cdef readonly unsigned long long closed_received
+    cdef readonly unsigned long long closed_client_relayed
     cdef readonly long long wait_us             # clients' time queued for a server
     cdef unsigned long long _wait_buckets[N_BUCKETS + 1]  # only clients that really queued
     cdef public bint enabled        # transaction pooling without reset queries
@@ -1972,8 +1976,21 @@ cdef class PoolCore:
         self.used = set()
         self.tested = set()
         self.login = set()
+        self.clients = set()
         self.waiting = waiting
         self.flags = flags
+
+    def forget_client(self, Relay client not None):
+        """A client of this pool has closed: it leaves the pool (and the queue, if waiting)
+        and its byte counts stay in the pool's totals."""
+        self.clients.discard(client)
+        if client.state == _WAITING:
+            try:
+                self.waiting.remove(client)
+            except ValueError:
+                pass
+        self.closed_received += client.rx_bytes
+        self.closed_client_relayed += client.tx_bytes
 
     def set_actions(self, bytes relay_actions not None, bytes idle_actions not None,
                     bytes client_linked_actions=None, bytes client_idle_actions=None):
@@ -2265,6 +2282,28 @@ cdef class ClientRelay(Relay):
         self.attach_transport(transport)
         self.app.clients.add(self)
         self.app.login_clients.add(self)
+
+    def connection_lost(self, exc):
+        """The socket has closed: leave the pool and App's registry. The common end (a
+        logged-in client with no server, nothing to log) runs no Python; anything else (a
+        server to give back, a login to stop, log_disconnections) goes through the
+        subclass's session_lost() first."""
+        self._leave_direct(True)
+        self.direct_io = None
+        self.resume_paused_peer()
+        self.closed = True
+        app = self.app
+        if (self.server is not None or self.state != _AFTER_LOGIN
+                or app.config.pgbouncer.log_disconnections):
+            (<object>self).session_lost()
+        pool = self.pool
+        if pool is not None:
+            (<PoolCore?>pool.core).forget_client(self)
+        app.clients.discard(self)
+        app.login_clients.discard(self)
+        app.cancel_keys.pop((self.cancel_pid, self.cancel_key), None)
+        if (<WorkerFlags?>app.flags).shutting_down:
+            app.janitor.check_shutdown()
 
 
 @cython.final

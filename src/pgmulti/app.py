@@ -327,13 +327,6 @@ class App:
             return errors.too_many_clients()
         return None
 
-    def client_closed(self, client) -> None:
-        self.clients.discard(client)
-        self.login_clients.discard(client)
-        self.cancel_keys.pop((client.cancel_pid, client.cancel_key), None)
-        if self.flags.shutting_down:
-            self.janitor.check_shutdown()
-
     def forward_cancel(self, pid: int, key: int) -> None:
         owner = pid >> WORKER_SHIFT
         if owner != self.worker_index and self.peers is not None:

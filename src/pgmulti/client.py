@@ -115,23 +115,19 @@ class ClientConnection(ClientRelay, asyncio.BufferedProtocol):
 
     # -- connection ----------------------------------------------------------------------
 
-    def connection_lost(self, exc) -> None:
-        self.stop_direct_io()
-        self.resume_paused_peer()
-        self.closed = True
+    def session_lost(self) -> None:
+        """The connection has closed with more to end than the codec ends itself
+        (ClientRelay.connection_lost, which then leaves the pool and the registry): a login
+        waiting for a password, a server to give back, log_disconnections."""
         if self._password_waiter and not self._password_waiter.done():
             self._password_waiter.cancel()
         server = self.server
         if server is not None and self.pool is not None:
             reset = self.pool_mode == session.SESSION or self.app.config.pgbouncer.server_reset_query_always
             self.pool.release(self, server, reset=reset)
-        if self.pool is not None:
-            self.pool.forget_client(self)
-            self.pool.stats.client_closed(self)
         if self.state != "login" and self.app.config.pgbouncer.log_disconnections:
             log.info("%r closing because: %s (age=%ds)", self, self._close_reason or "client close request",
                      int(time.monotonic() - self.created))
-        self.app.client_closed(self)
 
     def close(self, reason: str) -> None:
         if self.closed:

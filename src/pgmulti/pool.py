@@ -94,7 +94,7 @@ class Pool:
         self.used: set[ServerConnection] = self.core.used
         self.tested: set[ServerConnection] = self.core.tested
         self.login: set[ServerConnection] = self.core.login
-        self.clients: set[ClientConnection] = set()
+        self.clients: set[ClientConnection] = self.core.clients  # the codec's forget_client
         self.welcome_params: dict[str, str] | None = None
         self._welcome: asyncio.Task | None = None
         self._greetings: dict[tuple, tuple] = {}  # see greeting()
@@ -282,14 +282,6 @@ class Pool:
         if self.server_count < self.settings.pool_size:
             self.launch_needed()  # a full pool waits; the janitor opens reserve connections
         return False
-
-    def forget_client(self, client: ClientConnection) -> None:
-        self.clients.discard(client)
-        if client.state == "waiting":
-            try:
-                self.waiting.remove(client)
-            except ValueError:
-                pass
 
     def _link(self, client: ClientConnection, server: ServerConnection, now: float = 0.0) -> None:
         """Link a server already in `active`; sync parameters first if they differ."""

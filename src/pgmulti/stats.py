@@ -58,9 +58,7 @@ class PoolStats:
         self.closed_query_us = 0
         self.closed_xact_buckets = [0] * BUCKET_COUNT
         self.closed_query_buckets = [0] * BUCKET_COUNT
-        self.closed_received = 0
         self.closed_sent = 0
-        self.closed_client_relayed = 0  # bytes the codec passed from closed clients to servers
         self.client_parse_count = 0   # Parse messages from clients (named statements)
         self.server_parse_count = 0   # Parse messages sent to servers, on-demand ones included
         self.previous = Totals()      # totals at the start of the last stats period
@@ -76,10 +74,6 @@ class PoolStats:
         add_counts(self.closed_query_buckets, queries)
         self.closed_sent += server.tx_bytes
 
-    def client_closed(self, client) -> None:
-        self.closed_received += client.rx_bytes
-        self.closed_client_relayed += client.tx_bytes
-
     def totals(self, pool) -> Totals:
         queries = self.closed_queries
         xacts = self.closed_xacts
@@ -92,7 +86,8 @@ class PoolStats:
             query_us += server.query_time_us
             xact_us += server.xact_time_us
             sent += server.tx_bytes
-        received = self.closed_received + sum(client.rx_bytes for client in pool.clients)
+        # Closed clients' bytes: PoolCore.forget_client.
+        received = pool.core.closed_received + sum(client.rx_bytes for client in pool.clients)
         return Totals(server_assignment_count=pool.core.assignments, xact_count=xacts,
                       query_count=queries, received=received, sent=sent, xact_time=xact_us,
                       query_time=query_us, wait_time=pool.core.wait_us,
@@ -115,7 +110,7 @@ class PoolStats:
 
     def client_relayed(self, pool) -> int:
         """Bytes the codec passed from this pool's clients to servers."""
-        return self.closed_client_relayed + sum(client.tx_bytes for client in pool.clients)
+        return pool.core.closed_client_relayed + sum(client.tx_bytes for client in pool.clients)
 
     def roll_period(self, pool, seconds: float) -> None:
         """Averages over the period that just ended (PgBouncer's stats_period)."""

@@ -34,8 +34,8 @@ class FakePool:
 
     def __init__(self):
         self.servers: list[Relay] = []
-        self.clients: set[Relay] = set()
         self.core = PoolCore(collections.deque(), WorkerFlags())  # assignments, waits
+        self.clients: set[Relay] = self.core.clients
 
     def all_servers(self):
         return iter(self.servers)
@@ -68,7 +68,7 @@ def test_totals_and_histograms_survive_closed_servers():
     first_client, first = linked_pair()
     second_client, second = linked_pair()
     pool.servers = [first, second]
-    pool.clients = {first_client, second_client}
+    pool.clients.update((first_client, second_client))
     run_transaction(first_client, first)
     run_transaction(first_client, first, ("BEGIN", "SELECT 1", "COMMIT"))
     run_transaction(second_client, second)
@@ -79,11 +79,10 @@ def test_totals_and_histograms_survive_closed_servers():
     assert before.sent == first.tx_bytes + second.tx_bytes > 0
     histograms_before = stats.histograms(pool)
 
-    # The first server and client close: their counts move into the closed_* totals.
+    # The first server and client close: their counts move into the closed totals.
     stats.server_closed(first)
-    stats.client_closed(first_client)
+    pool.core.forget_client(first_client)
     pool.servers.remove(first)
-    pool.clients.discard(first_client)
     assert stats.totals(pool) == before
     assert stats.histograms(pool) == histograms_before
     assert sum(histograms_before.xact) == 3 and sum(histograms_before.query) == 5
