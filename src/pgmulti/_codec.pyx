@@ -1730,9 +1730,11 @@ cdef class SocketTransport:
         cdef epoll_event event
         if fd < 0:
             return 0
-        if self._events:
+        if self._events and self._sock is not None:
+            # Closing the descriptor takes it out of the epoll set, unless a dup of it lives
+            # on: whoever asked for the socket object may have made one (direct TLS does).
             epoll_ctl(self._io._epfd, EPOLL_CTL_DEL, fd, &event)
-            self._events = 0
+        self._events = 0
         self._io._forget(fd)
         if self._sock is not None:
             self._sock.detach()  # the number is ours to close; the object shows fileno -1

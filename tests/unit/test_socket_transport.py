@@ -261,6 +261,37 @@ def test_a_failing_protocol_closes_its_connection_only():
     run(test)
 
 
+def epoll_watched_descriptors() -> set[int]:
+    """Descriptor numbers any epoll set of this process watches (from /proc fdinfo)."""
+    watched = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") != "anon_inode:[eventpoll]":
+                continue
+            with open(f"/proc/self/fdinfo/{name}") as info:
+                watched.update(int(line.split()[1]) for line in info if line.startswith("tfd:"))
+        except OSError:
+            continue  # closed meanwhile
+    return watched
+
+
+def test_a_closed_transport_leaves_the_epoll_set_even_while_a_dup_of_its_socket_lives():
+    # Closing a descriptor ends its epoll registration only with the last descriptor of the
+    # socket; a dup (direct I/O makes one of the socket object) would keep it, and events
+    # would then name a transport that is gone.
+    async def test(loop, client, protocol):
+        fd = protocol.transport.get_extra_info("socket").fileno()
+        duplicate = os.dup(fd)
+        try:
+            assert fd in epoll_watched_descriptors()
+            protocol.transport.close()
+            assert await asyncio.wait_for(protocol.lost, TIMEOUT_S) is None
+            assert fd not in epoll_watched_descriptors()
+        finally:
+            os.close(duplicate)
+    with_connection(test)
+
+
 def test_ipv6_and_unix_clients_have_their_addresses(tmp_path):
     async def test(loop):
         unix = Server(loop, socket.AF_UNIX, path=str(tmp_path / "s"))
