@@ -125,7 +125,12 @@ DEF TLS_HANDSHAKE_RECORD = 0x16
 # SSLRequest and GSSENCRequest: 8-byte packets asking for an encrypted connection.
 DEF SSL_REQUEST_CODE = 80877103
 DEF GSSENC_REQUEST_CODE = 80877104
-DEF_BUFFER_SIZE = 16384
+cdef Py_ssize_t DEFAULT_BUFFER = 16384   # a relay's read buffer (buffer_size)
+DEF_BUFFER_SIZE = DEFAULT_BUFFER
+# Empty read buffers of the default size that connections gave back (idle after login, or closed),
+# kept for the next reads: a pgbench -C connection would otherwise allocate two.
+DEF SPARE_BUFFERS_MAX = 32
+cdef list _spare_buffers = []   # memoryviews of the bytearrays
 # Reads smaller than this would waste a syscall; reclaim buffer space below it.
 cdef Py_ssize_t MIN_READ = 2048
 # Runs up to this size are written as a bytes copy: one small allocation is cheaper than a
@@ -394,7 +399,7 @@ cdef class Relay:
     cdef public KnownLogins known_logins
 
     def __cinit__(self, *args, **kwargs):
-        self.buffer_size = DEF_BUFFER_SIZE
+        self.buffer_size = DEFAULT_BUFFER
         self.max_inspect = 1024 * 1024
         self.max_packet = 0x7FFFFFFF
         self.ready_status = ord("I")
@@ -587,15 +592,22 @@ cdef class Relay:
     def release_buffer(self):
         """Drop an empty buffer so an idle connection holds no read memory (when the read
         being processed is done, if called from one of its callbacks)."""
+        self._release_buffer()
+
+    cdef int _release_buffer(self) except -1:
         if self._processing:
             self._release_after = True
         elif self._buf is not None and self._start == self._end:
+            if (self._cap == DEFAULT_BUFFER and self._lent_to is None
+                    and len(_spare_buffers) < SPARE_BUFFERS_MAX):
+                _spare_buffers.append(self._view)  # no transport holds a view of it
             self._buf = None
             self._view = None
             self._data = NULL
             self._cap = self._start = self._end = 0
             self._lent_to = None
             self._lent_to_several = False
+        return 0
 
     # -- direct I/O ----------------------------------------------------------------------
 
@@ -892,12 +904,19 @@ cdef class Relay:
     cdef _allocate(self, Py_ssize_t size, Py_ssize_t keep):
         """New buffer of `size` bytes holding the `keep` unread bytes of the old one. Not
         zeroed: only bytes read into it are ever looked at."""
-        cdef bytearray buf = PyByteArray_FromStringAndSize(NULL, size)
-        cdef unsigned char* data = <unsigned char*>PyByteArray_AS_STRING(buf)
+        cdef bytearray buf
+        cdef unsigned char* data
+        if size == DEFAULT_BUFFER and _spare_buffers:
+            view = _spare_buffers.pop()
+            buf = view.obj
+        else:
+            buf = PyByteArray_FromStringAndSize(NULL, size)
+            view = memoryview(buf)
+        data = <unsigned char*>PyByteArray_AS_STRING(buf)
         if keep:
             memcpy(data, self._data + self._start, keep)
         self._buf = buf
-        self._view = memoryview(buf)
+        self._view = view
         self._data = data
         self._cap = size
         self._start = 0
@@ -1088,7 +1107,7 @@ cdef class Relay:
             self._rewind_if_empty()
             if self._release_after:
                 self._release_after = False
-                self.release_buffer()
+                self._release_buffer()
         return 0
 
     cdef int _scan(self) except -1:
@@ -2282,29 +2301,31 @@ cdef class ClientRelay(Relay):
 
     def connection_made(self, transport):
         self.attach_transport(transport)
-        self.app.clients.add(self)
-        self.app.login_clients.add(self)
+        self.known_logins._clients.add(self)
+        self.known_logins._login_clients.add(self)
 
     def connection_lost(self, exc):
         """The socket has closed: leave the pool and App's registry. The common end (a
         logged-in client with no server, nothing to log) runs no Python; anything else (a
         server to give back, a login to stop, log_disconnections) goes through the
         subclass's session_lost() first."""
+        cdef KnownLogins registry = self.known_logins
         self._leave_direct(True)
         self.direct_io = None
         self.resume_paused_peer()
         self.closed = True
+        self._release_buffer()
         app = self.app
         if (self.server is not None or self.state != _AFTER_LOGIN
-                or app.config.pgbouncer.log_disconnections):
+                or registry._log_disconnections):
             (<object>self).session_lost()
         pool = self.pool
         if pool is not None:
             (<PoolCore?>pool.core).forget_client(self)
-        app.clients.discard(self)
-        app.login_clients.discard(self)
-        app.cancel_keys.pop((self.cancel_pid, self.cancel_key), None)
-        if (<WorkerFlags?>app.flags).shutting_down:
+        registry._clients.discard(self)
+        registry._login_clients.discard(self)
+        registry._cancel_keys.pop((self.cancel_pid, self.cancel_key), None)
+        if registry._flags.shutting_down:
             app.janitor.check_shutdown()
 
 
@@ -2316,7 +2337,12 @@ cdef class KnownLogin:
     client that sends the same bytes."""
 
     cdef readonly object pool
-    cdef readonly object welcome_params   # pool.welcome_params then: a change shows
+    # The pool's parts a login uses, taken when it is made: a configuration change, which
+    # may change them, forgets every remembered login (KnownLogins.configure).
+    cdef PoolCore _core
+    cdef set _pool_clients
+    cdef bytes _relay_actions
+    cdef bint _maps_statements
     cdef readonly str user
     cdef readonly str database
     cdef readonly dict startup_params     # shared by its clients: never changed after login
@@ -2331,10 +2357,14 @@ cdef class KnownLogin:
                  dict startup_params not None, int protocol_version, dict tracked not None,
                  bytes greeting not None, signature=None):
         self.pool = pool
-        self.welcome_params = pool.welcome_params if pool is not None else None
-        self.has_client_limits = pool is not None and (
-            pool.settings.max_db_client_connections > 0
-            or pool.settings.max_user_client_connections > 0)
+        if pool is not None:
+            self._core = pool.core
+            self._pool_clients = pool.clients
+            self._relay_actions = pool.client_relay_actions
+            _check_actions(self._relay_actions)
+            self._maps_statements = pool.prepared_limit > 0
+            self.has_client_limits = (pool.settings.max_db_client_connections > 0
+                                      or pool.settings.max_user_client_connections > 0)
         self.user = user
         self.database = database
         self.startup_params = startup_params
@@ -2353,18 +2383,34 @@ cdef class KnownLogins:
     connection to the next are made again; when one fails, or the packet is new, the client
     takes Python's path (ClientConnection._startup_packet).
 
-    It reads and updates what App keeps for its clients (clients, login_clients,
-    cancel_keys, disabled_databases, ...) by those names. App forgets every packet when the
-    configuration or the auth_file changes."""
+    It keeps App's client registry (clients, login_clients, cancel_keys) for the clients'
+    accept, login and close (ClientRelay), and reads App's settings by their names. App
+    forgets every packet when the configuration or the auth_file changes."""
 
     cdef object _app
+    # App's client registry and the sets logins check: made with App, never replaced.
+    cdef set _clients
+    cdef set _login_clients
+    cdef dict _cancel_keys          # (pid, key) -> client
+    cdef set _disabled_databases
+    cdef WorkerFlags _flags
     cdef dict _by_packet
     cdef object _direct_io
     cdef int _direct_after_reads
+    # Settings of the current configuration (configure()).
+    cdef readonly Py_ssize_t client_limit      # max_client_conn, this worker's share
+    cdef bint _tls_required
+    cdef bint _log_connections
+    cdef bint _log_disconnections
     cdef readonly unsigned long long used   # logins that took a remembered packet's path
 
     def __cinit__(self, app, direct_io, int direct_after_reads):
         self._app = app
+        self._clients = app.clients
+        self._login_clients = app.login_clients
+        self._cancel_keys = app.cancel_keys
+        self._disabled_databases = app.disabled_databases
+        self._flags = app.flags
         self._by_packet = {}
         self._direct_io = direct_io
         self._direct_after_reads = direct_after_reads
@@ -2379,6 +2425,16 @@ cdef class KnownLogins:
 
     def forget_all(self):
         self._by_packet.clear()
+
+    def configure(self, app, Py_ssize_t client_limit):
+        """Take up App's current configuration (start, RELOAD, SET, becoming a worker) and
+        this worker's share of max_client_conn: the remembered logins were made under the
+        old one and are forgotten."""
+        self._by_packet.clear()
+        self.client_limit = client_limit
+        self._tls_required = app.tls.client_tls_required
+        self._log_connections = app.config.pgbouncer.log_connections
+        self._log_disconnections = app.config.pgbouncer.log_disconnections
 
     def enter(self, ClientRelay client not None, KnownLogin login not None):
         """Greet the client (AuthenticationOk, ParameterStatus, BackendKeyData,
@@ -2415,28 +2471,29 @@ cdef class KnownLogins:
             client._own_write(out)
         # Until its first query the client needs no read buffer (most idle clients never
         # send one for long): the next read allocates it again.
-        client.release_buffer()
+        client._release_buffer()
         client.state = _AFTER_LOGIN
         client.last_active = _monotonic()
-        app.login_clients.discard(client)
-        app.cancel_keys[(pid_object, key)] = client
-        if app.config.pgbouncer.log_connections:
+        self._login_clients.discard(client)
+        self._cancel_keys[(pid_object, key)] = client
+        if self._log_connections:
             (<object>client).log_login()
         if pool is None:
             return
-        if pool.prepared_limit:
+        if login._maps_statements:
             client.maps_statements = True
             # Parse/Bind are rewritten whole, so they may be as large as any message.
             client.max_inspect = client.max_packet
         # Parameters known in C let the codec link the first transaction too (Pool._link).
         client.param_sig = login.signature
-        client.pool_core = pool.core
-        pool.clients.add(client)
-        actions = pool.client_relay_actions
-        _check_actions(actions)
-        _use_actions(client, actions)
-        client.enable_direct_io(self._direct_io, self._direct_after_reads)
-        client.resume()
+        client.pool_core = login._core
+        login._pool_clients.add(client)
+        _use_actions(client, login._relay_actions)
+        if client._socket is None:  # a SocketTransport's socket is the codec's already
+            client.enable_direct_io(self._direct_io, self._direct_after_reads)
+        client.held = False
+        if not client._processing:
+            client._process()
 
     cdef bint _login(self, ClientRelay client, const unsigned char* packet,
                      Py_ssize_t size) except -1:
@@ -2451,12 +2508,11 @@ cdef class KnownLogins:
         pool = login.pool
         # The checks of ClientConnection's own path, each asked of Python only when it may
         # refuse: a shutdown or too many clients, client limits, TLS required.
-        if (pool.welcome_params is not login.welcome_params
-                or login.database in app.disabled_databases
-                or (((<WorkerFlags>app.flags).shutting_down or len(app.clients) > app.client_limit)
+        if (login.database in self._disabled_databases
+                or ((self._flags.shutting_down or len(self._clients) > self.client_limit)
                     and app.admission_error(client) is not None)
                 or (login.has_client_limits and app.client_limit_error(pool) is not None)
-                or (app.tls.client_tls_required and (<object>client)._tls_missing())):
+                or (self._tls_required and (<object>client)._tls_missing())):
             return False
         self.used += 1
         client.startup_phase = False

@@ -115,7 +115,6 @@ class App:
         """Take up a configuration (start, RELOAD, SET); refresh_pools() passes it to pools."""
         self.tls = tls or TlsContexts(config.pgbouncer)
         self.config = config
-        self.known_logins.forget_all()  # they were looked up in the old configuration
         cfg = config.pgbouncer
         self.admin_users = _names(cfg.admin_users)
         self.stats_users = _names(cfg.stats_users)
@@ -128,9 +127,14 @@ class App:
     def _refresh_client_settings(self) -> None:
         """Settings every new client reads, worked out once per config and worker."""
         cfg = self.config.pgbouncer
-        self.client_limit = self.limit_share(cfg.max_client_conn)
         self.client_max_packet = cfg.max_packet_size
         self.client_buffer_size = max(4096, cfg.pkt_buf * 4)
+        self.known_logins.configure(self, self.limit_share(cfg.max_client_conn))
+
+    @property
+    def client_limit(self) -> int:
+        """max_client_conn, this worker's share (kept where the codec's logins read it)."""
+        return self.known_logins.client_limit
 
     def load_userlist(self) -> None:
         self.known_logins.forget_all()  # they were looked up in the old list

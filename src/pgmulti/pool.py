@@ -445,6 +445,7 @@ class Pool:
         server.last_used = time.monotonic()
         log.info("%r new connection to server (from %s:%s)", server, *server.local_addr)
         if self.welcome_params is None:
+            # Set once: the logins the codec remembers (KnownLogins) greet with it.
             self.welcome_params = dict(server.params)
 
     def _login_failed(self, server: ServerConnection, exc: PgError) -> None:
