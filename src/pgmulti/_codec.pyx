@@ -2259,7 +2259,12 @@ cdef unsigned long long _client_serial = 0  # clients this process has accepted
 cdef class ClientRelay(Relay):
     """A client connection's relay, with what every client has from accept on and what a
     login sets, in C fields: accepting a client and logging it in (KnownLogins) run no
-    Python frame. pgmulti.client.ClientConnection adds the login steps and the session."""
+    Python frame. pgmulti.client.ClientConnection adds the login steps and the session,
+    and what the codec calls when it must:
+      tls_missing()     TLS is required and this client logs in without it
+      log_login()       log_connections: the login's line
+      session_lost()    the connection closed holding a server, a login or a line to log
+    """
 
     cdef readonly object app
     cdef readonly unsigned long long id
@@ -2512,7 +2517,7 @@ cdef class KnownLogins:
                 or ((self._flags.shutting_down or len(self._clients) > self.client_limit)
                     and app.admission_error(client) is not None)
                 or (login.has_client_limits and app.client_limit_error(pool) is not None)
-                or (self._tls_required and (<object>client)._tls_missing())):
+                or (self._tls_required and (<object>client).tls_missing())):
             return False
         self.used += 1
         client.startup_phase = False

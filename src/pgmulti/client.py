@@ -229,7 +229,7 @@ class ClientConnection(ClientRelay, asyncio.BufferedProtocol):
         if code == protocol.CANCEL_REQUEST_CODE:
             self._cancel_request(rest)
             return
-        if self._tls_missing():
+        if self.tls_missing():
             raise errors.fatal(errors.INVALID_AUTHORIZATION_SPECIFICATION, "SSL required",
                                hint="connect with sslmode=require (client_tls_sslmode)")
         if code >> 16 != 3:
@@ -256,7 +256,7 @@ class ClientConnection(ClientRelay, asyncio.BufferedProtocol):
             # client's address): the codec logs in the next client sending them.
             self.app.known_logins.remember(bytes(view), login)
 
-    def _tls_missing(self) -> bool:
+    def tls_missing(self) -> bool:
         """client_tls_sslmode requires TLS and this TCP client logs in without it."""
         return self.app.tls.client_tls_required and not self.tls and self.listener_kind == "tcp"
 

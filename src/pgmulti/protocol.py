@@ -4,7 +4,8 @@ from ._codec import (  # noqa: F401  (builders live in the compiled codec)
     action_table, authentication, auth_sasl, command_complete,
     data_row, empty_query_response, error_response, message, parameter_status, password_message,
     query, ready_for_query, row_description, sasl_initial_response, startup_message, terminate,
-    PASS, INSPECT, REJECT, STATEMENT_REQUEST, STATEMENT_REPLY, DISCONNECT, ERR_LENGTH, ERR_TOO_LONG, ERR_TYPE,
+    PASS, INSPECT, REJECT, STATEMENT_REQUEST, STATEMENT_REPLY, DISCONNECT,
+    ERR_LENGTH, ERR_TOO_LONG, ERR_TYPE,
 )
 
 PROTOCOL_3_0 = 3 << 16
