@@ -2241,14 +2241,19 @@ DEF KNOWN_LOGINS_MAX = 256
 def new_cancel_key(int worker_index, int key_length):
     """A client's cancel key: a "process id" (random below the worker's number) and
     `key_length` random bytes."""
-    cdef unsigned char drawn[4 + 256]
     cdef uint32_t pid
+    key = _new_cancel_key(worker_index, key_length, &pid)
+    return pid, key
+
+
+cdef bytes _new_cancel_key(int worker_index, int key_length, uint32_t* pid):
+    cdef unsigned char drawn[4 + 256]
     if not 4 <= key_length <= 256:
         raise ValueError("cancel keys are 4 to 256 bytes")
     _draw_random(drawn, 4 + key_length)
-    pid = _be32(drawn) & ((1u << _WORKER_SHIFT) - 1)
-    return ((<long long>worker_index) << _WORKER_SHIFT) | (pid or 1), \
-        PyBytes_FromStringAndSize(<char*>drawn + 4, key_length)
+    pid[0] = ((<uint32_t>worker_index) << _WORKER_SHIFT) | (
+        (_be32(drawn) & ((1u << _WORKER_SHIFT) - 1)) or 1)
+    return PyBytes_FromStringAndSize(<char*>drawn + 4, key_length)
 
 
 cdef str _LOGIN = "login"
@@ -2282,10 +2287,11 @@ cdef class ClientRelay(Relay):
 
     def __init__(self, app, str listener_kind not None):
         global _client_serial
+        cdef KnownLogins logins = app.known_logins  # with the settings of the configuration
         _client_serial += 1
         self.app = app
         # Unique across worker processes: SHOW CLIENTS merges them and KILL_CLIENT takes one.
-        self.id = _client_serial * app.worker_count + app.worker_index
+        self.id = _client_serial * logins._worker_count + logins._worker_index
         self.listener_kind = listener_kind
         self.state = _LOGIN
         self.user = self.database = ""
@@ -2295,14 +2301,14 @@ cdef class ClientRelay(Relay):
         self.cancel_key = b""
         self.connect_time = self.request_time = _wall()
         self.created = self.last_active = _monotonic()
-        self.max_packet = app.client_max_packet
-        self.buffer_size = app.client_buffer_size
+        self.max_packet = logins._max_packet
+        self.buffer_size = logins._buffer_size
         self.startup_phase = True
         self.batch_output = True
         # No TLS to offer: the codec answers SSLRequest 'N' itself. A startup packet it
         # knows is logged in without calling on_message (KnownLogins).
-        self.refuse_encryption = listener_kind == "unix" or app.tls.client is None
-        self.known_logins = app.known_logins
+        self.refuse_encryption = listener_kind == "unix" or not logins._tls_offered
+        self.known_logins = logins
 
     def connection_made(self, transport):
         self.attach_transport(transport)
@@ -2402,8 +2408,13 @@ cdef class KnownLogins:
     cdef dict _by_packet
     cdef object _direct_io
     cdef int _direct_after_reads
-    # Settings of the current configuration (configure()).
+    # Settings of the current configuration and worker (configure()).
     cdef readonly Py_ssize_t client_limit      # max_client_conn, this worker's share
+    cdef long long _max_packet                 # a client's max_packet_size
+    cdef Py_ssize_t _buffer_size               # a client's read buffer
+    cdef int _worker_index
+    cdef int _worker_count
+    cdef bint _tls_offered
     cdef bint _tls_required
     cdef bint _log_connections
     cdef bint _log_disconnections
@@ -2431,12 +2442,19 @@ cdef class KnownLogins:
     def forget_all(self):
         self._by_packet.clear()
 
-    def configure(self, app, Py_ssize_t client_limit):
-        """Take up App's current configuration (start, RELOAD, SET, becoming a worker) and
-        this worker's share of max_client_conn: the remembered logins were made under the
-        old one and are forgotten."""
+    def configure(self, app, Py_ssize_t client_limit, long long max_packet,
+                  Py_ssize_t buffer_size):
+        """Take up App's current configuration and worker number (start, RELOAD, SET,
+        becoming a worker) with the client settings worked out from it (this worker's share
+        of max_client_conn, max_packet_size, the read buffer size): the remembered logins
+        were made under the old one and are forgotten."""
         self._by_packet.clear()
         self.client_limit = client_limit
+        self._max_packet = max_packet
+        self._buffer_size = buffer_size
+        self._worker_index = app.worker_index
+        self._worker_count = app.worker_count
+        self._tls_offered = app.tls.client is not None
         self._tls_required = app.tls.client_tls_required
         self._log_connections = app.config.pgbouncer.log_connections
         self._log_disconnections = app.config.pgbouncer.log_disconnections
@@ -2455,8 +2473,7 @@ cdef class KnownLogins:
         pool = login.pool
         client.pool = pool
         client.params = login.tracked.copy()
-        pid_object, key = new_cancel_key(app.worker_index, key_length)
-        pid = pid_object
+        key = _new_cancel_key(self._worker_index, key_length, &pid)
         client.cancel_pid = pid
         client.cancel_key = key
         # The greeting, BackendKeyData and ReadyForQuery 'I': one write, one send().
@@ -2480,7 +2497,7 @@ cdef class KnownLogins:
         client.state = _AFTER_LOGIN
         client.last_active = _monotonic()
         self._login_clients.discard(client)
-        self._cancel_keys[(pid_object, key)] = client
+        self._cancel_keys[(client.cancel_pid, key)] = client
         if self._log_connections:
             (<object>client).log_login()
         if pool is None:

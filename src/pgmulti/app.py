@@ -127,9 +127,9 @@ class App:
     def _refresh_client_settings(self) -> None:
         """Settings every new client reads, worked out once per config and worker."""
         cfg = self.config.pgbouncer
-        self.client_max_packet = cfg.max_packet_size
-        self.client_buffer_size = max(4096, cfg.pkt_buf * 4)
-        self.known_logins.configure(self, self.limit_share(cfg.max_client_conn))
+        self.known_logins.configure(self, client_limit=self.limit_share(cfg.max_client_conn),
+                                    max_packet=cfg.max_packet_size,
+                                    buffer_size=max(4096, cfg.pkt_buf * 4))
 
     @property
     def client_limit(self) -> int:
