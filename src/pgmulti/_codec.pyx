@@ -127,8 +127,8 @@ DEF SSL_REQUEST_CODE = 80877103
 DEF GSSENC_REQUEST_CODE = 80877104
 cdef Py_ssize_t DEFAULT_BUFFER = 16384   # a relay's read buffer (buffer_size)
 DEF_BUFFER_SIZE = DEFAULT_BUFFER
-# Empty read buffers of the default size that connections gave back (idle after login, or closed),
-# kept for the next reads: a pgbench -C connection would otherwise allocate two.
+# Empty read buffers of the default size that connections gave back (idle after login, or
+# closed), kept for the next reads: a pgbench -C connection would otherwise allocate two.
 DEF SPARE_BUFFERS_MAX = 32
 cdef list _spare_buffers = []   # memoryviews of the bytearrays
 # Reads smaller than this would waste a syscall; reclaim buffer space below it.
