@@ -126,7 +126,6 @@ DEF TLS_HANDSHAKE_RECORD = 0x16
 DEF SSL_REQUEST_CODE = 80877103
 DEF GSSENC_REQUEST_CODE = 80877104
 cdef Py_ssize_t DEFAULT_BUFFER = 16384   # a relay's read buffer (buffer_size)
-DEF_BUFFER_SIZE = DEFAULT_BUFFER
 # Empty read buffers of the default size that connections gave back (idle after login, or
 # closed), kept for the next reads: a pgbench -C connection would otherwise allocate two.
 DEF SPARE_BUFFERS_MAX = 32
@@ -561,11 +560,8 @@ cdef class Relay:
         close it once what it holds is sent (connection_lost follows)."""
         self.closed = True
         self.held = True
-        self._leave_direct(True)
-        self.direct_io = None
-        if self._socket is not None:
-            self._socket.close()
-        elif self.transport is not None:
+        self._stop_direct_io()
+        if self.transport is not None:
             self.transport.close()
 
     def resume(self):
@@ -654,8 +650,12 @@ cdef class Relay:
         """Hand the socket back to the transport for good, reading as before (closing: before
         it closes, so it keeps reading until then as it always did: a socket closed with
         unread bytes sends RST, and the client could lose the error it was just sent)."""
+        self._stop_direct_io()
+
+    cdef int _stop_direct_io(self) except -1:
         self._leave_direct(True)
         self.direct_io = None
+        return 0
 
     cdef int _go_direct(self) except -1:
         cdef DirectIO io = self.direct_io
@@ -1250,13 +1250,6 @@ cdef class Relay:
                     continue
                 act = ACT_INSPECT
 
-            if act == ACT_DISCONNECT and avail >= total:
-                self._flush(run_start, start)
-                self._start = start + total
-                self.close_connection()
-                start = run_start = self._start
-                continue
-
             if act == ACT_INSPECT or act == ACT_DISCONNECT:
                 if total > self.max_inspect:
                     self._flush(run_start, start)
@@ -1269,7 +1262,10 @@ cdef class Relay:
                     break
                 self._flush(run_start, start)
                 self._start = start + total
-                self.on_message(t, self._view[start:start + total])
+                if act == ACT_DISCONNECT:
+                    self.close_connection()
+                else:
+                    self.on_message(t, self._view[start:start + total])
                 start = run_start = self._start
                 continue
 
@@ -1399,7 +1395,7 @@ cdef class DirectIO:
         return 0
 
     cdef int _forget(self, int fd) except -1:
-        """A SocketTransport closes its descriptor (already out of the epoll set)."""
+        """A SocketTransport closes its descriptor (which takes it out of the epoll set)."""
         transport = self._transports.pop(fd, None)
         if self._polling and transport is not None:
             self._retired.append(transport)
@@ -2321,8 +2317,7 @@ cdef class ClientRelay(Relay):
         server to give back, a login to stop, log_disconnections) goes through the
         subclass's session_lost() first."""
         cdef KnownLogins registry = self.known_logins
-        self._leave_direct(True)
-        self.direct_io = None
+        self._stop_direct_io()
         self.resume_paused_peer()
         self.closed = True
         self._release_buffer()

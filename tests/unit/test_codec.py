@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 import pgmulti._codec as codec
 from pgmulti.protocol import cancel_request
 from pgmulti._codec import (
+    DISCONNECT,
     ERR_LENGTH,
     ERR_TOO_LONG,
     ERR_TYPE,
@@ -655,6 +656,43 @@ def test_inspect_message_larger_than_buffer_is_delivered_whole():
     socket.receive_all(chunks_at(stream, range(1000, len(stream), 1000)))
     assert events(log, "message") == [("message", ord("S"), big)]
     assert peer.forwarded() == command_complete("SELECT 1")
+
+
+class ClosingTransport(Peer):
+    """The relay's own transport: counts close() calls."""
+
+    def __init__(self, log):
+        super().__init__(log)
+        self.closes = 0
+
+    def close(self):
+        self.closes += 1
+        self.log.append(("close",))
+
+
+def test_terminate_closes_the_connection_after_what_came_before_at_any_split():
+    """DISCONNECT (a client's Terminate): the query before it is forwarded, the connection is
+    closed once, nothing after it is processed and Python never sees the message."""
+    stream = query("SELECT 1") + message(ord("X"), b"") + query("SELECT 2")
+    for cut in range(len(stream)):
+        relay, peer, socket, log = linked_relay(action_table(REJECT, Q=PASS, X=DISCONNECT))
+        own = ClosingTransport(log)
+        relay.attach_transport(own)
+        socket.receive_all([stream[:cut], stream[cut:]] if cut else [stream])
+        assert peer.forwarded() == query("SELECT 1"), cut
+        assert own.closes == 1 and relay.closed and relay.held, cut
+        assert events(log, "message") == [] and events(log, "error") == [], cut
+        assert [e for e in log if e[0] in ("write", "close")][-1] == ("close",), cut
+
+
+def test_a_terminate_longer_than_max_inspect_is_an_error_not_a_close():
+    relay, peer, socket, log = linked_relay(action_table(REJECT, Q=PASS, X=DISCONNECT))
+    own = ClosingTransport(log)
+    relay.attach_transport(own)
+    relay.max_inspect = 64
+    socket.receive(message(ord("X"), b"x" * 100))
+    assert events(log, "error") == [("error", ERR_TOO_LONG, ord("X"))]
+    assert own.closes == 0
 
 
 def test_release_buffer_then_reuse():
