@@ -225,6 +225,7 @@ cdef class DirectIO
 cdef class DirectTls
 cdef class Relay
 cdef class SocketTransport
+cdef class Acceptor
 cdef class ClientRelay
 cdef class KnownLogins
 
@@ -535,9 +536,13 @@ cdef class Relay:
 
     def attach_transport(self, transport):
         """Called from connection_made: remember our transport and its bound write."""
+        self._attach(transport)
+
+    cdef int _attach(self, transport) except -1:
         self.transport = transport
         self._own_write = transport.write
         self._socket = transport if type(transport) is SocketTransport else None
+        return 0
 
     def link_output(self, transport):
         """Forward pass-through messages to `transport` from now on."""
@@ -561,7 +566,9 @@ cdef class Relay:
         self.closed = True
         self.held = True
         self._stop_direct_io()
-        if self.transport is not None:
+        if self._socket is not None:
+            self._socket._close()
+        elif self.transport is not None:
             self.transport.close()
 
     def resume(self):
@@ -1323,13 +1330,16 @@ cdef class DirectIO:
     read error, a full socket) goes back to the transport, which handles it as before.
 
     The sockets of accepted clients (SocketTransport) are watched here too, for their whole
-    life: they have no uvloop transport at all.
+    life: they have no uvloop transport at all. So are the listening sockets (Acceptor):
+    a connection's accept and the reads of others share a wake-up of the loop.
     """
 
     cdef int _epfd
     cdef dict _relays               # fd -> Relay watched for reading (each event points at one)
     cdef dict _transports           # fd -> open SocketTransport (events point at them too)
+    cdef dict _acceptors            # fd -> accepting Acceptor (and these)
     cdef list _retired              # relays unwatched during a batch, kept alive until its end
+    cdef list _lost                 # SocketTransports closed during a batch: connection_lost due
     cdef bint _polling
     cdef object _loop
     cdef int _fd_budget             # descriptors from this number on are not used for dups
@@ -1346,6 +1356,8 @@ cdef class DirectIO:
         self._relays = {}
         self._transports = {}
         self._retired = []
+        self._lost = []
+        self._acceptors = {}
         self._loop = loop
         cdef rlimit limit
         self._fd_budget = 0x3FFFFFFF
@@ -1366,6 +1378,8 @@ cdef class DirectIO:
             (<Relay>relay)._leave_direct(True)
         for transport in list(self._transports.values()):
             (<SocketTransport>transport)._close_now()
+        for acceptor in list(self._acceptors.values()):
+            acceptor.stop()
         self._loop.remove_reader(self._epfd)
         close(self._epfd)
         self._epfd = -1
@@ -1420,16 +1434,39 @@ cdef class DirectIO:
                 if type(watched) is SocketTransport:
                     (<SocketTransport>watched)._ready(self._events[i].events)
                     continue
+                if type(watched) is Acceptor:
+                    (<Acceptor>watched)._accept_batch()
+                    continue
                 relay = <Relay>watched
                 try:
                     relay._read_direct()
                 except Exception as exc:
                     self._failed(relay, exc)
         finally:
+            if self._lost:
+                self._tell_lost()
             _batch_us = 0
             self._polling = False
             if self._retired:
                 self._retired = []
+
+    cdef int _tell_lost(self) except -1:
+        """connection_lost of the sockets the batch closed, in the order they closed (also
+        those closed by these calls)."""
+        cdef Py_ssize_t i = 0
+        cdef SocketTransport transport
+        lost = self._lost
+        while i < len(lost):
+            transport = <SocketTransport>lost[i]
+            i += 1
+            try:
+                transport._tell_lost(transport._lost_exc)
+            except Exception as exc:
+                self._loop.call_exception_handler({
+                    "message": "Exception in connection_lost", "exception": exc,
+                    "transport": transport})
+        self._lost = []
+        return 0
 
     cdef _failed(self, Relay relay, exc):
         # What uvloop does when buffer_updated raises: report it and drop the connection.
@@ -1487,6 +1524,7 @@ cdef class SocketTransport:
     cdef Py_ssize_t _low
     cdef object _sock               # a socket object on our descriptor, made when asked for
     cdef sockaddr_in6 _peer         # the client's address from accept (an IPv4 one fits)
+    cdef object _lost_exc           # closed during a DirectIO batch: connection_lost's argument
 
     def __cinit__(self):
         self._fd = -1
@@ -1501,7 +1539,10 @@ cdef class SocketTransport:
         self._io._transports[self._fd] = self
         self._set_protocol(protocol)
         self._reading = True
-        protocol.connection_made(self)
+        if self._relay is not None and isinstance(protocol, ClientRelay):
+            (<ClientRelay>protocol)._connection_made(self)
+        else:
+            protocol.connection_made(self)
         self._update_events()
         if self._reading and not self._closing and self._fd >= 0:
             self._read()
@@ -1712,13 +1753,17 @@ cdef class SocketTransport:
 
     def close(self):
         """Stop reading; close once what waits is sent."""
+        self._close()
+
+    cdef int _close(self) except -1:
         if self._closing:
-            return
+            return 0
         self._closing = True
         if self._unsent is None:
             self._finish(None)
         else:
             self._update_events()
+        return 0
 
     def abort(self):
         self._abort(None)
@@ -1755,15 +1800,28 @@ cdef class SocketTransport:
             self._sock.detach()  # the number is ours to close; the object shows fileno -1
         self._fd = -1
         close(fd)
-        self._loop.call_soon(self._connection_lost, exc)
+        if self._io._polling:
+            # Closed while DirectIO reads: connection_lost comes at the end of its batch,
+            # after this call returns as with call_soon, without a loop callback each.
+            self._lost_exc = exc
+            self._io._lost.append(self)
+        else:
+            self._loop.call_soon(self._connection_lost, exc)
         return 0
 
     def _connection_lost(self, exc):
+        self._tell_lost(exc)
+
+    cdef int _tell_lost(self, exc) except -1:
         protocol = self._protocol
         self._protocol = None  # the protocol keeps the transport, not the other way round
         self._relay = None
-        if protocol is not None:
+        self._lost_exc = None
+        if isinstance(protocol, ClientRelay):
+            (<ClientRelay>protocol)._connection_lost(exc)
+        elif protocol is not None:
             protocol.connection_lost(exc)
+        return 0
 
     # -- the rest of asyncio's transport API -------------------------------------------
 
@@ -1834,23 +1892,35 @@ cdef class Acceptor:
         self._on_error = on_error
 
     def start(self):
+        cdef epoll_event event
         if not self.accepting:
-            self._io._loop.add_reader(self._fd, self._accept)
+            event.events = EPOLLIN
+            event.data.ptr = <void*>self
+            if epoll_ctl(self._io._epfd, EPOLL_CTL_ADD, self._fd, &event) < 0:
+                raise _os_error(errno)
+            self._io._acceptors[self._fd] = self  # events point at it: keep it alive
             self.accepting = True
 
     def stop(self):
+        cdef epoll_event event
         if self.accepting:
-            self._io._loop.remove_reader(self._fd)
+            if self._io._epfd >= 0:
+                epoll_ctl(self._io._epfd, EPOLL_CTL_DEL, self._fd, &event)
+            self._io._acceptors.pop(self._fd, None)
+            if self._io._polling:
+                self._io._retired.append(self)  # events of this batch may point at it
             self.accepting = False
 
     def close(self):
         self.stop()
         self.socket.close()
 
-    def _accept(self):
+    cdef int _accept_batch(self) except -1:
         cdef int i, fd, failure
         cdef socklen_t size
         cdef SocketTransport transport
+        if not self.accepting:
+            return 0  # stopped earlier in this batch
         for i in range(ACCEPT_BATCH):
             transport = SocketTransport.__new__(SocketTransport)
             size = sizeof(transport._peer)
@@ -1862,7 +1932,7 @@ cdef class Acceptor:
                     continue
                 if failure != EAGAIN:
                     self._on_error(_os_error(failure))
-                return
+                return 0
             transport._fd = fd
             transport._family = self._family
             transport._io = self._io
@@ -1883,6 +1953,7 @@ cdef class Acceptor:
                     "message": "Error starting an accepted connection",
                     "exception": exc, "transport": transport, "protocol": protocol})
                 transport._abort(exc)
+        return 0
 
 
 # -- pairing: the per-transaction hand-off in transaction pooling -----------------------
@@ -2306,12 +2377,21 @@ cdef class ClientRelay(Relay):
         self.refuse_encryption = listener_kind == "unix" or not logins._tls_offered
         self.known_logins = logins
 
+    # A SocketTransport calls _connection_made/_connection_lost directly: subclasses hook
+    # into session_lost() rather than overriding these.
     def connection_made(self, transport):
-        self.attach_transport(transport)
+        self._connection_made(transport)
+
+    cdef int _connection_made(self, transport) except -1:
+        self._attach(transport)
         self.known_logins._clients.add(self)
         self.known_logins._login_clients.add(self)
+        return 0
 
     def connection_lost(self, exc):
+        self._connection_lost(exc)
+
+    cdef int _connection_lost(self, exc) except -1:
         """The socket has closed: leave the pool and App's registry. The common end (a
         logged-in client with no server, nothing to log) runs no Python; anything else (a
         server to give back, a login to stop, log_disconnections) goes through the
@@ -2333,6 +2413,7 @@ cdef class ClientRelay(Relay):
         registry._cancel_keys.pop((self.cancel_pid, self.cancel_key), None)
         if registry._flags.shutting_down:
             app.janitor.check_shutdown()
+        return 0
 
 
 @cython.final
@@ -2458,6 +2539,9 @@ cdef class KnownLogins:
         """Greet the client (AuthenticationOk, ParameterStatus, BackendKeyData,
         ReadyForQuery), register its cancel key and, for a pool, start relaying: the end of
         every login. The admin console then sets its own actions and resumes."""
+        self._enter(client, login)
+
+    cdef int _enter(self, ClientRelay client, KnownLogin login) except -1:
         cdef bytes key
         cdef uint32_t pid
         cdef int key_length = LONG_CANCEL_KEY_BYTES if login.protocol_version >= PROTOCOL_3_2 else 4
@@ -2496,7 +2580,7 @@ cdef class KnownLogins:
         if self._log_connections:
             (<object>client).log_login()
         if pool is None:
-            return
+            return 0
         if login._maps_statements:
             client.maps_statements = True
             # Parse/Bind are rewritten whole, so they may be as large as any message.
@@ -2511,6 +2595,7 @@ cdef class KnownLogins:
         client.held = False
         if not client._processing:
             client._process()
+        return 0
 
     cdef bint _login(self, ClientRelay client, const unsigned char* packet,
                      Py_ssize_t size) except -1:
@@ -2537,7 +2622,7 @@ cdef class KnownLogins:
         client.startup_params = login.startup_params
         client.user = login.user
         client.database = login.database
-        self.enter(client, login)
+        self._enter(client, login)
         return True
 
 
