@@ -17,6 +17,7 @@ from cpython.bytearray cimport (PyByteArray_AS_STRING, PyByteArray_FromStringAnd
                                 PyByteArray_Resize)
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.memoryview cimport PyMemoryView_FromMemory
+from cpython.object cimport PyObject
 from cpython.buffer cimport (PyBUF_READ, PyBUF_SIMPLE, PyBUF_WRITABLE, PyBUF_WRITE,
                              PyBuffer_Release, PyObject_GetBuffer)
 from libc.stdint cimport uint32_t
@@ -33,6 +34,25 @@ cdef extern from *:
     #endif
     """
     int PGMULTI_DEBUG
+
+cdef extern from *:
+    """
+    /* list.pop(i) that keeps the list's array: a pool's idle list swings between empty
+       and a few servers every transaction, and list.pop would free or shrink the array
+       that the next append allocates again. The caller checks 0 <= i < len. */
+    static PyObject* pgmulti_list_take(PyObject* list, Py_ssize_t i) {
+        Py_ssize_t size = PyList_GET_SIZE(list);
+        PyObject** items = ((PyListObject*)list)->ob_item;
+        PyObject* item = items[i];  /* the list's reference passes to the caller */
+        memmove(items + i, items + i + 1, (size_t)(size - i - 1) * sizeof(PyObject*));
+        Py_SET_SIZE(list, size - 1);
+        return item;
+    }
+    """
+    object _list_take "pgmulti_list_take" (list items, Py_ssize_t index)
+
+cdef extern from "Python.h":
+    PyObject* PyMemoryView_GET_BASE(object view)  # the object it views: a borrowed reference
 
 cdef extern from "<sys/socket.h>" nogil:
     ssize_t recv(int fd, void* buf, size_t n, int flags)
@@ -563,6 +583,9 @@ cdef class Relay:
     def close_connection(self):
         """Close from our side: stop processing, give the socket back to the transport and
         close it once what it holds is sent (connection_lost follows)."""
+        self._close_connection()
+
+    cdef int _close_connection(self) except -1:
         self.closed = True
         self.held = True
         self._stop_direct_io()
@@ -570,6 +593,7 @@ cdef class Relay:
             self._socket._close()
         elif self.transport is not None:
             self.transport.close()
+        return 0
 
     def resume(self):
         """Continue processing buffered bytes (after hold())."""
@@ -850,17 +874,21 @@ cdef class Relay:
 
     def resume_writing(self):
         self._send_blocked = False
-        self.resume_paused_peer()
+        self._resume_paused_peer()
 
     def resume_paused_peer(self):
         """Read the peer pause_writing stopped again (on drain, or when this connection is
         lost), even if the link has ended since: left paused, it would hang its next
         partner. Not a client that paused itself with a buffer's worth queued: it resumes
         when it is linked."""
+        self._resume_paused_peer()
+
+    cdef int _resume_paused_peer(self) except -1:
         cdef Relay peer = self._paused_peer
         self._paused_peer = None
         if peer is not None and not peer.closed and not peer._reading_paused:
             peer.resume_reading()
+        return 0
 
     # -- BufferedProtocol ----------------------------------------------------------------
 
@@ -915,7 +943,7 @@ cdef class Relay:
         cdef unsigned char* data
         if size == DEFAULT_BUFFER and _spare_buffers:
             view = _spare_buffers.pop()
-            buf = view.obj
+            buf = <bytearray><object>PyMemoryView_GET_BASE(view)
         else:
             buf = PyByteArray_FromStringAndSize(NULL, size)
             view = memoryview(buf)
@@ -1270,7 +1298,7 @@ cdef class Relay:
                 self._flush(run_start, start)
                 self._start = start + total
                 if act == ACT_DISCONNECT:
-                    self.close_connection()
+                    self._close_connection()
                 else:
                     self.on_message(t, self._view[start:start + total])
                 start = run_start = self._start
@@ -2146,7 +2174,7 @@ cdef class PoolCore:
         now = _monotonic()
         if self.check_enabled and now - server.last_used > self.check_delay:
             return False  # server_check_query is due
-        self.idle.pop(pick)
+        _list_take(self.idle, pick)
         server.state = _ACTIVE
         self.active.add(server)
         self._attach(client, server, now)
@@ -2398,7 +2426,7 @@ cdef class ClientRelay(Relay):
         subclass's session_lost() first."""
         cdef KnownLogins registry = self.known_logins
         self._stop_direct_io()
-        self.resume_paused_peer()
+        self._resume_paused_peer()
         self.closed = True
         self._release_buffer()
         app = self.app

@@ -7,6 +7,7 @@ server's ReadyForQuery 'I'.
 """
 
 import collections
+import sys
 
 import pytest
 
@@ -268,3 +269,29 @@ def test_server_logging_in_counts_toward_a_full_pool():
     feed(pool.first, query("SELECT 1"))
     feed(pool.second, query("SELECT 2"))
     assert list(pool.waiting) == [pool.second] and pool.second.calls == []
+
+
+@pytest.mark.parametrize("round_robin", [False, True])
+def test_a_link_takes_the_newest_idle_server_or_the_oldest_with_round_robin(round_robin):
+    pool = Pool()
+    servers = [pool.server]
+    for name in ("second server", "third server"):
+        server = Connection(name)
+        server.set_actions(SERVER_IDLE)
+        server.pool_core = pool.core
+        server.state = "idle"
+        server.param_sig = SIGNATURE
+        pool.core.idle.append(server)
+        servers.append(server)
+    pool.core.round_robin = round_robin
+    pool.core.pool_size = 3
+    taken = servers[0] if round_robin else servers[2]
+    references = sys.getrefcount(taken)
+    feed(pool.first, query("SELECT 1"))
+    assert pool.first.server is taken and taken.transport.output() == query("SELECT 1")
+    assert pool.core.idle == [s for s in servers if s is not taken]
+    feed(taken, REPLY)  # released: back to idle, the newest
+    assert pool.first.server is None
+    assert pool.core.idle == [s for s in servers if s is not taken] + [taken]
+    # The take handed the idle list's reference over, neither leaked nor freed twice.
+    assert sys.getrefcount(taken) == references
