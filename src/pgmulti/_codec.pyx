@@ -2099,6 +2099,9 @@ cdef class PoolCore:
     def forget_client(self, Relay client not None):
         """A client of this pool has closed: it leaves the pool (and the queue, if waiting)
         and its byte counts stay in the pool's totals."""
+        self._forget_client(client)
+
+    cdef int _forget_client(self, Relay client) except -1:
         self.clients.discard(client)
         if client.state == _WAITING:
             try:
@@ -2107,6 +2110,7 @@ cdef class PoolCore:
                 pass
         self.closed_received += client.rx_bytes
         self.closed_client_relayed += client.tx_bytes
+        return 0
 
     def set_actions(self, bytes relay_actions not None, bytes idle_actions not None,
                     bytes client_linked_actions=None, bytes client_idle_actions=None):
@@ -2435,7 +2439,7 @@ cdef class ClientRelay(Relay):
             (<object>self).session_lost()
         pool = self.pool
         if pool is not None:
-            (<PoolCore?>pool.core).forget_client(self)
+            (<PoolCore?>pool.core)._forget_client(self)
         registry._clients.discard(self)
         registry._login_clients.discard(self)
         registry._cancel_keys.pop((self.cancel_pid, self.cancel_key), None)
