@@ -320,7 +320,9 @@ class AdminConsole:
 
     @staticmethod
     def _server_row(pool, server, state: str) -> list:
-        if pool.unix_path:
+        if server.remote_address is not None:  # the address the host name led to
+            addr, port = server.remote_address[1][:2]
+        elif pool.unix_path:
             addr, port = "unix", pool.port
         else:
             addr, port = pool.host, pool.port
@@ -436,7 +438,8 @@ class AdminConsole:
                   "peers": len(app.config.peers), "pools": len(app.pools), "peer_pools": 0,
                   "free_clients": 0,
                   "used_clients": len(logged_in), "login_clients": len(app.login_clients),
-                  "free_servers": free_servers, "used_servers": used_servers}
+                  "free_servers": free_servers, "used_servers": used_servers,
+                  "dns_names": app.dns.names, "dns_queries": app.dns.queries}
         return ref.COLUMNS["lists"], [[name, counts.get(name, 0)] for name in ref.LISTS_ROWS]
 
     PREPARED_COLUMNS = (("name", "text"), ("query", "text"), ("parameter_types", "int4"),
@@ -547,8 +550,7 @@ class AdminConsole:
                 params.get("DateStyle"), params.get("TimeZone"), None, None, None]
 
     def show_dns_hosts(self):
-        """pgmulti keeps no DNS cache (the event loop resolves host names): no rows."""
-        return ref.COLUMNS["dns_hosts"], []
+        return ref.COLUMNS["dns_hosts"], self.app.dns.rows()
 
     def show_dns_zones(self):
         return ref.COLUMNS["dns_zones"], []

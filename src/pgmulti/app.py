@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 
-from . import (aggregate, auth, errors, hba, loader, metrics, peers, prepared, session,
+from . import (aggregate, auth, dns, errors, hba, loader, metrics, peers, prepared, session,
                supervisor, systemd)
 from ._codec import WORKER_SHIFT, DirectIO, KnownLogins, WorkerFlags
 from .admin import AdminConsole
@@ -82,6 +82,8 @@ class App:
         self._tasks: set[asyncio.Task] = set()
         self.prepared_registry = prepared.Registry()
         loop = asyncio.get_running_loop()
+        # Server host names, cached as PgBouncer caches them (dns_max_ttl, round robin).
+        self.dns = dns.HostCache(dns.loop_resolver(loop), self._host_moved)
         self.direct_io = DirectIO(loop)    # the codec's own reads of busy plain sockets
         # The end of every login; startup packets that logged in at once, by their bytes.
         self.known_logins = KnownLogins(self, self.direct_io, DIRECT_IO_AFTER_READS)
@@ -121,6 +123,7 @@ class App:
         load_hba_rules(config)
         self.ignored_startup_parameters = {name.lower() for name in _names(cfg.ignore_startup_parameters)}
         session.track(split_list(cfg.track_extra_parameters))
+        self.dns.configure(cfg.dns_max_ttl, cfg.dns_nxdomain_ttl)
         self._refresh_client_settings()
         self.listener.retune()
 
@@ -168,6 +171,16 @@ class App:
         self.refresh_pools()
         log.info("configuration reloaded from %s", self.config_path)
         systemd.ready()
+
+    def _host_moved(self, host: str) -> None:
+        """A server host name resolves to other addresses now: the pools connecting to it
+        close their servers as they come back (busy ones show close_needed)."""
+        for pool in self.pools.values():
+            if host in pool.hosts:
+                log.info("%s: host %s has new addresses, closing its servers as released",
+                         pool.name, host)
+                pool.close_idle("host has new addresses")
+                pool.reconnect_generation += 1
 
     def refresh_pools(self) -> None:
         """Every pool takes up the current configuration (RELOAD, SIGHUP, SET)."""

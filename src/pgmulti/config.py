@@ -68,9 +68,7 @@ UNSUPPORTED_KEYS: frozenset[str] = frozenset(
         "client_tls_ecdhcurve",
         "client_tls_dheparams",
         "server_tls13_ciphers",
-        # DNS tuning: host names are resolved by the event loop's resolver.
-        "dns_max_ttl",
-        "dns_nxdomain_ttl",
+        # DNS zone serial checks (PgBouncer needs c-ares for them) and a resolver of its own.
         "dns_zone_check_period",
         "resolv_conf",
         # Peering (cancel-request forwarding) and the [peers] section.

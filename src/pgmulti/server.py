@@ -73,6 +73,7 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
         self.closed = False
         self.close_reason = ""
         self.local_addr = ("", 0)
+        self.remote_address: tuple[int, tuple] | None = None  # (family, sockaddr) connected to
         self.tls = ""
         self._login_done = asyncio.get_running_loop().create_future()
         self._internal: InternalQuery | None = None
@@ -105,7 +106,7 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
             elif self.app.tls.server is not None:
                 connect = self._connect_negotiating_tls(loop)
             else:
-                connect = loop.create_connection(lambda: self, self.pool.host, self.pool.port)
+                connect = self._connect_plain(loop)
             await asyncio.wait_for(connect, timeout)
             await asyncio.wait_for(asyncio.shield(self._login_done), timeout)
         except PgError:
@@ -116,10 +117,36 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
             self.close(reason)
             raise errors.server_unreachable(f"{self.pool.address_text}: {reason}") from None
 
+    async def _connect_plain(self, loop) -> None:
+        sock = await self._connected_socket(loop, self.pool.host, self.pool.port)
+        try:
+            await loop.create_connection(lambda: self, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+
+    async def _connected_socket(self, loop, host: str, port: int) -> socket.socket:
+        """A non-blocking TCP socket connected to one of host's addresses: the next in turn
+        (app.dns), then the others, as long as none answers."""
+        last_error: OSError | None = None
+        addresses = await self.app.dns.addresses(host, port)
+        # A lookup that found new addresses has just retired the pool's servers (a new
+        # generation): this one connects to the new addresses, it belongs to the new one.
+        self.generation = self.pool.reconnect_generation
+        for family, address in addresses:
+            try:
+                sock = await _connect_to(loop, family, address)
+            except OSError as exc:
+                last_error = exc
+                continue
+            self.remote_address = (family, address)
+            return sock
+        raise last_error or OSError(f"no address for {host}")
+
     async def _connect_negotiating_tls(self, loop) -> None:
         """SSLRequest on a fresh socket; TLS if the server says 'S' (server_tls_sslmode)."""
         host, port = self.pool.host, self.pool.port
-        sock = await _connected_socket(loop, host, port)
+        sock = await self._connected_socket(loop, host, port)
         tls = self.app.tls
         raw = None
         try:
@@ -490,7 +517,12 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
         if self.pool.unix_path:
             reader, writer = await asyncio.open_unix_connection(self.pool.unix_path)
         else:
-            reader, writer = await asyncio.open_connection(self.pool.host, self.pool.port)
+            # The address this server connection went to: with several behind one name,
+            # the one that runs the backend.
+            if self.remote_address is None:
+                raise OSError("server was never connected")
+            sock = await _connect_to(asyncio.get_running_loop(), *self.remote_address)
+            reader, writer = await asyncio.open_connection(sock=sock)
         try:
             writer.write(protocol.cancel_request(self.backend_pid, self.backend_key))
             await writer.drain()
@@ -499,20 +531,15 @@ class ServerConnection(Relay, asyncio.BufferedProtocol):
             writer.close()
 
 
-async def _connected_socket(loop, host: str, port: int) -> socket.socket:
-    """A non-blocking TCP socket connected to the first address of host that answers."""
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    last_error: OSError | None = None
-    for family, kind, proto, _, address in infos:
-        sock = socket.socket(family, kind, proto)
-        sock.setblocking(False)
-        try:
-            await loop.sock_connect(sock, address)
-            return sock
-        except OSError as exc:
-            sock.close()
-            last_error = exc
-    raise last_error or OSError(f"no address for {host}")
+async def _connect_to(loop, family: int, address: tuple) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _extended_query(sql: str, params: list[str]) -> bytes:

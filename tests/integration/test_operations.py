@@ -46,7 +46,7 @@ def test_check_good_config(tmp_path, base_config):
     text = base_config(
         databases={"forced": f"host=127.0.0.1 port={{pg_port}} user=md5user password={DB_PASSWORD}"},
         default_pool_size=7, server_lifetime=120, log_connections=0, unix_socket_mode="0700",
-    ) + "dns_max_ttl = 30\n"
+    ) + "dns_zone_check_period = 30\n"
     users = f'"postgres" ""\n"md5user" "{USER_PASSWORD}"\n"alice" "md5abc"\n'
     config = write_config(tmp_path, text, users)
     result = run_cli("--check", str(config))
@@ -55,7 +55,7 @@ def test_check_good_config(tmp_path, base_config):
     # Effective values that differ from PgBouncer's defaults, as key = value.
     for line in ("default_pool_size = 7", "server_lifetime = 120", "log_connections = 0",
                  "unix_socket_mode = 0700", "pool_mode = transaction", "auth_type = trust",
-                 "listen_addr = 127.0.0.1", "dns_max_ttl = 30"):
+                 "listen_addr = 127.0.0.1", "dns_zone_check_period = 30"):
         assert line in out, result.stdout
     for key in ("listen_backlog", "pkt_buf", "server_reset_query", "conffile", "log_format"):
         assert not any(line.startswith(key + " ") for line in out), key
@@ -67,7 +67,7 @@ def test_check_good_config(tmp_path, base_config):
     assert DB_PASSWORD not in everything
     assert USER_PASSWORD not in everything and "md5abc" not in everything
     # An ignored key is a warning with its file:line; the start did not happen.
-    assert f"{config}:{line_of(text, 'dns_max_ttl')}: warning: dns_max_ttl" in result.stderr
+    assert f"{config}:{line_of(text, 'dns_zone_check_period')}: warning: dns_zone_check_period" in result.stderr
     assert "configuration OK" in result.stdout
     assert "error" not in result.stderr
 

@@ -166,11 +166,11 @@ def test_error_in_included_file_reports_its_file_and_line(tmp_path, base_config)
 
 
 def test_unimplemented_pgbouncer_keys_start_with_one_warning(pgmulti, base_config):
-    proc = pgmulti(base_config() + "suspend_timeout = 5\ndns_max_ttl = 30\nsbuf_loopcnt = 3\n")
+    proc = pgmulti(base_config() + "suspend_timeout = 5\ndns_zone_check_period = 30\nsbuf_loopcnt = 3\n")
     assert proc.psql("SELECT 1", db="testdb").stdout.strip() == "1"
     warnings = [line for line in proc.log_text().splitlines() if " WARNING " in line]
     assert len(warnings) == 1, warnings
-    for key in ("suspend_timeout", "dns_max_ttl", "sbuf_loopcnt"):
+    for key in ("suspend_timeout", "dns_zone_check_period", "sbuf_loopcnt"):
         assert key in warnings[0]
 
 

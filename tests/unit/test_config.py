@@ -213,7 +213,8 @@ def test_realistic_config() -> None:
     assert config.peers[1].port == 6432
     assert (config.peers[2].port, config.peers[2].pool_size) == (6433, 4)
 
-    assert config.unsupported == ("[peers]", "dns_max_ttl")
+    assert bouncer.dns_max_ttl == 30.0
+    assert config.unsupported == ("[peers]",)
     assert config.warnings == ()
 
 
