@@ -17,7 +17,7 @@ import asyncio
 import ipaddress
 import socket
 import time
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 Resolve = Callable[[str], Awaitable[list[tuple]]]
 """Looks a name up: getaddrinfo's (family, type, proto, canonname, sockaddr) tuples."""
