@@ -17,6 +17,7 @@ from cpython.bytearray cimport (PyByteArray_AS_STRING, PyByteArray_FromStringAnd
                                 PyByteArray_Resize)
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.memoryview cimport PyMemoryView_FromMemory
+from cpython.long cimport PyLong_CheckExact
 from cpython.object cimport PyObject
 from cpython.buffer cimport (PyBUF_READ, PyBUF_SIMPLE, PyBUF_WRITABLE, PyBUF_WRITE,
                              PyBuffer_Release, PyObject_GetBuffer)
@@ -118,17 +119,17 @@ STATEMENT_REPLY = ACT_STATEMENT_REPLY
 DISCONNECT = ACT_DISCONNECT
 
 # Entries of a server's expected-replies queue (prepared.ServerStatements.expected) that the
-# codec adds and removes itself, compared by identity: see set_statement_entries().
+# codec adds and removes itself, compared by identity: see set_statement_entries(). A Sync's
+# entry is an int (the number of the ReadyForQuery that answers it): no tuple per Sync.
 cdef object _FORWARD_PARSE = None
 cdef object _FORWARD_CLOSE = None
-cdef object _SYNC_TAG = None
 
 
-def set_statement_entries(forward_parse not None, forward_close not None, sync_tag not None):
-    """The queue entries for "forward the reply to an unnamed Parse / a Close" and the first
-    item of a ("sync", n) entry, as pgmulti.prepared makes them."""
-    global _FORWARD_PARSE, _FORWARD_CLOSE, _SYNC_TAG
-    _FORWARD_PARSE, _FORWARD_CLOSE, _SYNC_TAG = forward_parse, forward_close, sync_tag
+def set_statement_entries(forward_parse not None, forward_close not None):
+    """The queue entries for "forward the reply to an unnamed Parse / a Close", as
+    pgmulti.prepared makes them."""
+    global _FORWARD_PARSE, _FORWARD_CLOSE
+    _FORWARD_PARSE, _FORWARD_CLOSE = forward_parse, forward_close
 
 # Codes given to on_protocol_error(code, msg_type).
 ERR_LENGTH = 1      # length field smaller than the header or negative
@@ -477,7 +478,7 @@ cdef class Relay:
             return True
         if t == 83:  # 'S' Sync: answered by the next ReadyForQuery, which ends the cycle
             server._request_sent()
-            server._expect((_SYNC_TAG, server.ready_count + server._pending))
+            server._expect(server.ready_count + server._pending)
             return True
         return False
 
@@ -487,8 +488,8 @@ cdef class Relay:
         expected = self._expected
         if expected is None or self.client is None:
             return False
-        while expected and expected[0][0] is _SYNC_TAG:
-            self._expected_done()  # cycles this reply comes after
+        while expected and PyLong_CheckExact(expected[0]):
+            self._expected_done()  # Syncs of cycles this reply comes after
         if not expected:
             return True
         head = expected[0]

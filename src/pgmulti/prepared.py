@@ -23,12 +23,11 @@ FORWARD = 0
 SWALLOW = 1
 PARSE = "P"
 CLOSE = "C"
-SYNC = "sync"
 # The entries for an unnamed Parse and for a Close of the client's: the codec adds and
 # removes these itself when it forwards such messages unchanged (see _codec.Relay).
 FORWARD_PARSE = (FORWARD, PARSE, None)
 FORWARD_CLOSE = (FORWARD, CLOSE, None)
-set_statement_entries(FORWARD_PARSE, FORWARD_CLOSE, SYNC)
+set_statement_entries(FORWARD_PARSE, FORWARD_CLOSE)
 
 
 class Statement:
@@ -68,7 +67,7 @@ class ServerStatements:
         self.limit = limit
         self.prepared: collections.OrderedDict[bytes, Statement] = collections.OrderedDict()
         # In send order: (FORWARD or SWALLOW, PARSE or CLOSE, statement or None) for each
-        # Parse/Close sent, and ("sync", n) for the n-th ReadyForQuery of the connection.
+        # Parse/Close sent, and for a Sync the int n: the n-th ReadyForQuery answers it.
         self.expected: collections.deque = collections.deque()
 
     def expect(self, action: int, kind: str, stmt: Statement | None = None) -> None:
@@ -76,7 +75,7 @@ class ServerStatements:
 
     def expect_sync(self, ready_number: int) -> None:
         """The ready_number-th ReadyForQuery of the connection answers a Sync just sent."""
-        self.expected.append((SYNC, ready_number))
+        self.expected.append(ready_number)
 
     def has(self, stmt: Statement) -> bool:
         if stmt.server_name in self.prepared:
@@ -107,7 +106,7 @@ class ServerStatements:
         self._drop_finished_syncs(ready_count)
         while self.expected:
             entry = self.expected.popleft()
-            if entry[0] != SYNC:
+            if type(entry) is not int:
                 return entry[0]
         return FORWARD
 
@@ -118,7 +117,7 @@ class ServerStatements:
         still_there: set[bytes] = set()   # their Close was skipped too
         while self.expected:
             entry = self.expected.popleft()
-            if entry[0] == SYNC:
+            if type(entry) is int:
                 self.expected.appendleft(entry)
                 return
             _, kind, stmt = entry
@@ -132,7 +131,7 @@ class ServerStatements:
 
     def _drop_finished_syncs(self, ready_count: int) -> None:
         expected = self.expected
-        while expected and expected[0][0] == SYNC and expected[0][1] <= ready_count:
+        while expected and type(expected[0]) is int and expected[0] <= ready_count:
             expected.popleft()
 
 

@@ -99,7 +99,7 @@ def test_messages_naming_no_statement_are_forwarded_and_noted(cuts):
     assert server_peer.forwarded() == UNNAMED_CYCLE
     assert client.inspected == []
     assert list(expected) == [prepared.FORWARD_PARSE, prepared.FORWARD_CLOSE,
-                              prepared.FORWARD_CLOSE, (prepared.SYNC, 1)]
+                              prepared.FORWARD_CLOSE, 1]
     assert core.bind_count == 2
     assert server.pending == 1
 
@@ -140,13 +140,12 @@ BIND_COMPLETE = message(ord("2"), b"")
                                         + ready_for_query("I")))
 def test_replies_the_client_expects_are_forwarded(cuts):
     _, server, client_peer, _, expected, _ = linked_pair()
-    expected.extend([(prepared.SYNC, 0), prepared.FORWARD_PARSE, prepared.FORWARD_CLOSE,
-                     (prepared.SYNC, 1)])
+    expected.extend([0, prepared.FORWARD_PARSE, prepared.FORWARD_CLOSE, 1])  # ints: Syncs
     stream = PARSE_COMPLETE + BIND_COMPLETE + CLOSE_COMPLETE + ready_for_query("I")
     feed(server, stream, cuts)
     assert client_peer.forwarded() == stream
     assert server.inspected == []
-    assert list(expected) == [(prepared.SYNC, 1)]
+    assert list(expected) == [1]
 
 
 @pytest.mark.parametrize("entry", [(prepared.SWALLOW, prepared.PARSE, object()),
