@@ -2384,6 +2384,7 @@ cdef class ClientRelay(Relay):
     cdef public long long cancel_pid    # cancel key: made at login, the key as long as the
     cdef public bytes cancel_key        # protocol version allows
     cdef public bint maps_statements    # statement names are mapped (max_prepared_statements)
+    cdef object _cancel_entry           # its key in App.cancel_keys, (cancel_pid, cancel_key)
 
     def __init__(self, app, str listener_kind not None):
         global _client_serial
@@ -2443,7 +2444,8 @@ cdef class ClientRelay(Relay):
             (<PoolCore?>pool.core)._forget_client(self)
         registry._clients.discard(self)
         registry._login_clients.discard(self)
-        registry._cancel_keys.pop((self.cancel_pid, self.cancel_key), None)
+        if self._cancel_entry is not None:
+            registry._cancel_keys.pop(self._cancel_entry, None)
         if registry._flags.shutting_down:
             app.janitor.check_shutdown()
         return 0
@@ -2515,6 +2517,8 @@ cdef class KnownLogins:
     cdef set _disabled_databases
     cdef WorkerFlags _flags
     cdef dict _by_packet
+    cdef bytes _last_packet         # the packet of the last login taken from _by_packet,
+    cdef KnownLogin _last_login     # and that login: compared before a lookup
     cdef object _direct_io
     cdef int _direct_after_reads
     # Settings of the current configuration and worker (configure()).
@@ -2545,11 +2549,17 @@ cdef class KnownLogins:
 
     def remember(self, bytes packet not None, KnownLogin login not None):
         if len(self._by_packet) >= KNOWN_LOGINS_MAX:
-            self._by_packet.clear()
+            self._forget()
         self._by_packet[packet] = login
+        self._last_packet = self._last_login = None  # it may have been this packet's
 
     def forget_all(self):
+        self._forget()
+
+    cdef void _forget(self) noexcept:
         self._by_packet.clear()
+        self._last_packet = None
+        self._last_login = None
 
     def configure(self, app, Py_ssize_t client_limit, long long max_packet,
                   Py_ssize_t buffer_size):
@@ -2557,7 +2567,7 @@ cdef class KnownLogins:
         becoming a worker) with the client settings worked out from it (this worker's share
         of max_client_conn, max_packet_size, the read buffer size): the remembered logins
         were made under the old one and are forgotten."""
-        self._by_packet.clear()
+        self._forget()
         self.client_limit = client_limit
         self._max_packet = max_packet
         self._buffer_size = buffer_size
@@ -2609,7 +2619,8 @@ cdef class KnownLogins:
         client.state = _AFTER_LOGIN
         client.last_active = _monotonic()
         self._login_clients.discard(client)
-        self._cancel_keys[(client.cancel_pid, key)] = client
+        client._cancel_entry = (client.cancel_pid, key)
+        self._cancel_keys[client._cancel_entry] = client
         if self._log_connections:
             (<object>client).log_login()
         if pool is None:
@@ -2634,11 +2645,19 @@ cdef class KnownLogins:
                      Py_ssize_t size) except -1:
         """Log the client in as an earlier client with the same startup packet was, after
         the checks ClientConnection makes on every login; False leaves it to Python."""
-        cdef KnownLogin login
-        found = self._by_packet.get(PyBytes_FromStringAndSize(<char*>packet, size))
-        if found is None:
-            return False
-        login = <KnownLogin>found
+        cdef KnownLogin login = self._last_login
+        cdef bytes last = self._last_packet
+        if (login is None or len(last) != size
+                or memcmp(<const char*>last, packet, size) != 0):
+            # Not the packet of the last known login (a pool filling up, pgbench -C send
+            # the same one again and again): look it up.
+            last = PyBytes_FromStringAndSize(<char*>packet, size)
+            found = self._by_packet.get(last)
+            if found is None:
+                return False
+            login = <KnownLogin>found
+            self._last_packet = last
+            self._last_login = login
         app = self._app
         pool = login.pool
         # The checks of ClientConnection's own path, each asked of Python only when it may

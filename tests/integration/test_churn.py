@@ -52,6 +52,20 @@ def test_each_connection_gets_its_own_greeting_and_first_link_in_c(pgmulti):
     wait_for(counted, 5, "codec links logged")
 
 
+def test_packets_of_one_length_each_get_their_own_login(pgmulti):
+    """The codec compares a startup packet with the last one it logged in before looking
+    it up: packets that differ only in their bytes must not be taken for each other."""
+    proxy = pgmulti({"stats_period": 1, "verbose": 1})
+    for n in range(12):
+        app_name = f"same{'AB'[n % 2]}"  # same length, alternating
+        with psycopg.connect(proxy.dsn(db="testdb"), connect_timeout=5, autocommit=True,
+                             application_name=app_name) as conn:
+            assert conn.info.parameter_status("application_name") == app_name
+            assert conn.execute("SELECT current_setting('application_name')").fetchone() == (
+                app_name,)
+    wait_for(lambda: known_startup_logins(proxy) >= 8, 5, "remembered logins used")
+
+
 def known_startup_logins(proxy) -> int:
     """Logins that took a remembered startup packet's path (verbose, once per stats_period)."""
     found = re.findall(r"logins from known startup packets: (\d+)", proxy.log_text())
