@@ -1568,7 +1568,7 @@ cdef class SocketTransport:
         self._io._transports[self._fd] = self
         self._set_protocol(protocol)
         self._reading = True
-        if self._relay is not None and isinstance(protocol, ClientRelay):
+        if isinstance(protocol, ClientRelay):
             (<ClientRelay>protocol)._connection_made(self)
         else:
             protocol.connection_made(self)
@@ -2327,8 +2327,8 @@ def random_bytes(Py_ssize_t count):
 
 # A cancel key's process id carries its worker's number in the top bits, so any worker
 # receiving a CancelRequest knows whose client it is.
-WORKER_SHIFT = 24
 DEF _WORKER_SHIFT = 24
+WORKER_SHIFT = _WORKER_SHIFT
 DEF PROTOCOL_3_0 = 3 << 16
 DEF PROTOCOL_3_2 = (3 << 16) | 2
 # Cancel key length for protocol 3.2 clients (3.2 allows up to 256 bytes; PostgreSQL 18
@@ -2591,7 +2591,6 @@ cdef class KnownLogins:
         cdef bytes out
         cdef unsigned char* p
         cdef Py_ssize_t greeting_size
-        app = self._app
         pool = login.pool
         client.pool = pool
         client.params = login.tracked.copy()
@@ -2649,7 +2648,7 @@ cdef class KnownLogins:
         cdef bytes last = self._last_packet
         if (login is None or len(last) != size
                 or memcmp(<const char*>last, packet, size) != 0):
-            # Not the packet of the last known login (a pool filling up, pgbench -C send
+            # Not the packet of the last known login (a pool filling up and pgbench -C send
             # the same one again and again): look it up.
             last = PyBytes_FromStringAndSize(<char*>packet, size)
             found = self._by_packet.get(last)
