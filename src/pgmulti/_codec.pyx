@@ -19,6 +19,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.memoryview cimport PyMemoryView_FromMemory
 from cpython.long cimport PyLong_CheckExact
 from cpython.object cimport PyObject
+from cpython.ref cimport Py_DECREF, Py_INCREF
 from cpython.buffer cimport (PyBUF_READ, PyBUF_SIMPLE, PyBUF_WRITABLE, PyBUF_WRITE,
                              PyBuffer_Release, PyObject_GetBuffer)
 from libc.stdint cimport uint32_t
@@ -1347,6 +1348,164 @@ cdef class Relay:
         pass
 
 
+# -- the worker's wait: the codec's epoll set, with libuv's inside it --------------------
+#
+# Under uvloop the codec's epoll set is one reader in libuv's: each wake-up is libuv's
+# dispatch, a GIL hand-over, a Python call and a second epoll_wait. A worker instead lets
+# the codec wait (DirectIO.drive_loop): a libuv prepare callback, which libuv runs just
+# before it would block, blocks on the codec's set, which holds libuv's own epoll descriptor,
+# and returns to libuv only when libuv has work: its descriptors are ready, or
+# uv_backend_timeout (libuv's answer for loops embedded this way) says a timer is due,
+# callbacks are queued or descriptor changes wait to be applied, or uvloop has transport
+# writes queued for its check phase, which libuv's answer leaves out. libuv is reached
+# through the functions uvloop's extension exports; uvloop's check handle is found among
+# the loop's handles (uv_walk). Where any of this is missing, the codec's set stays a reader
+# of libuv's, as before.
+
+cdef extern from "<dlfcn.h>" nogil:
+    void* dlopen(const char* path, int flags)
+    void* dlsym(void* handle, const char* name)
+    int RTLD_NOW, RTLD_NOLOAD
+
+cdef extern from "Python.h":
+    void* PyCapsule_GetPointer(object capsule, const char* name) except? NULL
+    void* PyMem_RawCalloc(size_t count, size_t size) nogil
+    void PyMem_RawFree(void* p) nogil
+
+ctypedef void (*uv_cb)(void* handle) noexcept nogil
+ctypedef int (*uv_loop_int)(void* loop) noexcept nogil
+ctypedef void (*uv_loop_void)(void* loop) noexcept nogil
+ctypedef int (*uv_init_fn)(void* loop, void* handle) noexcept nogil
+ctypedef int (*uv_start_fn)(void* handle, uv_cb callback) noexcept nogil
+ctypedef int (*uv_handle_int)(const void* handle) noexcept nogil
+ctypedef size_t (*uv_size_fn)(int handle_type) noexcept nogil
+ctypedef void (*uv_close_fn)(void* handle, uv_cb close_cb) noexcept nogil
+ctypedef void (*uv_walk_cb)(void* handle, void* arg) noexcept nogil
+ctypedef void (*uv_walk_fn)(void* loop, uv_walk_cb callback, void* arg) noexcept nogil
+
+cdef struct LibUv:
+    uv_loop_int backend_fd
+    uv_loop_int backend_timeout
+    uv_loop_void update_time
+    uv_size_fn handle_size
+    uv_init_fn prepare_init
+    uv_start_fn prepare_start
+    uv_handle_int prepare_stop
+    uv_init_fn idle_init
+    uv_start_fn idle_start
+    uv_handle_int idle_stop
+    uv_handle_int is_active
+    uv_handle_int unref
+    uv_close_fn close
+    uv_walk_fn walk
+
+cdef LibUv _uv
+cdef int _uv_found = 0      # 1: _uv is filled in; -1: uvloop's libuv is not reachable
+
+cdef enum:
+    UV_CHECK = 2                # uv_handle_type values (stable in libuv 1.x)
+    UV_IDLE = 6
+    UV_PREPARE = 9
+    UV_HANDLE_TYPE = 16         # uv_handle_t.type (after data and loop: the public part)
+    HANDLE_PREFIX = 16          # our handles: the DirectIO's pointer, then libuv's handle
+
+
+cdef int _find_libuv() except -1:
+    """Fill in _uv from uvloop's extension, which exports libuv's functions."""
+    global _uv_found
+    if _uv_found:
+        return _uv_found
+    _uv_found = -1
+    try:
+        import uvloop.loop as uvloop_extension
+    except ImportError:
+        return -1
+    cdef void* lib = dlopen(_os_module.fsencode(uvloop_extension.__file__),
+                            RTLD_NOW | RTLD_NOLOAD)
+    if lib == NULL:
+        return -1
+    cdef void* found[14]
+    names = (b"uv_backend_fd", b"uv_backend_timeout", b"uv_update_time", b"uv_handle_size",
+             b"uv_prepare_init", b"uv_prepare_start", b"uv_prepare_stop", b"uv_idle_init",
+             b"uv_idle_start", b"uv_idle_stop", b"uv_is_active", b"uv_unref", b"uv_close",
+             b"uv_walk")
+    for i, name in enumerate(names):
+        found[i] = dlsym(lib, <bytes>name)
+        if found[i] == NULL:
+            return -1
+    _uv.backend_fd = <uv_loop_int>found[0]
+    _uv.backend_timeout = <uv_loop_int>found[1]
+    _uv.update_time = <uv_loop_void>found[2]
+    _uv.handle_size = <uv_size_fn>found[3]
+    _uv.prepare_init = <uv_init_fn>found[4]
+    _uv.prepare_start = <uv_start_fn>found[5]
+    _uv.prepare_stop = <uv_handle_int>found[6]
+    _uv.idle_init = <uv_init_fn>found[7]
+    _uv.idle_start = <uv_start_fn>found[8]
+    _uv.idle_stop = <uv_handle_int>found[9]
+    _uv.is_active = <uv_handle_int>found[10]
+    _uv.unref = <uv_handle_int>found[11]
+    _uv.close = <uv_close_fn>found[12]
+    _uv.walk = <uv_walk_fn>found[13]
+    _uv_found = 1
+    return 1
+
+
+cdef struct CheckSearch:
+    int checks                  # check handles seen
+    void* found                 # the last one
+    void* data                  # its data: the uvloop object that owns it
+
+
+cdef void _count_check(void* handle, void* arg) noexcept nogil:
+    cdef CheckSearch* search = <CheckSearch*>arg
+    if (<int*>(<char*>handle + UV_HANDLE_TYPE))[0] == UV_CHECK:
+        search.checks += 1
+        search.found = handle
+        search.data = (<void**>handle)[0]
+
+
+cdef void* _uvloop_write_check(object loop, void* uv_loop):
+    """libuv's handle of uvloop's check that runs queued transport writes: the loop's one
+    check handle, owned by the one UVCheck object the loop refers to. Else NULL."""
+    import gc
+    owners = [obj for obj in gc.get_referents(loop) if type(obj).__name__ == "UVCheck"]
+    cdef CheckSearch search
+    search.checks = 0
+    _uv.walk(uv_loop, _count_check, &search)
+    if len(owners) != 1 or search.checks != 1 or search.data != <void*>owners[0]:
+        return NULL
+    return search.found
+
+
+cdef void* _new_handle(DirectIO owner, int kind) except? NULL:
+    cdef char* block = <char*>PyMem_RawCalloc(1, HANDLE_PREFIX + _uv.handle_size(kind))
+    if block == NULL:
+        raise MemoryError()
+    (<void**>block)[0] = <void*>owner
+    return block + HANDLE_PREFIX
+
+
+cdef void _free_handle(void* handle) noexcept nogil:
+    PyMem_RawFree(<char*>handle - HANDLE_PREFIX)
+
+
+cdef void _on_prepare(void* handle) noexcept nogil:
+    cdef PyObject* io = <PyObject*>(<void**>(<char*>handle - HANDLE_PREFIX))[0]
+    with gil:
+        Py_INCREF(<object>io)   # release_loop() during the wait drops the handle's reference
+        (<DirectIO>io)._wait()
+        Py_DECREF(<object>io)
+
+
+def _raise(exc):
+    raise exc
+
+
+cdef void _on_kick(void* handle) noexcept nogil:
+    _uv.idle_stop(handle)
+
+
 @cython.final
 cdef class DirectIO:
     """Reads the sockets of direct relays without a Python call per read.
@@ -1377,6 +1536,16 @@ cdef class DirectIO:
     cdef readonly unsigned long long reads      # socket reads made here
     cdef readonly unsigned long long sends      # writes that went straight to a socket
     cdef readonly unsigned long long handed_back  # sends the socket took only part of
+    # Driving the loop (drive_loop): libuv's loop, uvloop's write check, our prepare and
+    # idle handles; _uv_loop is NULL when not driving.
+    cdef void* _uv_loop
+    cdef void* _uv_writes
+    cdef void* _prepare
+    cdef void* _kick
+    cdef bint _uv_due               # libuv's epoll set was ready in this batch
+    cdef bint _is_reader            # uvloop watches this set as a reader (not driving)
+    cdef readonly unsigned long long waits       # blocking waits in this set (drive_loop)
+    cdef readonly unsigned long long loop_turns  # times libuv was given a turn from them
 
     def __cinit__(self, loop):
         self._epfd = epoll_create1(EPOLL_CLOEXEC)
@@ -1393,31 +1562,136 @@ cdef class DirectIO:
         if getrlimit(RLIMIT_NOFILE, &limit) == 0 and limit.rlim_cur < 0x7FFFFFFE:
             self._fd_budget = <int>(limit.rlim_cur // 2)
         loop.add_reader(self._epfd, self._poll)
+        self._is_reader = True
 
     def __dealloc__(self):
         if self._epfd >= 0:
             close(self._epfd)
+
+    def drive_loop(self):
+        """Wait in this epoll set instead of uvloop's (see above); True if it does now.
+
+        Called in the running loop, once; release_loop() (or close()) must come before the
+        loop closes.
+        """
+        if self._uv_loop != NULL or self._epfd < 0 or _find_libuv() < 0:
+            return False
+        import uvloop.loop
+        if not isinstance(self._loop, uvloop.loop.Loop):
+            return False
+        cdef void* uv_loop = PyCapsule_GetPointer(
+            uvloop.loop.libuv_get_loop_t_ptr(self._loop), NULL)
+        cdef int uv_fd = _uv.backend_fd(uv_loop)
+        if uv_fd < 0:
+            return False
+        cdef void* writes = _uvloop_write_check(self._loop, uv_loop)
+        if writes == NULL:
+            return False
+        cdef epoll_event event
+        event.events = EPOLLIN
+        event.data.ptr = NULL       # the batch tells libuv's set by this
+        self._loop.remove_reader(self._epfd)
+        if epoll_ctl(self._epfd, EPOLL_CTL_ADD, uv_fd, &event) < 0:
+            self._loop.add_reader(self._epfd, self._poll)
+            return False
+        self._is_reader = False
+        self._prepare = _new_handle(self, UV_PREPARE)
+        self._kick = _new_handle(self, UV_IDLE)
+        _uv.prepare_init(uv_loop, self._prepare)
+        _uv.idle_init(uv_loop, self._kick)
+        # Neither keeps the loop alive: a loop closing without release_loop() runs until its
+        # handles are closed, and our next prepare call closes ours (see _wait).
+        _uv.unref(self._prepare)
+        _uv.unref(self._kick)
+        self._uv_loop = uv_loop
+        self._uv_writes = writes
+        Py_INCREF(self)             # the prepare handle points at us until release_loop()
+        _uv.prepare_start(self._prepare, _on_prepare)
+        return True
+
+    def release_loop(self):
+        """Back to waiting as uvloop's reader; our libuv handles close."""
+        self._release_loop(True)
+
+    cdef int _release_loop(self, bint back_to_reader) except -1:
+        if self._uv_loop == NULL:
+            return 0
+        _uv.prepare_stop(self._prepare)
+        _uv.idle_stop(self._kick)
+        _uv.close(self._prepare, _free_handle)
+        _uv.close(self._kick, _free_handle)
+        self._prepare = self._kick = NULL
+        cdef epoll_event event
+        if self._epfd >= 0:
+            epoll_ctl(self._epfd, EPOLL_CTL_DEL, _uv.backend_fd(self._uv_loop), &event)
+            if back_to_reader:
+                self._loop.add_reader(self._epfd, self._poll)
+                self._is_reader = True
+        self._uv_loop = self._uv_writes = NULL
+        Py_DECREF(self)
+        return 0
+
+    cdef void _wait(self) noexcept:
+        """libuv's prepare phase: wait and run batches until libuv has something to do."""
+        cdef int timeout, n
+        try:
+            if self._loop.is_closed():
+                # Closed without release_loop(): libuv runs once more to close its handles.
+                self._release_loop(False)
+                return
+            while self._uv_loop != NULL:
+                timeout = _uv.backend_timeout(self._uv_loop)
+                if timeout != 0 and _uv.is_active(self._uv_writes):
+                    timeout = 0     # uvloop's check phase has writes to make
+                if timeout == 0:
+                    n = epoll_wait(self._epfd, self._events, DIRECT_EVENTS, 0)
+                else:
+                    with nogil:
+                        n = epoll_wait(self._epfd, self._events, DIRECT_EVENTS, timeout)
+                    _uv.update_time(self._uv_loop)
+                    self.waits += 1
+                self._uv_due = False
+                if n > 0:
+                    self._batch(n)
+                if timeout == 0 or n < 0 or self._uv_due:
+                    break
+        except Exception as exc:
+            self._loop.call_exception_handler({
+                "message": "Exception in the codec's wait", "exception": exc})
+        except BaseException as exc:
+            # As uvloop does with its callbacks: KeyboardInterrupt, SystemExit stop the loop.
+            self._loop.call_soon(_raise, exc)
+        self.loop_turns += 1
+        if self._kick != NULL:
+            # libuv polls its own set next: without blocking, so the codec's set is not
+            # left unwatched if what was ready there is gone.
+            _uv.idle_start(self._kick, _on_kick)
 
     def close(self):
         """Give every socket back to its transport, close client sockets (after one last try
         to send what they hold) and stop watching."""
         if self._epfd < 0:
             return
+        self._release_loop(False)
         for relay in list(self._relays.values()):
             (<Relay>relay)._leave_direct(True)
         for transport in list(self._transports.values()):
             (<SocketTransport>transport)._close_now()
         for acceptor in list(self._acceptors.values()):
             acceptor.stop()
-        self._loop.remove_reader(self._epfd)
+        if self._is_reader:
+            self._loop.remove_reader(self._epfd)
+            self._is_reader = False
         close(self._epfd)
         self._epfd = -1
 
     def counters(self):
         """Dup'd sockets watched now, what was read and sent here instead of by a uvloop
-        transport, sends the socket took only part of, and open client SocketTransports."""
+        transport, sends the socket took only part of, open client SocketTransports, and
+        (drive_loop) the waits made here and the turns libuv was given."""
         return {"sockets": len(self._relays), "reads": self.reads, "sends": self.sends,
-                "handed_back": self.handed_back, "clients": len(self._transports)}
+                "handed_back": self.handed_back, "clients": len(self._transports),
+                "waits": self.waits, "loop_turns": self.loop_turns}
 
     cdef int _watch(self, Relay relay) except -1:
         cdef epoll_event event
@@ -1445,13 +1719,16 @@ cdef class DirectIO:
         return 0
 
     def _poll(self):
-        global _batch_us, _batch_wall
+        """uvloop's reader of this epoll set (when not driving the loop)."""
         cdef int n = epoll_wait(self._epfd, self._events, DIRECT_EVENTS, 0)
+        if n > 0:
+            self._batch(n)
+
+    cdef int _batch(self, int n) except -1:
+        global _batch_us, _batch_wall
         cdef int i
         cdef Relay relay
         cdef object watched
-        if n <= 0:
-            return
         self._polling = True
         _batch_us = _read_us()
         _batch_wall = 0
@@ -1459,6 +1736,9 @@ cdef class DirectIO:
             for i in range(n):
                 # Alive: watched, or retired until the batch ends. An unwatched relay's
                 # _read_direct does nothing, nor does a closed transport's _ready.
+                if self._events[i].data.ptr == NULL:
+                    self._uv_due = True     # libuv's epoll set (drive_loop)
+                    continue
                 watched = <object>self._events[i].data.ptr
                 if type(watched) is SocketTransport:
                     (<SocketTransport>watched)._ready(self._events[i].events)
@@ -1478,6 +1758,7 @@ cdef class DirectIO:
             self._polling = False
             if self._retired:
                 self._retired = []
+        return 0
 
     cdef int _tell_lost(self) except -1:
         """connection_lost of the sockets the batch closed, in the order they closed (also

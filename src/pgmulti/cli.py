@@ -237,9 +237,12 @@ async def serve(config, config_path: str, run_as: str | None, relog=None, worker
             loop.add_signal_handler(signo, action)
         log.info("pgmulti %s started, pid %d", __version__, os.getpid())
         systemd.ready()
+    if not app.direct_io.drive_loop():
+        log.debug("the loop waits in uvloop's epoll set (its internals are not as expected)")
     try:
         await app.stopped
     finally:
+        app.direct_io.release_loop()  # before the loop closes: it must not see our handles
         systemd.stopping()  # a console SHUTDOWN does not pass through our signal handlers
         app.janitor.stop()
         remove_pidfile(pidfile)
