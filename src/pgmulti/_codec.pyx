@@ -1513,8 +1513,8 @@ cdef class DirectIO:
     uvloop calls a protocol twice per read (get_buffer, buffer_updated) and a transport
     write is a Python call too; with small transactions that is most of a relay's cost. A
     direct relay's socket is instead watched by this epoll set, which the loop watches as
-    one reader: one Python call takes every ready socket, and the codec reads each into the
-    relay's buffer and writes to linked direct peers with send(). Anything unusual (EOF, a
+    one reader, or in which the loop waits (drive_loop): the codec takes every ready socket,
+    reads each into the relay's buffer and writes to linked direct peers with send(). Anything unusual (EOF, a
     read error, a full socket) goes back to the transport, which handles it as before.
 
     The sockets of accepted clients (SocketTransport) are watched here too, for their whole
