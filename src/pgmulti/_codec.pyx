@@ -1514,8 +1514,9 @@ cdef class DirectIO:
     write is a Python call too; with small transactions that is most of a relay's cost. A
     direct relay's socket is instead watched by this epoll set, which the loop watches as
     one reader, or in which the loop waits (drive_loop): the codec takes every ready socket,
-    reads each into the relay's buffer and writes to linked direct peers with send(). Anything unusual (EOF, a
-    read error, a full socket) goes back to the transport, which handles it as before.
+    reads each into the relay's buffer and writes to linked direct peers with send().
+    Anything unusual (EOF, a read error, a full socket) goes back to the transport, which
+    handles it as before.
 
     The sockets of accepted clients (SocketTransport) are watched here too, for their whole
     life: they have no uvloop transport at all. So are the listening sockets (Acceptor):
@@ -1587,16 +1588,20 @@ cdef class DirectIO:
         cdef void* writes = _uvloop_write_check(self._loop, uv_loop)
         if writes == NULL:
             return False
+        cdef void* prepare = _new_handle(self, UV_PREPARE)
+        cdef void* kick = _new_handle(self, UV_IDLE)
         cdef epoll_event event
         event.events = EPOLLIN
         event.data.ptr = NULL       # the batch tells libuv's set by this
         self._loop.remove_reader(self._epfd)
         if epoll_ctl(self._epfd, EPOLL_CTL_ADD, uv_fd, &event) < 0:
             self._loop.add_reader(self._epfd, self._poll)
+            _free_handle(prepare)
+            _free_handle(kick)
             return False
         self._is_reader = False
-        self._prepare = _new_handle(self, UV_PREPARE)
-        self._kick = _new_handle(self, UV_IDLE)
+        self._prepare = prepare
+        self._kick = kick
         _uv.prepare_init(uv_loop, self._prepare)
         _uv.idle_init(uv_loop, self._kick)
         # Neither keeps the loop alive: a loop closing without release_loop() runs until its

@@ -238,7 +238,8 @@ async def serve(config, config_path: str, run_as: str | None, relog=None, worker
         log.info("pgmulti %s started, pid %d", __version__, os.getpid())
         systemd.ready()
     if not app.direct_io.drive_loop():
-        log.debug("the loop waits in uvloop's epoll set (its internals are not as expected)")
+        log.info("uvloop's libuv functions are not reachable: the loop waits in uvloop's "
+                 "epoll set (more CPU per transaction)")
     try:
         await app.stopped
     finally:

@@ -107,7 +107,8 @@ def latest_counters(proxy) -> tuple[int, int, int, int] | None:
 
 
 DIRECT_IO_COUNTERS = re.compile(
-    r"direct I/O: sockets (\d+), reads (\d+), sends (\d+), handed_back (\d+), clients (\d+)")
+    r"direct I/O: sockets (\d+), reads (\d+), sends (\d+), handed_back (\d+), clients (\d+), "
+    r"waits (\d+), loop_turns (\d+)")
 
 
 def direct_io_counters(proxy) -> dict[str, int] | None:
@@ -115,7 +116,8 @@ def direct_io_counters(proxy) -> dict[str, int] | None:
     found = DIRECT_IO_COUNTERS.findall(proxy.log_text())
     if not found:
         return None
-    return dict(zip(("sockets", "reads", "sends", "handed_back", "clients"), map(int, found[-1])))
+    names = ("sockets", "reads", "sends", "handed_back", "clients", "waits", "loop_turns")
+    return dict(zip(names, map(int, found[-1])))
 
 
 def direct_io_reaching(proxy, **minimum: int) -> dict[str, int]:
