@@ -26,7 +26,7 @@ Resolve = Callable[[str], Awaitable[list[tuple]]]
 class Lookup:
     """One host name in the cache."""
 
-    __slots__ = ("name", "addresses", "error", "expires", "turn", "pending")
+    __slots__ = ("addresses", "error", "expires", "name", "pending", "turn")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -80,7 +80,8 @@ class HostCache:
         previous = lookup.addresses
         try:
             infos = await self._resolve(lookup.name)
-            found = _unique((family, _with_port(address, 0)) for family, _, _, _, address in infos)
+            found = list(dict.fromkeys(  # each address once, in the resolver's order
+                (family, _with_port(address, 0)) for family, _, _, _, address in infos))
             if not found:
                 raise OSError(f"no address for {lookup.name}")
         except OSError as exc:
@@ -130,13 +131,6 @@ def _is_ip(host: str) -> bool:
 
 def _with_port(address: tuple, port: int) -> tuple:
     return (address[0], port, *address[2:])
-
-
-def _unique(pairs) -> list:
-    seen: dict = {}
-    for pair in pairs:
-        seen.setdefault(pair, None)
-    return list(seen)
 
 
 def _address_text(address: tuple) -> str:

@@ -10,7 +10,6 @@ import collections
 import sys
 
 import pytest
-
 from pgmulti._codec import (
     INSPECT,
     PASS,
@@ -87,13 +86,17 @@ class Pool:
             core.set_actions(SERVER_LINKED, SERVER_IDLE)
         core.enabled = True
         core.pool_size = 1
-        self.server = Connection("server")
-        self.server.set_actions(SERVER_IDLE)
-        self.server.pool_core = core
-        self.server.state = "idle"
-        self.server.param_sig = SIGNATURE
-        core.idle.append(self.server)
+        self.server = self.idle_server("server")
         self.first, self.second = (self.client(name) for name in ("first", "second"))
+
+    def idle_server(self, name):
+        server = Connection(name)
+        server.set_actions(SERVER_IDLE)
+        server.pool_core = self.core
+        server.state = "idle"
+        server.param_sig = SIGNATURE
+        self.core.idle.append(server)
+        return server
 
     def client(self, name):
         client = Connection(name)
@@ -274,15 +277,7 @@ def test_server_logging_in_counts_toward_a_full_pool():
 @pytest.mark.parametrize("round_robin", [False, True])
 def test_a_link_takes_the_newest_idle_server_or_the_oldest_with_round_robin(round_robin):
     pool = Pool()
-    servers = [pool.server]
-    for name in ("second server", "third server"):
-        server = Connection(name)
-        server.set_actions(SERVER_IDLE)
-        server.pool_core = pool.core
-        server.state = "idle"
-        server.param_sig = SIGNATURE
-        pool.core.idle.append(server)
-        servers.append(server)
+    servers = [pool.server] + [pool.idle_server(name) for name in ("second", "third")]
     pool.core.round_robin = round_robin
     pool.core.pool_size = 3
     taken = servers[0] if round_robin else servers[2]

@@ -13,7 +13,6 @@ import time
 
 import pytest
 import uvloop
-
 from test_socket_transport import TIMEOUT_S, Recorder, Server, until
 
 
@@ -49,7 +48,7 @@ def test_the_loop_waits_in_the_codec_set_and_serves_connections():
             for i in range(50):
                 message = b"ping %d" % i
                 client.send(message)
-                await until(lambda: protocol_object.received.endswith(message), "the read")
+                await until(lambda m=message: protocol_object.received.endswith(m), "the read")
             waits = server.io.waits
             assert waits > 0
             assert server.io.counters()["waits"] == waits
