@@ -1636,6 +1636,12 @@ cdef class DirectIO:
         Py_DECREF(self)
         return 0
 
+    cdef int _libuv_timeout(self) noexcept:
+        """How long libuv would block now (ms, -1: no limit); 0 when it has work."""
+        if _uv.is_active(self._uv_writes):
+            return 0    # uvloop's check phase has writes to make (libuv's answer omits it)
+        return _uv.backend_timeout(self._uv_loop)
+
     cdef void _wait(self) noexcept:
         """libuv's prepare phase: wait and run batches until libuv has something to do."""
         cdef int timeout, n
@@ -1644,10 +1650,8 @@ cdef class DirectIO:
                 # Closed without release_loop(): libuv runs once more to close its handles.
                 self._release_loop(False)
                 return
-            while self._uv_loop != NULL:
-                timeout = _uv.backend_timeout(self._uv_loop)
-                if timeout != 0 and _uv.is_active(self._uv_writes):
-                    timeout = 0     # uvloop's check phase has writes to make
+            timeout = self._libuv_timeout()
+            while True:
                 if timeout == 0:
                     n = epoll_wait(self._epfd, self._events, DIRECT_EVENTS, 0)
                 else:
@@ -1658,7 +1662,12 @@ cdef class DirectIO:
                 self._uv_due = False
                 if n > 0:
                     self._batch(n)
-                if timeout == 0 or n < 0 or self._uv_due:
+                if timeout == 0 or n < 0 or self._uv_due or self._uv_loop == NULL:
+                    break
+                # What a batch gave libuv to do (callbacks, writes) runs before the next
+                # batch, as when libuv did the waiting.
+                timeout = self._libuv_timeout()
+                if timeout == 0:
                     break
         except Exception as exc:
             self._loop.call_exception_handler({

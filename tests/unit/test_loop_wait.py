@@ -120,6 +120,29 @@ def test_a_reader_added_during_a_batch_is_watched_at_once():
     run_driven(test)
 
 
+def test_callbacks_a_batch_queues_run_before_the_next_batch():
+    """As when libuv did the waiting: a callback queued while the codec read one
+    connection runs before the codec reads another that became readable meanwhile."""
+    async def test(loop, server):
+        order: list[str] = []
+        first, first_protocol = await server.connect()
+        second, second_protocol = await server.connect()
+
+        def queue_and_wake_the_second(protocol_object):
+            protocol_object.on_data = None
+            loop.call_soon(order.append, "callback")
+            second.send(b"y")   # readable before this batch ends
+
+        with first, second:
+            first_protocol.on_data = queue_and_wake_the_second
+            second_protocol.on_data = lambda _: order.append("second read")
+            # Sent while the loop waits, so the first read runs inside the codec's wait.
+            threading.Timer(0.05, first.send, (b"x",)).start()
+            await until(lambda: len(order) == 2, "the callback and the second read")
+            assert order == ["callback", "second read"]
+    run_driven(test)
+
+
 def test_release_inside_a_batch_goes_back_to_uvloops_wait():
     async def test(loop, server):
         client, protocol_object = await server.connect()
