@@ -57,6 +57,9 @@ def options(argv=None) -> argparse.Namespace:
                         help="src directory of the pgmulti to run (default: this checkout)")
     parser.add_argument("--baseline-src", default="",
                         help="also run the pgmulti in this src directory, as pgmulti-base")
+    parser.add_argument("--log-connections", action="store_true",
+                        help="log_connections and log_disconnections on (PgBouncer's defaults), "
+                             "to each target's log file")
     parser.add_argument("--hold", type=int, default=0,
                         help="start the targets, print their pids and ports, wait this long")
     return parser.parse_args(argv)
@@ -83,9 +86,9 @@ auth_file = {workdir / "userlist.txt"}
 pool_mode = {args.mode}
 default_pool_size = {args.pool_size}
 max_client_conn = {args.clients + 20}
-logfile =
-log_connections = 0
-log_disconnections = 0
+logfile = {workdir / "pooler.log" if args.log_connections else ""}
+log_connections = {int(args.log_connections)}
+log_disconnections = {int(args.log_connections)}
 """
 
 

@@ -56,9 +56,24 @@ cdef extern from *:
 cdef extern from "Python.h":
     PyObject* PyMemoryView_GET_BASE(object view)  # the object it views: a borrowed reference
 
-cdef extern from "<sys/socket.h>" nogil:
-    ssize_t recv(int fd, void* buf, size_t n, int flags)
-    ssize_t send(int fd, const void* buf, size_t n, int flags)
+cdef extern from *:
+    """
+    #include <sys/socket.h>
+    #include <sys/syscall.h>
+    #include <unistd.h>
+    /* recv() and send() as plain system calls. glibc's wrappers are thread cancellation
+       points: in a process with threads (libuv's pool) each call switches asynchronous
+       cancellation on and off around the system call, two atomic updates per call, four
+       calls per transaction. Nothing here uses pthread cancellation. */
+    static inline ssize_t pgmulti_recv(int fd, void* buf, size_t n, int flags) {
+        return syscall(SYS_recvfrom, fd, buf, n, flags, NULL, NULL);
+    }
+    static inline ssize_t pgmulti_send(int fd, const void* buf, size_t n, int flags) {
+        return syscall(SYS_sendto, fd, buf, n, flags, NULL, 0);
+    }
+    """
+    ssize_t recv "pgmulti_recv" (int fd, void* buf, size_t n, int flags) nogil
+    ssize_t send "pgmulti_send" (int fd, const void* buf, size_t n, int flags) nogil
     int MSG_NOSIGNAL
 
 cdef extern from "<sys/epoll.h>" nogil:
@@ -2653,6 +2668,116 @@ cdef bytes _new_cancel_key(int worker_index, int key_length, uint32_t* pid):
 
 cdef str _LOGIN = "login"
 cdef str _AFTER_LOGIN = "active"
+# -- connection log lines ------------------------------------------------------------
+# With log_connections and log_disconnections on, PgBouncer's defaults, every client
+# writes two lines. Through Python's logging they cost more than the rest of a short
+# connection, so the codec writes them itself, in PgBouncer's text format, to the
+# descriptors pgmulti.logs.configure() hands it (the log file, stderr); with none (JSON,
+# syslog, another handler) they go through logging like any line.
+
+cdef extern from "<time.h>" nogil:
+    ctypedef long time_t
+    struct tm:
+        pass
+    tm* localtime_r(const time_t* t, tm* result)
+    size_t strftime(char* s, size_t size, const char* fmt, const tm* t)
+
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void* iov_base
+        size_t iov_len
+    ssize_t writev(int fd, const iovec* iov, int count)
+
+cdef extern from "<stdio.h>" nogil:
+    int snprintf(char* s, size_t size, const char* fmt, ...)
+
+cdef extern from "<unistd.h>" nogil:
+    int getpid()
+    ssize_t c_write "write" (int fd, const void* buf, size_t n)
+
+DEF LOG_DESTINATIONS_MAX = 4
+cdef int _log_fds[LOG_DESTINATIONS_MAX]
+cdef int _log_fd_count = 0
+cdef time_t _log_second = -1
+cdef char _log_second_text[64]  # "2025-01-31 12:00:00" of _log_second
+cdef char _log_zone[32]
+import logging as _logging_module
+_connection_log = _logging_module.getLogger("pgmulti.client")  # when there are none
+
+
+def set_log_descriptors(fds):
+    """Where the codec writes its connection lines: the descriptors of logging's text
+    streams (pgmulti.logs.configure), or none to send them through logging."""
+    global _log_fd_count
+    fds = tuple(fds)
+    _log_fd_count = 0
+    if len(fds) > LOG_DESTINATIONS_MAX:
+        return
+    for i, fd in enumerate(fds):
+        _log_fds[i] = fd
+    _log_fd_count = len(fds)
+
+
+cdef Py_ssize_t _log_header(char* out, Py_ssize_t size) noexcept:
+    """``2025-01-31 12:00:00.123 UTC [4242] LOG `` (pgmulti.logs.text_line's format)."""
+    cdef timespec now
+    cdef tm local
+    cdef time_t second
+    clock_gettime(CLOCK_REALTIME, &now)
+    second = now.tv_sec
+    if second != _log_second:  # strftime once a second
+        localtime_r(&second, &local)
+        strftime(_log_second_text, sizeof(_log_second_text), "%Y-%m-%d %H:%M:%S", &local)
+        strftime(_log_zone, sizeof(_log_zone), "%Z", &local)
+        _set_log_second(second)
+    return snprintf(out, size, "%s.%03d %s [%d] LOG ", _log_second_text,
+                    <int>(now.tv_nsec // 1000000), _log_zone, getpid())
+
+
+cdef inline void _set_log_second(time_t second) noexcept:
+    global _log_second
+    _log_second = second
+
+
+cdef int _log_line(str message) except -1:
+    """One INFO line: written to the descriptors when there are some, else logged."""
+    cdef char header[128]
+    cdef Py_ssize_t header_size
+    cdef iovec parts[3]
+    cdef ssize_t written
+    if _log_fd_count == 0:
+        _connection_log.info("%s", message)
+        return 0
+    body = message.encode("utf-8", "backslashreplace")
+    header_size = _log_header(header, sizeof(header))
+    if header_size >= <Py_ssize_t>sizeof(header):
+        header_size = sizeof(header) - 1
+    parts[0].iov_base = header
+    parts[0].iov_len = header_size
+    parts[1].iov_base = <char*>body
+    parts[1].iov_len = len(body)
+    parts[2].iov_base = <char*>"\n"
+    parts[2].iov_len = 1
+    for i in range(_log_fd_count):
+        written = writev(_log_fds[i], parts, 3)
+        if written < 0 and errno == EINTR:
+            written = 0
+        if 0 <= written < header_size + len(body) + 1:  # a pipe took part, or a signal
+            _write_rest(_log_fds[i], header[:header_size] + body + b"\n", written)
+    return 0
+
+
+cdef void _write_rest(int fd, bytes line, ssize_t done) noexcept:
+    cdef ssize_t written
+    while done < len(line):
+        written = c_write(fd, <char*>line + done, len(line) - done)
+        if written < 0 and errno == EINTR:
+            continue
+        if written <= 0:
+            return  # as PgBouncer: a log that cannot be written is not an error to serve
+        done += written
+
+
 cdef unsigned long long _client_serial = 0  # clients this process has accepted
 
 
@@ -2662,8 +2787,8 @@ cdef class ClientRelay(Relay):
     Python frame. pgmulti.client.ClientConnection adds the login steps and the session,
     and what the codec calls when it must:
       tls_missing()     TLS is required and this client logs in without it
-      log_login()       log_connections: the login's line
-      session_lost()    the connection closed holding a server, a login or a line to log
+      session_lost()    the connection closed holding a server or a login
+    The log_connections and log_disconnections lines are written here (_log_line).
     """
 
     cdef readonly object app
@@ -2680,6 +2805,7 @@ cdef class ClientRelay(Relay):
     cdef public bytes cancel_key        # protocol version allows
     cdef public bint maps_statements    # statement names are mapped (max_prepared_statements)
     cdef object _cancel_entry           # its key in App.cancel_keys, (cancel_pid, cancel_key)
+    cdef str _addr_text                 # addr_text, once the transport has told it
 
     def __init__(self, app, str listener_kind not None):
         global _client_serial
@@ -2706,6 +2832,42 @@ cdef class ClientRelay(Relay):
         self.refuse_encryption = listener_kind == "unix" or not logins._tls_offered
         self.known_logins = logins
 
+    def __repr__(self):
+        return self._log_name()
+
+    cdef str _log_name(self):
+        """How log lines name the client, as PgBouncer does: ``C-0x1a: db/user@addr``."""
+        return (f"C-0x{self.id:x}: {self.database or '(nodb)'}/{self.user or '(nouser)'}"
+                f"@{self._get_addr_text()}")
+
+    @property
+    def addr_text(self):
+        """The client's address in log lines and SHOW CLIENTS."""
+        return self._get_addr_text()
+
+    cdef str _get_addr_text(self):
+        if self._addr_text is not None:
+            return self._addr_text
+        if self.listener_kind == "unix":
+            text = "unix(%d):%s" % (getpid(), self.app.config.pgbouncer.listen_port)
+        else:
+            addr = (<object>self).addr
+            text = f"{addr[0]}:{addr[1]}"
+        if self.transport is not None:
+            self._addr_text = text
+        return text
+
+    cdef int _log_login(self) except -1:
+        _log_line(f"{self._log_name()} login attempt: db={self.database} user={self.user} "
+                  f"tls={(<object>self).tls or 'no'}")
+        return 0
+
+    cdef int _log_closing(self) except -1:
+        reason = (<object>self)._close_reason or "client close request"
+        _log_line(f"{self._log_name()} closing because: {reason} "
+                  f"(age={<long long>(_monotonic() - self.created)}s)")
+        return 0
+
     # A SocketTransport calls _connection_made/_connection_lost directly: subclasses hook
     # into session_lost() rather than overriding these.
     def connection_made(self, transport):
@@ -2722,18 +2884,18 @@ cdef class ClientRelay(Relay):
 
     cdef int _connection_lost(self, exc) except -1:
         """The socket has closed: leave the pool and App's registry. The common end (a
-        logged-in client with no server, nothing to log) runs no Python; anything else (a
-        server to give back, a login to stop, log_disconnections) goes through the
-        subclass's session_lost() first."""
+        logged-in client with no server) runs no Python; a server to give back or a login
+        to stop goes through the subclass's session_lost() first."""
         cdef KnownLogins registry = self.known_logins
         self._stop_direct_io()
         self._resume_paused_peer()
         self.closed = True
         self._release_buffer()
         app = self.app
-        if (self.server is not None or self.state != _AFTER_LOGIN
-                or registry._log_disconnections):
+        if self.server is not None or self.state != _AFTER_LOGIN:
             (<object>self).session_lost()
+        if registry._log_disconnections and self.state != _LOGIN:
+            self._log_closing()
         pool = self.pool
         if pool is not None:
             (<PoolCore?>pool.core)._forget_client(self)
@@ -2916,7 +3078,7 @@ cdef class KnownLogins:
         client._cancel_entry = (client.cancel_pid, key)
         self._cancel_keys[client._cancel_entry] = client
         if self._log_connections:
-            (<object>client).log_login()
+            client._log_login()
         if pool is None:
             return 0
         if login._maps_statements:

@@ -80,15 +80,6 @@ class ClientConnection(ClientRelay, asyncio.BufferedProtocol):
     statements: prepared.ClientStatements | None = None  # from its first named statement
     _password_waiter: asyncio.Future | None = None
 
-    def __repr__(self) -> str:
-        return f"C-0x{self.id:x}: {self.database or '(nodb)'}/{self.user or '(nouser)'}@{self.addr_text}"
-
-    @property
-    def addr_text(self) -> str:
-        if self.listener_kind == "unix":
-            return "unix(%d):%s" % (os.getpid(), self.app.config.pgbouncer.listen_port)
-        return f"{self.addr[0]}:{self.addr[1]}"
-
     @property
     def addr(self) -> tuple:
         """The client's address, turned into Python objects only when something asks: the
@@ -117,17 +108,15 @@ class ClientConnection(ClientRelay, asyncio.BufferedProtocol):
 
     def session_lost(self) -> None:
         """The connection has closed with more to end than the codec ends itself
-        (ClientRelay.connection_lost, which then leaves the pool and the registry): a login
-        waiting for a password, a server to give back, log_disconnections."""
+        (ClientRelay.connection_lost, which then leaves the pool and the registry and writes
+        the log_disconnections line): a login waiting for a password, a server to give
+        back."""
         if self._password_waiter and not self._password_waiter.done():
             self._password_waiter.cancel()
         server = self.server
         if server is not None and self.pool is not None:
             reset = self.pool_mode == session.SESSION or self.app.config.pgbouncer.server_reset_query_always
             self.pool.release(self, server, reset=reset)
-        if self.state != "login" and self.app.config.pgbouncer.log_disconnections:
-            log.info("%r closing because: %s (age=%ds)", self, self._close_reason or "client close request",
-                     int(time.monotonic() - self.created))
 
     def close(self, reason: str) -> None:
         if self.closed:
@@ -587,11 +576,6 @@ class ClientConnection(ClientRelay, asyncio.BufferedProtocol):
             raise errors.protocol_violation("unexpected password message")
         self.hold()
         waiter.set_result(bytes(view[5:]))
-
-    def log_login(self) -> None:
-        """log_connections: called by the codec at the end of a login (KnownLogins.enter)."""
-        log.info("%r login attempt: db=%s user=%s tls=%s", self, self.database, self.user,
-                 self.tls or "no")
 
     # -- pooled session ------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ matching the level, under ``syslog_facility``.
 
 from __future__ import annotations
 
+import codecs
 import datetime
 import logging
 import logging.handlers
@@ -34,6 +35,8 @@ import sys
 import time
 
 import msgspec
+
+from . import _codec
 
 __all__ = [
     "FACILITIES",
@@ -68,17 +71,62 @@ def level_word(record: logging.LogRecord) -> str:
     return LEVELS.get(record.levelname, record.levelname)
 
 
-class PgBouncerFormatter(logging.Formatter):
+class _Stamp:
+    """PgBouncer's time stamp, ``2025-01-31 12:00:00.123 UTC``: the local time of a second
+    is worked out once (two strftime calls were a third of a line's cost), leaving a
+    ``%03d`` for the milliseconds."""
+
+    __slots__ = ("_second", "_template")
+
+    def __init__(self):
+        self._second = -1
+        self._template = ""
+
+    def template(self, second: int) -> str:
+        """``2025-01-31 12:00:00.%03d UTC`` for this second."""
+        if second != self._second:
+            self._template = time.strftime("%Y-%m-%d %H:%M:%S.%%03d %Z", time.localtime(second))
+            self._second = second
+        return self._template
+
+    def __call__(self, created: float) -> str:
+        second = int(created)
+        return self.template(second) % int((created - second) * 1000)
+
+
+_stamp = _Stamp()
+
+
+def text_line(created: float, pid: int, level: str, message: str) -> str:
+    """PgBouncer's log line: time with milliseconds and zone, [pid], level word, message."""
+    return f"{_stamp(created)} [{pid}] {level} {message}"
+
+
+class _OncePerRecord(logging.Formatter):
+    """Formats a record once for all the handlers that share the formatter (logfile and
+    stderr), keeping the line on the record as logging keeps a traceback's text."""
+
+    _attribute = ""  # the record attribute a subclass keeps its line in
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = record.__dict__.get(self._attribute)
+        if line is None:
+            line = self.line(record)
+            setattr(record, self._attribute, line)
+        return line
+
+    def line(self, record: logging.LogRecord) -> str:
+        raise NotImplementedError
+
+
+class PgBouncerFormatter(_OncePerRecord):
     """PgBouncer's log line: time with milliseconds and zone, [pid], level word."""
 
     LEVELS = LEVELS
+    _attribute = "pgmulti_text_line"
 
-    def format(self, record: logging.LogRecord) -> str:
-        local = time.localtime(record.created)
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", local)
-        zone = time.strftime("%Z", local)
-        text = (f"{stamp}.{int(record.msecs):03d} {zone} [{record.process}] "
-                f"{level_word(record)} {record.getMessage()}")
+    def line(self, record: logging.LogRecord) -> str:
+        text = text_line(record.created, record.process, level_word(record), record.getMessage())
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         return text
@@ -96,10 +144,12 @@ class _JsonLine(msgspec.Struct, omit_defaults=True):
 _encoder = msgspec.json.Encoder()
 
 
-class JsonFormatter(logging.Formatter):
+class JsonFormatter(_OncePerRecord):
     """One JSON object per record: ts, pid, level, msg, and conn / exc when they apply."""
 
-    def format(self, record: logging.LogRecord) -> str:
+    _attribute = "pgmulti_json_line"
+
+    def line(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
         match = _CONN_PREFIX.match(message)
         stamp = datetime.datetime.fromtimestamp(record.created).astimezone()
@@ -165,6 +215,27 @@ def syslog_handler(ident: str, facility: str, log_format: str = "text",
     return handler, warnings
 
 
+def _utf8_descriptor(handler: logging.Handler) -> int | None:
+    """The descriptor under a handler's stream when it is a UTF-8 text stream, else None."""
+    stream = getattr(handler, "stream", None)
+    try:
+        fd = stream.fileno()
+        encoding = codecs.lookup(stream.encoding or "").name
+    except (AttributeError, LookupError, OSError, ValueError):
+        return None
+    return fd if encoding == "utf-8" else None
+
+
+def _hand_descriptors_to_codec(handlers: list[logging.Handler], log_format: str) -> None:
+    """The codec writes the log_connections and log_disconnections lines itself (through
+    logging they cost more than the rest of a short connection) when every destination
+    is a UTF-8 text stream in PgBouncer's format: it is given their descriptors."""
+    fds = [_utf8_descriptor(handler) for handler in handlers]
+    if log_format == "text" and all(isinstance(handler, logging.StreamHandler)
+                                    for handler in handlers) and None not in fds:
+        _codec.set_log_descriptors(fds)
+
+
 def configure(*, logfile: str | None = None, stderr: bool = True, level: int = logging.INFO,
               log_format: str = "text", syslog: bool = False, syslog_ident: str = "pgbouncer",
               syslog_facility: str = "daemon",
@@ -174,6 +245,10 @@ def configure(*, logfile: str | None = None, stderr: bool = True, level: int = l
     The new handlers are built first: if the log file cannot be opened, OSError propagates
     and the old handlers stay (a reload with a bad ``logfile`` keeps logging).  Re-running it
     reopens the log file, which is what log rotation needs after ``kill -HUP``.
+
+    In the text format the codec writes the per-connection lines (log_connections,
+    log_disconnections) to the new destinations' descriptors itself, not through a
+    handler added to the root logger later.
     """
     formatter = line_formatter(log_format)
     handlers: list[logging.Handler] = []
@@ -191,11 +266,18 @@ def configure(*, logfile: str | None = None, stderr: bool = True, level: int = l
                                            syslog_address)
         if handler is not None:
             handlers.append(handler)
+    # Records need no caller, thread or process name: no format shows them, and finding
+    # the caller walks the stack (the logging HOWTO's "Optimization").
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     root = logging.getLogger()
+    _codec.set_log_descriptors(())  # before the old streams close
     for old in list(root.handlers):
         root.removeHandler(old)
         old.close()
     for handler in handlers:
         root.addHandler(handler)
     root.setLevel(level)
+    _hand_descriptors_to_codec(handlers, log_format)
     return warnings
