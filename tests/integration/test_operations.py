@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import signal
 import socket
 import tempfile
@@ -12,11 +13,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from pgmulti import systemd
 from pgmulti.cluster import find_free_port, is_listening
-from support import line_of, run_cli, wait_for, write_config
+from support import client_port, line_of, run_cli, wait_for, write_config
 
 SRC_DIR = Path(__file__).resolve().parents[2] / "src"
 NOTIFY_TIMEOUT_S = 15.0
@@ -292,6 +294,63 @@ def check_json_log(objects: list[dict], pid: int) -> None:
     logins = [obj for obj in objects if "login attempt" in obj["msg"]]
     assert logins and logins[0]["conn"].startswith("C-0x")
     assert any(obj.get("conn", "").startswith("S-0x") for obj in objects), messages
+
+
+# PgBouncer's text line: time with milliseconds and zone, [pid], level word, message.
+TEXT_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \S+ \[\d+\] "
+                       r"(LOG|DEBUG|WARNING|ERROR|FATAL) \S.*")
+
+
+def session_from_port(proc) -> int:
+    """Run one session through the proxy; the client's port."""
+    with psycopg.connect(proc.dsn(db="testdb"), connect_timeout=5, autocommit=True) as conn:
+        conn.execute("SELECT 1")
+        return client_port(conn)
+
+
+def connection_lines(text: str, port: int) -> tuple[list[str], list[str]]:
+    """The log_connections and log_disconnections lines of the client on this port."""
+    client = rf"C-0x[0-9a-f]+: testdb/postgres@127\.0\.0\.1:{port} "
+    lines = text.splitlines()
+    logins = [line for line in lines
+              if re.search(client + "login attempt: db=testdb user=postgres tls=no$", line)]
+    closings = [line for line in lines
+                if re.search(client + r"closing because: client close request \(age=0s\)$", line)]
+    return logins, closings
+
+
+def test_connection_lines_are_pgbouncer_text_lines_on_stderr_and_logfile(pgmulti):
+    """The codec writes the login and disconnection lines itself (to the descriptors of the
+    log file and stderr): once each per destination, in PgBouncer's text format, between
+    whole lines that logging writes."""
+    proc = pgmulti({"logfile": "{tmp}/file.log", "log_connections": 1,
+                    "log_disconnections": 1})
+    logfile = proc.workdir / "file.log"
+    ports = [session_from_port(proc) for _ in range(3)]
+    for read in (logfile.read_text, proc.log_text):
+        wait_for(lambda: connection_lines(read(), ports[-1])[1], 5, "the last disconnection")
+        text = read()
+        for port in ports:
+            logins, closings = connection_lines(text, port)
+            assert len(logins) == 1 and len(closings) == 1, text
+        assert "started" in text and "new connection to server" in text  # logging's lines
+        for line in text.splitlines():
+            assert TEXT_LINE.fullmatch(line), line
+
+
+def test_sighup_reopens_the_logfile_for_the_connection_lines(pgmulti):
+    """After rotation the codec's lines go to the reopened file, none to the renamed one."""
+    proc = pgmulti({"logfile": "{tmp}/file.log"})
+    logfile = proc.workdir / "file.log"
+    before = session_from_port(proc)
+    wait_for(lambda: connection_lines(logfile.read_text(), before)[1], 5, "the disconnection")
+    rotated = logfile.rename(proc.workdir / "file.log.1")
+    proc.signal(signal.SIGHUP)
+    wait_for(logfile.exists, 5, "the log file to be reopened")
+    after = session_from_port(proc)
+    wait_for(lambda: connection_lines(logfile.read_text(), after)[1], 5, "the new disconnection")
+    assert connection_lines(logfile.read_text(), after)[0]
+    assert connection_lines(rotated.read_text(), after) == ([], [])
 
 
 def test_log_format_json_on_stderr_and_logfile(pgmulti):
