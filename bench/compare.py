@@ -39,6 +39,7 @@ TABLES = {
     "protocols": (tables.table_protocols, 8),
     "workers": (tables.table_workers, 8),
     "churn": (tables.table_churn, 4),
+    "churn-logged": (tables.table_churn_logged, 2),
     "tls": (tables.table_tls, 4),
     "metrics": (tables.table_metrics, 2),
     "memory-idle": (memory.table_memory_idle, 0),
@@ -46,7 +47,7 @@ TABLES = {
 }
 SUITES = {
     "full": list(TABLES),
-    "pgbench": ["protocols", "workers", "churn", "tls", "metrics"],
+    "pgbench": ["protocols", "workers", "churn", "churn-logged", "tls", "metrics"],
     "memory": ["memory-idle", "memory-stream"],
 }
 CUSTOM_TARGETS = ("direct", "pgbouncer", "pgmulti", "pgpool")

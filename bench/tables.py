@@ -153,6 +153,19 @@ def table_churn(bench: Bench) -> Report:
     return report
 
 
+def table_churn_logged(bench: Bench) -> Report:
+    """3b. pgbench -C with log_connections and log_disconnections on, PgBouncer's defaults:
+    two log lines per connection (to stderr, as under systemd)."""
+    logged = (("log_connections", "1"), ("log_disconnections", "1"))
+    specs = [TargetSpec("pgbouncer logged", "pgbouncer", settings=logged),
+             TargetSpec("pgmulti logged", "pgmulti", settings=PGMULTI.settings + logged)]
+    table = run_table("churn-logged", specs, [select_only("-C select", connect=True)], bench)
+    return standard_report("churn-logged", "3b. connection churn with log_connections = 1 and "
+                           "log_disconnections = 1 (the defaults), select-only -M simple -C, 16 clients "
+                           "(tps = connections/s; µs per connection)", table, per="conn",
+                           baselines=("pgbouncer logged",))
+
+
 # --- 4. TLS ---
 
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from support import client_port, line_of, run_cli, wait_for, write_config
 
 from pgmulti import systemd
 from pgmulti.cluster import find_free_port, is_listening
-from support import client_port, line_of, run_cli, wait_for, write_config
 
 SRC_DIR = Path(__file__).resolve().parents[2] / "src"
 NOTIFY_TIMEOUT_S = 15.0
@@ -328,7 +328,8 @@ def test_connection_lines_are_pgbouncer_text_lines_on_stderr_and_logfile(pgmulti
     logfile = proc.workdir / "file.log"
     ports = [session_from_port(proc) for _ in range(3)]
     for read in (logfile.read_text, proc.log_text):
-        wait_for(lambda: connection_lines(read(), ports[-1])[1], 5, "the last disconnection")
+        wait_for(lambda read=read: connection_lines(read(), ports[-1])[1], 5,
+                 "the last disconnection")
         text = read()
         for port in ports:
             logins, closings = connection_lines(text, port)
