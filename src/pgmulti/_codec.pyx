@@ -2719,7 +2719,7 @@ def set_log_descriptors(fds):
 
 
 cdef Py_ssize_t _log_header(char* out, Py_ssize_t size) noexcept:
-    """``2025-01-31 12:00:00.123 UTC [4242] LOG `` (pgmulti.logs.text_line's format)."""
+    """``2025-01-31 12:00:00.123 UTC [4242] LOG `` (pgmulti.logs.PgBouncerFormatter's)."""
     cdef timespec now
     cdef tm local
     cdef time_t second
@@ -2859,11 +2859,11 @@ cdef class ClientRelay(Relay):
 
     cdef int _log_login(self) except -1:
         _log_line(f"{self._log_name()} login attempt: db={self.database} user={self.user} "
-                  f"tls={(<object>self).tls or 'no'}")
+                  f"tls={getattr(self, 'tls', '') or 'no'}")
         return 0
 
     cdef int _log_closing(self) except -1:
-        reason = (<object>self)._close_reason or "client close request"
+        reason = getattr(self, "_close_reason", "") or "client close request"
         _log_line(f"{self._log_name()} closing because: {reason} "
                   f"(age={<long long>(_monotonic() - self.created)}s)")
         return 0

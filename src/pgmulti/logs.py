@@ -72,34 +72,24 @@ def level_word(record: logging.LogRecord) -> str:
 
 
 class _Stamp:
-    """PgBouncer's time stamp, ``2025-01-31 12:00:00.123 UTC``: the local time of a second
-    is worked out once (two strftime calls were a third of a line's cost), leaving a
-    ``%03d`` for the milliseconds."""
+    """PgBouncer's time stamp, ``2025-01-31 12:00:00.123 UTC``, with the local time of a
+    second worked out once: two strftime calls were a third of a line's cost."""
 
     __slots__ = ("_second", "_template")
 
     def __init__(self):
         self._second = -1
-        self._template = ""
-
-    def template(self, second: int) -> str:
-        """``2025-01-31 12:00:00.%03d UTC`` for this second."""
-        if second != self._second:
-            self._template = time.strftime("%Y-%m-%d %H:%M:%S.%%03d %Z", time.localtime(second))
-            self._second = second
-        return self._template
+        self._template = ""  # "2025-01-31 12:00:00.%03d UTC" for _second
 
     def __call__(self, created: float) -> str:
         second = int(created)
-        return self.template(second) % int((created - second) * 1000)
+        if second != self._second:
+            self._template = time.strftime("%Y-%m-%d %H:%M:%S.%%03d %Z", time.localtime(second))
+            self._second = second
+        return self._template % int((created - second) * 1000)
 
 
 _stamp = _Stamp()
-
-
-def text_line(created: float, pid: int, level: str, message: str) -> str:
-    """PgBouncer's log line: time with milliseconds and zone, [pid], level word, message."""
-    return f"{_stamp(created)} [{pid}] {level} {message}"
 
 
 class _OncePerRecord(logging.Formatter):
@@ -126,7 +116,8 @@ class PgBouncerFormatter(_OncePerRecord):
     _attribute = "pgmulti_text_line"
 
     def line(self, record: logging.LogRecord) -> str:
-        text = text_line(record.created, record.process, level_word(record), record.getMessage())
+        text = (f"{_stamp(record.created)} [{record.process}] {level_word(record)} "
+                f"{record.getMessage()}")
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         return text

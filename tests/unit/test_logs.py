@@ -86,6 +86,25 @@ def test_text_line_appends_the_traceback():
     assert "Traceback" in rest and "ValueError: boom" in rest
 
 
+def test_stamp_follows_the_clock_across_seconds():
+    """The local time of a second is kept: the next second, and an earlier one, get theirs."""
+    stamp = logs._Stamp()
+    for created in (1_700_000_000.123, 1_700_000_000.999, 1_700_000_001.004, 1_600_000_000.5):
+        local = datetime.datetime.fromtimestamp(created)
+        expected = local.strftime("%Y-%m-%d %H:%M:%S") + f".{int(created % 1 * 1000):03d}"
+        assert stamp(created).startswith(expected + " "), (created, stamp(created))
+
+
+def test_a_record_is_formatted_once_for_the_handlers_that_share_a_formatter(monkeypatch):
+    formatter = logs.PgBouncerFormatter()
+    calls = []
+    monkeypatch.setattr(formatter, "line", lambda rec: calls.append(rec) or "the line")
+    rec = record("x")
+    assert formatter.format(rec) == formatter.format(rec) == "the line"
+    assert calls == [rec]
+    assert formatter.format(record("y")) == "the line" and len(calls) == 2
+
+
 def test_cli_still_exports_the_formatter():
     from pgmulti import cli
     assert cli.PgBouncerFormatter is logs.PgBouncerFormatter
