@@ -29,7 +29,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,8 +37,8 @@ sys.path.insert(0, str(REPO_DIR / "src"))
 from pgmulti.cluster import (  # noqa: E402
     HOST, SERVER_OS_USER, Cluster, clean_env, find_free_port, give_to_server_user,
     server_user_popen_kwargs, stop_process)
+from txn_cpu import BENCH_DB, BENCH_USER, bench_cluster, pooler_ini  # noqa: E402
 
-BENCH_DB = BENCH_USER = "bench"
 WORKLOADS = {"select": (), "-C select": ("-C",)}
 START_TIMEOUT_S = 180  # Python's start-up under callgrind takes most of a minute
 
@@ -50,30 +49,12 @@ def options(argv=None) -> argparse.Namespace:
     parser.add_argument("-t", "--transactions", type=int, default=250,
                         help="per client, counted (default %(default)s)")
     parser.add_argument("--log-connections", action="store_true",
-                        help="log_connections and log_disconnections on, to stderr")
+                        help="log_connections and log_disconnections on, to a log file and "
+                             "stderr")
     parser.add_argument("--targets", default="pgbouncer,pgmulti")
-    return parser.parse_args(argv)
-
-
-def pooler_ini(pg: Cluster, workdir: Path, port: int, args) -> str:
-    logged = int(args.log_connections)
-    return f"""\
-[databases]
-{BENCH_DB} = host={pg.host} port={pg.port} dbname={BENCH_DB}
-
-[pgbouncer]
-listen_addr = {HOST}
-listen_port = {port}
-unix_socket_dir = {workdir}
-auth_type = trust
-auth_file = {workdir / "userlist.txt"}
-pool_mode = transaction
-default_pool_size = 20
-max_client_conn = {args.clients + 20}
-logfile =
-log_connections = {logged}
-log_disconnections = {logged}
-"""
+    args = parser.parse_args(argv)
+    args.mode, args.pool_size = "transaction", 20  # as txn_cpu.py's defaults
+    return args
 
 
 class Target:
@@ -87,7 +68,7 @@ class Target:
         give_to_server_user(self.workdir)
         (self.workdir / "userlist.txt").write_text(f'"{BENCH_USER}" ""\n')
         ini = self.workdir / "pooler.ini"
-        text = pooler_ini(pg, self.workdir, self.port, args)
+        text = pooler_ini(pg, self.workdir, self.port, args)  # txn_cpu.py's
         valgrind = [shutil.which("valgrind") or "valgrind", "--tool=callgrind",
                     f"--callgrind-out-file={self.workdir}/callgrind.%p"]
         if name == "pgmulti":
@@ -164,17 +145,7 @@ def main(argv=None) -> int:
         print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
         return 2
     with contextlib.ExitStack() as stack:
-        root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="instructions-")))
-        give_to_server_user(root)
-        pg = Cluster(root / "pg")
-        pg.init()
-        pg.start()
-        stack.callback(pg.stop)
-        pg.psql(f"CREATE ROLE {BENCH_USER} LOGIN")
-        pg.psql(f"CREATE DATABASE {BENCH_DB} OWNER {BENCH_USER}")
-        subprocess.run([str(pg.bindir / "pgbench"), "-i", "-q", "-s", "1", "-h", pg.host,
-                        "-p", str(pg.port), "-U", BENCH_USER, BENCH_DB],
-                       env=clean_env(), capture_output=True, timeout=120, check=True)
+        root, pg = bench_cluster(stack, "instructions-")
         names = args.targets.split(",")
         targets = {}
         for name in names:

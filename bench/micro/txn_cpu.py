@@ -137,20 +137,27 @@ def pgbench(pg: Cluster, port: int, args, duration: int) -> int:
     return int(match.group(1))
 
 
+def bench_cluster(stack: contextlib.ExitStack, prefix: str) -> tuple[Path, Cluster]:
+    """A directory and a throwaway PostgreSQL in it with the bench role and database and
+    pgbench's tables (scale 1), both gone when the stack closes."""
+    root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix)))
+    give_to_server_user(root)
+    pg = Cluster(root / "pg")
+    pg.init()
+    pg.start()
+    stack.callback(pg.stop)
+    pg.psql(f"CREATE ROLE {BENCH_USER} LOGIN")
+    pg.psql(f"CREATE DATABASE {BENCH_DB} OWNER {BENCH_USER}")
+    subprocess.run([str(pg.bindir / "pgbench"), "-i", "-q", "-s", "1", "-h", pg.host,
+                    "-p", str(pg.port), "-U", BENCH_USER, BENCH_DB],
+                   env=clean_env(), capture_output=True, timeout=120, check=True)
+    return root, pg
+
+
 def main(argv=None) -> int:
     args = options(argv)
     with contextlib.ExitStack() as stack:
-        root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="txn-cpu-")))
-        give_to_server_user(root)
-        pg = Cluster(root / "pg")
-        pg.init()
-        pg.start()
-        stack.callback(pg.stop)
-        pg.psql(f"CREATE ROLE {BENCH_USER} LOGIN")
-        pg.psql(f"CREATE DATABASE {BENCH_DB} OWNER {BENCH_USER}")
-        subprocess.run([str(pg.bindir / "pgbench"), "-i", "-q", "-s", "1", "-h", pg.host,
-                        "-p", str(pg.port), "-U", BENCH_USER, BENCH_DB],
-                       env=clean_env(), capture_output=True, timeout=120, check=True)
+        root, pg = bench_cluster(stack, "txn-cpu-")
         targets = {}
         names = args.targets.split(",")
         args.script = None
