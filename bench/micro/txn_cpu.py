@@ -59,7 +59,7 @@ def options(argv=None) -> argparse.Namespace:
                         help="also run the pgmulti in this src directory, as pgmulti-base")
     parser.add_argument("--log-connections", action="store_true",
                         help="log_connections and log_disconnections on (PgBouncer's defaults), "
-                             "to each target's log file")
+                             "to a log file and stderr")
     parser.add_argument("--hold", type=int, default=0,
                         help="start the targets, print their pids and ports, wait this long")
     return parser.parse_args(argv)

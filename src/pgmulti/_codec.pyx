@@ -2668,6 +2668,8 @@ cdef bytes _new_cancel_key(int worker_index, int key_length, uint32_t* pid):
 
 cdef str _LOGIN = "login"
 cdef str _AFTER_LOGIN = "active"
+
+
 # -- connection log lines ------------------------------------------------------------
 # With log_connections and log_disconnections on, PgBouncer's defaults, every client
 # writes two lines. Through Python's logging they cost more than the rest of a short
@@ -2720,6 +2722,7 @@ def set_log_descriptors(fds):
 
 cdef Py_ssize_t _log_header(char* out, Py_ssize_t size) noexcept:
     """``2025-01-31 12:00:00.123 UTC [4242] LOG `` (pgmulti.logs.PgBouncerFormatter's)."""
+    global _log_second
     cdef timespec now
     cdef tm local
     cdef time_t second
@@ -2729,14 +2732,9 @@ cdef Py_ssize_t _log_header(char* out, Py_ssize_t size) noexcept:
         localtime_r(&second, &local)
         strftime(_log_second_text, sizeof(_log_second_text), "%Y-%m-%d %H:%M:%S", &local)
         strftime(_log_zone, sizeof(_log_zone), "%Z", &local)
-        _set_log_second(second)
+        _log_second = second
     return snprintf(out, size, "%s.%03d %s [%d] LOG ", _log_second_text,
                     <int>(now.tv_nsec // 1000000), _log_zone, getpid())
-
-
-cdef inline void _set_log_second(time_t second) noexcept:
-    global _log_second
-    _log_second = second
 
 
 cdef int _log_line(str message) except -1:
