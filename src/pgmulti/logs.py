@@ -221,9 +221,8 @@ def _hand_descriptors_to_codec(handlers: list[logging.Handler], log_format: str)
     """The codec writes the log_connections and log_disconnections lines itself (through
     logging they cost more than the rest of a short connection) when every destination
     is a UTF-8 text stream in PgBouncer's format: it is given their descriptors."""
-    fds = [_utf8_descriptor(handler) for handler in handlers]
-    if log_format == "text" and all(isinstance(handler, logging.StreamHandler)
-                                    for handler in handlers) and None not in fds:
+    fds = [_utf8_descriptor(handler) for handler in handlers]  # None: not such a stream
+    if log_format == "text" and None not in fds:
         _codec.set_log_descriptors(fds)
 
 

@@ -89,22 +89,22 @@ class Pool:
         self.server = self.idle_server("server")
         self.first, self.second = (self.client(name) for name in ("first", "second"))
 
+    def member(self, name, actions, state):
+        """A connection of this pool's core, with the pool's parameter signature."""
+        connection = Connection(name)
+        connection.set_actions(actions)
+        connection.pool_core = self.core
+        connection.state = state
+        connection.param_sig = SIGNATURE
+        return connection
+
     def idle_server(self, name):
-        server = Connection(name)
-        server.set_actions(SERVER_IDLE)
-        server.pool_core = self.core
-        server.state = "idle"
-        server.param_sig = SIGNATURE
+        server = self.member(name, SERVER_IDLE, "idle")
         self.core.idle.append(server)
         return server
 
     def client(self, name):
-        client = Connection(name)
-        client.set_actions(CLIENT_ACTIONS)
-        client.pool_core = self.core
-        client.state = "active"
-        client.param_sig = SIGNATURE
-        return client
+        return self.member(name, CLIENT_ACTIONS, "active")
 
     def both_asked(self):
         """The first client holds the server, the second has queued its query for it."""
